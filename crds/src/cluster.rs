@@ -1,0 +1,1 @@
+//! `spec.cluster`: nodes, GPUs, placement, gang scheduling, volumes, run policy.

@@ -1,0 +1,1 @@
+//! Status of PretrainJob and DistillJob.

@@ -1,0 +1,18 @@
+# Source me: puts the project's toolchain pieces on the path for cargo build / cargo test.
+#   source scripts/env.sh
+DINOFLOW_CACHE="${DINOFLOW_CACHE:-$HOME/.cache/dinoflow}"
+export DINOFLOW_CACHE
+export DINOFLOW_VENV="${DINOFLOW_VENV:-$DINOFLOW_CACHE/venv}"
+if [[ -d "$DINOFLOW_VENV" ]]; then
+  export VIRTUAL_ENV="$DINOFLOW_VENV"
+  case ":$PATH:" in *":$DINOFLOW_VENV/bin:"*) ;; *) export PATH="$DINOFLOW_VENV/bin:$PATH" ;; esac
+  # tch builds against the libtorch inside the venv's torch wheel.
+  export LIBTORCH_USE_PYTORCH=1
+  _torch_lib=$(ls -d "$DINOFLOW_VENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1)
+  if [[ -n "$_torch_lib" ]]; then
+    case ":${LD_LIBRARY_PATH:-}:" in *":$_torch_lib:"*) ;; *) export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+  fi
+  unset _torch_lib
+fi
+case ":$PATH:" in *":$DINOFLOW_CACHE/bin:"*) ;; *) export PATH="$DINOFLOW_CACHE/bin:$PATH" ;; esac
+case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac

@@ -1,0 +1,1 @@
+//! The Dinoflow trainer: DINOv2 on libtorch.

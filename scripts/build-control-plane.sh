@@ -9,6 +9,9 @@ CACHE="${DINOFLOW_CACHE:-$HOME/.cache/dinoflow}"
 BIN="$CACHE/bin"
 STAMP="$BIN/.control-plane-$KUBE_VERSION"
 mkdir -p "$BIN"
+# Two setups at once (e.g. a demo started while tests run) wait for one build, not two.
+exec 8>"$CACHE/.build-control-plane.lock"
+flock 8
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 log() { echo "[build-control-plane] $*"; }
 
@@ -41,7 +44,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
-  (cd "$work" && go mod tidy -e >/dev/null 2>&1 || true)
+  (cd "$work" && { go mod tidy -e >/dev/null 2>&1 || true; })
   (cd "$work" && go mod download)
   log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (several minutes on 2 cores)"
   (cd "$work" && go build -tags tools -o "$BIN/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)

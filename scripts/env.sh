@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source me: puts the project's toolchain pieces on the path for cargo build / cargo test.
 #   source scripts/env.sh
 DINOFLOW_CACHE="${DINOFLOW_CACHE:-$HOME/.cache/dinoflow}"
@@ -8,11 +9,12 @@ if [[ -d "$DINOFLOW_VENV" ]]; then
   case ":$PATH:" in *":$DINOFLOW_VENV/bin:"*) ;; *) export PATH="$DINOFLOW_VENV/bin:$PATH" ;; esac
   # tch builds against the libtorch inside the venv's torch wheel.
   export LIBTORCH_USE_PYTORCH=1
-  _torch_lib=$(ls -d "$DINOFLOW_VENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1)
-  if [[ -n "$_torch_lib" ]]; then
-    case ":${LD_LIBRARY_PATH:-}:" in *":$_torch_lib:"*) ;; *) export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
-  fi
-  unset _torch_lib
+  # NCCL from the nvidia-nccl wheel: cudarc dlopens libnccl.so (setup.sh adds that link).
+  for _lib in "$DINOFLOW_VENV"/lib/python3*/site-packages/nvidia/nccl/lib "$DINOFLOW_VENV"/lib/python3*/site-packages/torch/lib; do
+    [[ -d "$_lib" ]] || continue
+    case ":${LD_LIBRARY_PATH:-}:" in *":$_lib:"*) ;; *) export LD_LIBRARY_PATH="$_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+  done
+  unset _lib
 fi
 case ":$PATH:" in *":$DINOFLOW_CACHE/bin:"*) ;; *) export PATH="$DINOFLOW_CACHE/bin:$PATH" ;; esac
 case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac

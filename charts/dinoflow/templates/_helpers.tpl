@@ -1,0 +1,51 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "dinoflow.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* release-chart, or just the release name when it already contains the chart name. */}}
+{{- define "dinoflow.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dinoflow.operator.fullname" -}}
+{{- printf "%s-operator" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dinoflow.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: dinoflow
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "dinoflow.operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dinoflow.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "dinoflow.operator.labels" -}}
+{{ include "dinoflow.labels" . }}
+{{ include "dinoflow.operator.selectorLabels" . }}
+{{- end -}}
+
+{{- define "dinoflow.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dinoflow.operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dinoflow.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine or a warm one (README's test command; .ci/run):
+#   scripts/test.sh            setup, format and script checks, cargo test --workspace
+#   DINOFLOW_LINT=1 scripts/test.sh   also clippy -D warnings (a second, check-mode build)
+# Ends with one line `summary: N passed, N failed, N skipped` over all test binaries, and
+# exits non-zero when anything failed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+log() { printf '[test] %s\n' "$*"; }
+
+start=$SECONDS
+bash scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+log "setup: $((SECONDS - start)) s"
+
+status=0
+phase=$SECONDS
+if ! cargo fmt --all -- --check; then
+  log "cargo fmt --check: code is not rustfmt clean (run cargo fmt --all)"
+  status=1
+fi
+if command -v shellcheck >/dev/null; then
+  if ! shellcheck -x scripts/*.sh .ci/run; then
+    log "shellcheck found problems in scripts/"
+    status=1
+  fi
+fi
+if [[ "${DINOFLOW_LINT:-0}" == 1 ]] && ! cargo clippy --workspace --all-targets -- -D warnings; then
+  status=1
+fi
+log "format and lint: $((SECONDS - phase)) s"
+
+phase=$SECONDS
+log_file="$(mktemp "${TMPDIR:-/tmp}/dinoflow-test.XXXXXX")"
+# --no-fail-fast: one failing binary must not hide the results of the others.
+if ! cargo test --workspace --no-fail-fast 2>&1 | tee "$log_file"; then
+  status=1
+fi
+log "cargo test: $((SECONDS - phase)) s (total $((SECONDS - start)) s)"
+
+# One line over all binaries: cargo prints a `test result:` line per test binary.
+read -r passed failed ignored < <(awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i) ~ /^passed;?$/) p += $(i - 1)
+      if ($(i) ~ /^failed;?$/) f += $(i - 1)
+      if ($(i) ~ /^ignored;?$/) s += $(i - 1)
+    }
+  }
+  END { print p + 0, f + 0, s + 0 }' "$log_file")
+rm -f "$log_file"
+if [[ $status -ne 0 && $failed -eq 0 ]]; then
+  # A build or lint failure runs no test; count it so the summary never reads as green.
+  failed=1
+fi
+echo "summary: $passed passed, $failed failed, $ignored skipped"
+exit "$status"

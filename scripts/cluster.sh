@@ -267,6 +267,7 @@ cmd_up() {
   cmd_down 2>/dev/null
   local start=$SECONDS
   mkdir -p "$LOGS" "$PIDS" "$DIR/etcd" "$DIR/certs"
+  chmod 700 "$DIR/etcd"
   if [[ "$EPHEMERAL" == true ]]; then touch "$DIR/.ephemeral"; fi
   make_pki
 
@@ -291,12 +292,14 @@ EOF
   write_kubeconfig "$DIR/kubeconfig-scheduler" system:kube-scheduler scheduler "$server"
 
   log "starting etcd (:$etcd_port), kube-apiserver (:$api_port), kube-controller-manager (:$cm_port), kube-scheduler (:$sched_port)"
+  # The endpoint reconciler refuses a loopback address for the `kubernetes` Service, and
+  # nothing here routes Service IPs anyway: --endpoint-reconciler-type none on the apiserver.
   # --unsafe-no-fsync: a throwaway test cluster does not need durable writes, and fsync on
   # a shared VM disk slows every API write.
-  start_component etcd "$etcd" --name default --data-dir "$DIR/etcd" \
+  start_component etcd "$etcd" --name dinoflow --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-    --initial-cluster "default=http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "dinoflow=http://127.0.0.1:$etcd_peer_port" \
     --log-level warn --unsafe-no-fsync
   start_component kube-apiserver "$apiserver" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -305,8 +308,21 @@ EOF
     --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --profiling=false --v=1
-  local common=(--bind-address 127.0.0.1 --leader-elect=false --profiling=false --v=1)
+    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --profiling=false \
+    --endpoint-reconciler-type none
+  if [[ -n "$OWNER_PID" ]]; then start_watchdog; fi
+
+  wait_listening etcd "$etcd_port"
+  wait_listening kube-apiserver "$api_port"
+  # The controller-manager and scheduler exit at once if their RBAC roles are not there yet:
+  # start them only when /readyz says the bootstrap policy is in place.
+  local deadline=$((SECONDS + TIMEOUT)) c
+  until apiserver_ready; do
+    for c in etcd kube-apiserver; do owned_pid "$c" >/dev/null || fail_up "$c exited during start-up"; done
+    ((SECONDS < deadline)) || fail_up "kube-apiserver /readyz not ok within ${TIMEOUT} s"
+    sleep 0.3
+  done
+  local common=(--bind-address 127.0.0.1 --leader-elect=false --profiling=false)
   start_component kube-controller-manager "$cm" "${common[@]}" --secure-port "$cm_port" \
     --kubeconfig "$DIR/kubeconfig-controller-manager" \
     --authentication-kubeconfig "$DIR/kubeconfig-controller-manager" \
@@ -321,21 +337,11 @@ EOF
     --authentication-kubeconfig "$DIR/kubeconfig-scheduler" \
     --authorization-kubeconfig "$DIR/kubeconfig-scheduler" \
     --cert-dir "$DIR/certs/scheduler"
-  if [[ -n "$OWNER_PID" ]]; then start_watchdog; fi
-
-  wait_listening etcd "$etcd_port"
-  wait_listening kube-apiserver "$api_port"
   wait_listening kube-controller-manager "$cm_port"
   wait_listening kube-scheduler "$sched_port"
   flock -u 9
   exec 9>&-
 
-  local deadline=$((SECONDS + TIMEOUT)) c
-  until apiserver_ready; do
-    for c in "${COMPONENTS[@]}"; do owned_pid "$c" >/dev/null || fail_up "$c exited during start-up"; done
-    ((SECONDS < deadline)) || fail_up "kube-apiserver /readyz not ok within ${TIMEOUT} s"
-    sleep 0.5
-  done
   until healthz_ok "$cm_port" && healthz_ok "$sched_port"; do
     ((SECONDS < deadline)) || fail_up "controller-manager or scheduler /healthz not ok within ${TIMEOUT} s"
     sleep 0.5

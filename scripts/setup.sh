@@ -69,6 +69,7 @@ python_venv() {
     fi
     log "pip install -r scripts/requirements.txt (first time: torch with its CUDA libraries, a few GB)"
     "$DINOFLOW_VENV/bin/pip" install --disable-pip-version-check --no-input --progress-bar off -q -r "$req"
+    "$DINOFLOW_VENV/bin/python" -c 'import torch, torchvision' || die "torch does not import after pip install"
     printf '%s\n' "$want" >"$stamp"
   fi
   # cudarc opens NCCL by its unversioned name; the wheel ships only libnccl.so.2.
@@ -79,7 +80,10 @@ python_venv() {
       log "linked $nccl/libnccl.so -> libnccl.so.2"
     fi
   done
-  "$DINOFLOW_VENV/bin/python" -c 'import torch, torchvision; print("[setup] torch", torch.__version__, "torchvision", torchvision.__version__)'
+  # Package metadata, not `import torch`: the import alone takes seconds to tens of seconds.
+  "$DINOFLOW_VENV/bin/python" -c 'from importlib.metadata import version as v; print("[setup] torch", v("torch"), "torchvision", v("torchvision"))'
+  compgen -G "$DINOFLOW_VENV/lib/python3*/site-packages/torch/lib/libtorch.so" >/dev/null ||
+    die "libtorch.so missing from the torch wheel in $DINOFLOW_VENV (tch needs it); delete the venv and re-run"
 }
 
 rust_toolchain() {

@@ -76,7 +76,9 @@ owned_pid() {
   [[ -f "$file" ]] || return 1
   pid=$(<"$file")
   [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR" || return 1
+  local cmdline
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+  [[ "$cmdline" == *"$DIR"* ]] || return 1
   printf '%s\n' "$pid"
 }
 
@@ -112,10 +114,10 @@ stop_component() {
 # --- ports -----------------------------------------------------------------------------------
 
 port_in_use() {
-  local hex
-  hex=$(printf ':%04X ' "$1")
-  # Local address is the second column of /proc/net/tcp{,6}; any state counts as taken.
-  awk '{print $2" "}' /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -qF -- "$hex"
+  # Local address (ADDR:PORT in hex) is the second column of /proc/net/tcp{,6}; any state
+  # counts as taken. One awk, no pipe: `| grep -q` under pipefail fails when grep exits early.
+  awk -v port="$(printf ':%04X' "$1")" 'substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
 declare -a CHOSEN_PORTS=()
@@ -180,6 +182,10 @@ make_pki() {
   sign_cert admin "/O=system:masters/CN=dinoflow-admin" clientAuth
   sign_cert controller-manager "/CN=system:kube-controller-manager" clientAuth
   sign_cert scheduler "/CN=system:kube-scheduler" clientAuth
+  # Front-proxy (aggregation) client: with requestheader settings published, the
+  # controller-manager and scheduler find a complete extension-apiserver-authentication
+  # ConfigMap; without them they retry with backoff for minutes before serving.
+  sign_cert front-proxy-client "/CN=front-proxy-client" clientAuth
   # Service-account tokens are signed with this pair (ES256).
   new_key "$PKI/sa.key"
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -308,6 +314,10 @@ EOF
     --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --requestheader-client-ca-file "$PKI/ca.crt" --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --profiling=false \
     --endpoint-reconciler-type none
   if [[ -n "$OWNER_PID" ]]; then start_watchdog; fi
@@ -322,6 +332,7 @@ EOF
     ((SECONDS < deadline)) || fail_up "kube-apiserver /readyz not ok within ${TIMEOUT} s"
     sleep 0.3
   done
+  log "kube-apiserver ready after $((SECONDS - start)) s; starting kube-controller-manager and kube-scheduler"
   local common=(--bind-address 127.0.0.1 --leader-elect=false --profiling=false)
   start_component kube-controller-manager "$cm" "${common[@]}" --secure-port "$cm_port" \
     --kubeconfig "$DIR/kubeconfig-controller-manager" \
@@ -346,6 +357,7 @@ EOF
     ((SECONDS < deadline)) || fail_up "controller-manager or scheduler /healthz not ok within ${TIMEOUT} s"
     sleep 0.5
   done
+  log "controller-manager and scheduler healthy after $((SECONDS - start)) s"
   # Pods need the namespace's default service account, made by the controller-manager.
   until kubectl_admin get serviceaccount default -n default >/dev/null 2>&1; do
     ((SECONDS < deadline)) || fail_up "the controller-manager did not create serviceaccount default/default within ${TIMEOUT} s"

@@ -1,1 +1,22 @@
-//! Shared helpers for the end-to-end tests.
+//! Harness for Dinoflow's end-to-end tests: a real control plane started by
+//! `scripts/cluster.sh` (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), with
+//! `kubectl` and a kube [`Client`](kube::Client) bound to it.
+//!
+//! Tests that need the control plane fail, never skip, when its binaries are missing; the
+//! message says to run `scripts/setup.sh`. Set `DINOFLOW_TEST_KUBECONFIG` to run the tests
+//! against a cluster that is already up instead of starting one.
+mod apply;
+mod cluster;
+mod error;
+mod invalid;
+mod kubectl;
+mod paths;
+
+pub use apply::{apply_object, parse_manifests};
+pub use cluster::{KUBECONFIG_ENV, TestCluster, wait_for};
+pub use error::HarnessError;
+pub use invalid::{InvalidCase, load_invalid_cases};
+pub use kubectl::KubectlOutput;
+pub use paths::{
+    cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
+};

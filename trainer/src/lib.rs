@@ -1,1 +1,2 @@
 //! The Dinoflow trainer: DINOv2 on libtorch.
+pub mod data;

@@ -5,3 +5,4 @@ pub mod loss;
 pub mod masking;
 pub mod optim;
 pub mod precision;
+pub mod data;

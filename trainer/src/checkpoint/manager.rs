@@ -1,0 +1,384 @@
+//! The checkpoint manager over one storage directory.
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tch::Tensor;
+
+use super::CheckpointError;
+use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest};
+
+const PREFIX: &str = "ckpt-";
+const TMP_PREFIX: &str = ".tmp-ckpt-";
+const TRASH_PREFIX: &str = ".trash-ckpt-";
+
+/// Everything a resume needs. Tensor groups become `<group>.safetensors` (student, teacher,
+/// optimizer, loss state...), JSON documents become `<name>.json` (data position, RNG,
+/// loss scale...). The manager does not interpret either.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub iteration: u64,
+    pub world_size: usize,
+    pub config_hash: String,
+    pub guarded: BTreeMap<String, String>,
+    pub tensors: BTreeMap<String, Vec<(String, Tensor)>>,
+    pub json: BTreeMap<String, serde_json::Value>,
+}
+
+/// A checkpoint directory whose manifest and checksums verified.
+#[derive(Debug, Clone)]
+pub struct VerifiedCheckpoint {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// A checkpoint directory that was skipped, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Result of scanning the storage directory.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub latest: Option<VerifiedCheckpoint>,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug)]
+pub struct CheckpointManager {
+    root: PathBuf,
+    keep_last: usize,
+}
+
+impl CheckpointManager {
+    /// Opens (creating it if needed) the storage directory. Temporary directories left by a
+    /// writer that died mid-write are removed: only one process (rank 0) writes here.
+    pub fn open(root: impl Into<PathBuf>, keep_last: usize) -> Result<Self, CheckpointError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
+        let manager = Self { root, keep_last: keep_last.max(1) };
+        for entry in manager.entries()? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                tracing::warn!(path = %entry.path().display(), "removing an unfinished checkpoint left by an interrupted writer");
+                fs::remove_dir_all(entry.path()).map_err(|e| CheckpointError::io(&entry.path(), e))?;
+            }
+        }
+        Ok(manager)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir_for(&self, iteration: u64) -> PathBuf {
+        self.root.join(format!("{PREFIX}{iteration:09}"))
+    }
+
+    /// Writes `snapshot` as `ckpt-<iteration>`: files into a temporary directory, each
+    /// fsynced, the manifest last, then an atomic rename and an fsync of the parent.
+    pub fn save(&self, snapshot: &Snapshot) -> Result<VerifiedCheckpoint, CheckpointError> {
+        let final_dir = self.dir_for(snapshot.iteration);
+        let tmp = self.root.join(format!("{TMP_PREFIX}{:09}", snapshot.iteration));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+
+        let mut files = BTreeMap::new();
+        for (group, tensors) in &snapshot.tensors {
+            let name = format!("{group}.safetensors");
+            let path = tmp.join(&name);
+            // safetensors serialises host memory: bring every tensor to a contiguous CPU copy.
+            let host: Vec<(&str, Tensor)> = tensors
+                .iter()
+                .map(|(k, t)| (k.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
+                .collect();
+            Tensor::write_safetensors(&host, &path)
+                .map_err(|source| CheckpointError::Tensor { path: path.clone(), source })?;
+            files.insert(name, seal_file(&path)?);
+        }
+        for (doc, value) in &snapshot.json {
+            let name = format!("{doc}.json");
+            let path = tmp.join(&name);
+            let bytes = serde_json::to_vec_pretty(value).expect("JSON values always serialise");
+            write_synced(&path, &bytes)?;
+            files.insert(name, seal_file(&path)?);
+        }
+        let manifest = Manifest {
+            format: FORMAT.to_string(),
+            iteration: snapshot.iteration,
+            world_size: snapshot.world_size,
+            config_hash: snapshot.config_hash.clone(),
+            guarded: snapshot.guarded.clone(),
+            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            files,
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        write_synced(&tmp.join(MANIFEST_FILE), &bytes)?;
+        sync_dir(&tmp)?;
+
+        // A directory of the same iteration can exist after resuming from an older checkpoint
+        // (the newer one was corrupt, or --resume never). Move it aside first: rename(2) does
+        // not replace a non-empty directory.
+        if final_dir.exists() {
+            let trash = self.root.join(format!("{TRASH_PREFIX}{:09}", snapshot.iteration));
+            fs::rename(&final_dir, &trash).map_err(|e| CheckpointError::io(&final_dir, e))?;
+            fs::remove_dir_all(&trash).map_err(|e| CheckpointError::io(&trash, e))?;
+        }
+        fs::rename(&tmp, &final_dir).map_err(|e| CheckpointError::io(&final_dir, e))?;
+        sync_dir(&self.root)?;
+        self.prune(snapshot.iteration)?;
+        Ok(VerifiedCheckpoint { path: final_dir, manifest })
+    }
+
+    /// Scans every `ckpt-*` directory, newest first, and returns the first that verifies.
+    /// Each skipped one is logged with its path and the reason.
+    pub fn scan(&self) -> Result<Scan, CheckpointError> {
+        let mut scan = Scan::default();
+        for (_, path) in self.listed()?.into_iter().rev() {
+            match verify(&path) {
+                Ok(checkpoint) => {
+                    scan.latest = Some(checkpoint);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), reason = %e, "skipping a checkpoint that does not verify");
+                    scan.rejected.push(Rejected { path, reason: e.to_string() });
+                }
+            }
+        }
+        Ok(scan)
+    }
+
+    /// The newest checkpoint whose manifest verifies, if any.
+    pub fn latest_verified(&self) -> Result<Option<VerifiedCheckpoint>, CheckpointError> {
+        Ok(self.scan()?.latest)
+    }
+
+    /// Checkpoint directories by iteration, oldest first.
+    fn listed(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+        let mut found: Vec<(u64, PathBuf)> = self
+            .entries()?
+            .into_iter()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let iteration = name.strip_prefix(PREFIX)?.parse::<u64>().ok()?;
+                Some((iteration, entry.path()))
+            })
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
+    fn entries(&self) -> Result<Vec<fs::DirEntry>, CheckpointError> {
+        let read = fs::read_dir(&self.root).map_err(|e| CheckpointError::io(&self.root, e))?;
+        read.collect::<Result<Vec<_>, _>>().map_err(|e| CheckpointError::io(&self.root, e))
+    }
+
+    /// Keeps the `keep_last` newest checkpoints up to and including `newest`; newer
+    /// directories (left from an earlier attempt) are not this prune's business.
+    fn prune(&self, newest: u64) -> Result<(), CheckpointError> {
+        let older: Vec<PathBuf> =
+            self.listed()?.into_iter().filter(|(it, _)| *it <= newest).map(|(_, p)| p).collect();
+        let excess = older.len().saturating_sub(self.keep_last);
+        for path in &older[..excess] {
+            fs::remove_dir_all(path).map_err(|e| CheckpointError::io(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Loads a verified checkpoint's tensors and JSON documents.
+    pub fn load(checkpoint: &VerifiedCheckpoint) -> Result<Snapshot, CheckpointError> {
+        let m = &checkpoint.manifest;
+        let mut snapshot = Snapshot {
+            iteration: m.iteration,
+            world_size: m.world_size,
+            config_hash: m.config_hash.clone(),
+            guarded: m.guarded.clone(),
+            ..Snapshot::default()
+        };
+        for name in m.files.keys() {
+            let path = checkpoint.path.join(name);
+            if let Some(group) = name.strip_suffix(".safetensors") {
+                let tensors = Tensor::read_safetensors(&path)
+                    .map_err(|source| CheckpointError::Tensor { path: path.clone(), source })?;
+                snapshot.tensors.insert(group.to_string(), tensors);
+            } else if let Some(doc) = name.strip_suffix(".json") {
+                let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+                let value = serde_json::from_slice(&bytes).map_err(|e| {
+                    CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() }
+                })?;
+                snapshot.json.insert(doc.to_string(), value);
+            }
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Verifies one checkpoint directory (used for `--resume PATH` as well as scans).
+pub fn verify(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
+    if !path.is_dir() {
+        return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+    }
+    if !path.join(MANIFEST_FILE).exists() {
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "no manifest.json (the write never finished)".into(),
+        });
+    }
+    let manifest = Manifest::read(path)?;
+    manifest.verify(path)?;
+    Ok(VerifiedCheckpoint { path: path.to_path_buf(), manifest })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    file.write_all(bytes).map_err(|e| CheckpointError::io(path, e))?;
+    file.sync_all().map_err(|e| CheckpointError::io(path, e))
+}
+
+/// fsyncs a written file and records its size and checksum as read back from disk.
+fn seal_file(path: &Path) -> Result<FileEntry, CheckpointError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(path, e))?;
+    let (bytes, sha256) = manifest::hash_file(path).map_err(|e| CheckpointError::io(path, e))?;
+    Ok(FileEntry { bytes, sha256 })
+}
+
+fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|d| d.sync_all()).map_err(|e| CheckpointError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn snapshot(iteration: u64) -> Snapshot {
+        let w = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]) * iteration as f64;
+        Snapshot {
+            iteration,
+            world_size: 1,
+            config_hash: "abc".into(),
+            guarded: [("training.model".to_string(), "vit_small".to_string())].into(),
+            tensors: [("student".to_string(), vec![("blocks.0.attn.qkv.weight".to_string(), w)])]
+                .into(),
+            json: [("rng".to_string(), serde_json::json!({"seed": 7, "iteration": iteration}))]
+                .into(),
+        }
+    }
+
+    #[test]
+    fn saved_checkpoint_loads_back_bitwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(5)).unwrap();
+        let latest = mgr.latest_verified().unwrap().unwrap();
+        assert_eq!(latest.path, dir.path().join("ckpt-000000005"));
+        let loaded = CheckpointManager::load(&latest).unwrap();
+        assert_eq!(loaded.iteration, 5);
+        let (name, t) = &loaded.tensors["student"][0];
+        assert_eq!(name, "blocks.0.attn.qkv.weight");
+        assert!(t.equal(&snapshot(5).tensors["student"][0].1));
+        assert_eq!(loaded.json["rng"]["iteration"], 5);
+        assert_eq!(loaded.guarded["training.model"], "vit_small");
+    }
+
+    #[test]
+    fn a_writer_killed_mid_write_leaves_the_previous_checkpoint_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(10)).unwrap();
+        // What a kill -9 during save(20) leaves: a temp dir with a partial file, no manifest.
+        let tmp = dir.path().join(".tmp-ckpt-000000020");
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("student.safetensors"), b"\x10\x00\x00").unwrap();
+        let reopened = CheckpointManager::open(dir.path(), 3).unwrap();
+        assert!(!tmp.exists(), "stale temp dir is cleaned on open");
+        let latest = reopened.latest_verified().unwrap().unwrap();
+        assert_eq!(latest.manifest.iteration, 10);
+    }
+
+    #[test]
+    fn a_directory_without_manifest_is_skipped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(10)).unwrap();
+        let torn = dir.path().join("ckpt-000000020");
+        fs::create_dir(&torn).unwrap();
+        fs::write(torn.join("student.safetensors"), b"partial").unwrap();
+        let scan = mgr.scan().unwrap();
+        assert_eq!(scan.latest.unwrap().manifest.iteration, 10);
+        assert_eq!(scan.rejected.len(), 1);
+        assert_eq!(scan.rejected[0].path, torn);
+        assert!(scan.rejected[0].reason.contains("no manifest.json"));
+    }
+
+    #[test]
+    fn a_corrupted_file_makes_its_checkpoint_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(10)).unwrap();
+        let newest = mgr.save(&snapshot(20)).unwrap();
+        // Flip one byte in the tensor payload: the size is unchanged, the checksum is not.
+        let file = newest.path.join("student.safetensors");
+        let mut bytes = fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&file, bytes).unwrap();
+        let scan = mgr.scan().unwrap();
+        assert_eq!(scan.latest.unwrap().manifest.iteration, 10);
+        assert!(scan.rejected[0].reason.contains("sha256"), "{}", scan.rejected[0].reason);
+    }
+
+    #[test]
+    fn a_truncated_file_makes_its_checkpoint_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(10)).unwrap();
+        let newest = mgr.save(&snapshot(20)).unwrap();
+        let file = newest.path.join("rng.json");
+        fs::write(&file, b"{").unwrap();
+        let scan = mgr.scan().unwrap();
+        assert_eq!(scan.latest.unwrap().manifest.iteration, 10);
+        assert!(scan.rejected[0].reason.contains("size"), "{}", scan.rejected[0].reason);
+    }
+
+    #[test]
+    fn only_the_latest_k_checkpoints_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 2).unwrap();
+        for it in [1, 2, 3, 4] {
+            mgr.save(&snapshot(it)).unwrap();
+        }
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ckpt-000000003", "ckpt-000000004"]);
+    }
+
+    #[test]
+    fn saving_an_iteration_again_replaces_the_old_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(7)).unwrap();
+        let mut again = snapshot(7);
+        again.config_hash = "def".into();
+        mgr.save(&again).unwrap();
+        let latest = mgr.latest_verified().unwrap().unwrap();
+        assert_eq!(latest.manifest.config_hash, "def");
+    }
+
+    #[test]
+    fn an_empty_storage_directory_has_no_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path().join("new"), 3).unwrap();
+        assert!(mgr.latest_verified().unwrap().is_none());
+    }
+}

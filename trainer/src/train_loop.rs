@@ -1,0 +1,313 @@
+//! The training loop, top to bottom: schedules -> step -> teacher EMA -> metrics ->
+//! evaluation -> checkpoint. It is generic over three small traits so the loop itself can be
+//! tested with a toy model; `config.rs` wires the real ViT, losses and loader into them.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::checkpoint::{CheckpointError, CheckpointManager, Snapshot, VerifiedCheckpoint};
+use crate::eval::{EvalConfig, EvalError, EvalReport};
+use crate::metrics::{JsonlLog, MetricsError, Progress, TrainerMetrics};
+
+/// Values of every schedule at one iteration (official `CosineScheduler` arrays).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleValues {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub teacher_momentum: f64,
+    pub teacher_temperature: f64,
+    pub last_layer_lr: f64,
+}
+
+/// Schedules are pure functions of the iteration, so a resume is exact by construction.
+pub trait Schedules {
+    fn at(&self, iteration: u64) -> ScheduleValues;
+}
+
+/// Named loss terms of one step, e.g. `dino_local_crops_loss`, `ibot_loss`, `koleo_loss`;
+/// `total` is the optimised sum.
+pub type LossTerms = Vec<(String, f64)>;
+
+/// The model side: student, teacher and optimiser.
+pub trait Trainable {
+    type Batch;
+    /// One optimisation step of the student on `batch` with the schedule values.
+    fn train_step(&mut self, batch: &Self::Batch, values: &ScheduleValues) -> Result<LossTerms, StepError>;
+    /// Teacher <- momentum * teacher + (1 - momentum) * student.
+    fn update_teacher(&mut self, momentum: f64);
+    /// Tensor groups to checkpoint (`student`, `teacher`, `optimizer`, `loss_state`, ...).
+    fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>>;
+    /// Restores what `state` returned.
+    fn load_state(&mut self, state: BTreeMap<String, Vec<(String, Tensor)>>) -> Result<(), StepError>;
+    /// JSON state that is not tensors (loss-scaler state, ...).
+    fn json_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn load_json_state(&mut self, _state: &serde_json::Value) -> Result<(), StepError> {
+        Ok(())
+    }
+    /// Runs the evaluation hooks on the teacher backbone.
+    fn evaluate(&mut self, _config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
+        Ok(None)
+    }
+}
+
+/// The data side. The batch of iteration `i` must be a function of (seed, rank, i) so that
+/// a resumed run sees exactly the batches an uninterrupted one would have.
+pub trait BatchSource {
+    type Batch;
+    fn next_batch(&mut self) -> Result<Self::Batch, StepError>;
+    /// Images per batch on this rank (for throughput).
+    fn images_per_batch(&self) -> u64;
+    /// Where the source stands, to be restored with `seek`.
+    fn position(&self) -> serde_json::Value;
+    fn seek(&mut self, position: &serde_json::Value) -> Result<(), StepError>;
+    /// Running total of images skipped because they could not be decoded.
+    fn skipped_images(&self) -> u64 {
+        0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StepError(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error(
+        "loss became non-finite at iteration {iteration}: {terms}; last finite values (iteration {last_iteration}): {last_finite}"
+    )]
+    NonFiniteLoss { iteration: u64, terms: String, last_iteration: u64, last_finite: String },
+    #[error("training step at iteration {iteration}: {source}")]
+    Step {
+        iteration: u64,
+        #[source]
+        source: StepError,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("evaluation: {0}")]
+    Eval(#[from] EvalError),
+    #[error("checkpoint {path} does not fit this run: {reason}")]
+    Restore { path: std::path::PathBuf, reason: String },
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished { iteration: u64 },
+    /// SIGTERM (or SIGINT) arrived; a checkpoint was written at `iteration`.
+    Stopped { iteration: u64 },
+}
+
+/// Cadences and identity of the run.
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    pub total_iterations: u64,
+    pub log_every: u64,
+    /// 0 disables periodic checkpoints (the final one and the SIGTERM one are still written).
+    pub checkpoint_every: u64,
+    /// 0 disables periodic evaluation; `eval_at_start`/`eval_at_end` still apply.
+    pub eval_every: u64,
+    pub eval_at_start: bool,
+    pub eval_at_end: bool,
+    pub eval: Option<EvalConfig>,
+    pub world_size: usize,
+    pub config_hash: String,
+    pub guarded: BTreeMap<String, String>,
+    /// Training FLOPs per image and peak FLOP/s of the device; MFU is reported when both
+    /// are known.
+    pub flops_per_image: Option<f64>,
+    pub peak_flops: Option<f64>,
+}
+
+pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> {
+    pub model: &'a mut M,
+    pub data: &'a mut D,
+    pub schedules: &'a S,
+    pub settings: LoopSettings,
+    pub checkpoints: &'a CheckpointManager,
+    pub metrics: &'a TrainerMetrics,
+    pub jsonl: &'a mut JsonlLog,
+    /// Set by the SIGTERM/SIGINT handler.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> std::fmt::Debug for TrainLoop<'_, M, D, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainLoop").field("settings", &self.settings).finish()
+    }
+}
+
+impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_, M, D, S> {
+    /// Restores model, data position and loop state from a verified checkpoint; returns the
+    /// iteration to continue from.
+    pub fn restore(&mut self, checkpoint: &VerifiedCheckpoint) -> Result<u64, LoopError> {
+        let snapshot = CheckpointManager::load(checkpoint)?;
+        let restore_err = |reason: String| LoopError::Restore { path: checkpoint.path.clone(), reason };
+        self.model.load_state(snapshot.tensors).map_err(|e| restore_err(e.0))?;
+        if let Some(state) = snapshot.json.get("model_state") {
+            self.model.load_json_state(state).map_err(|e| restore_err(e.0))?;
+        }
+        let position = snapshot.json.get("data_position").ok_or_else(|| restore_err("no data_position.json".into()))?;
+        self.data.seek(position).map_err(|e| restore_err(e.0))?;
+        Ok(snapshot.iteration)
+    }
+
+    /// Runs from `start` (the number of iterations already done) to the total.
+    pub fn run(&mut self, start: u64) -> Result<Outcome, LoopError> {
+        let total = self.settings.total_iterations;
+        self.metrics.total_iterations.set(total as i64);
+        self.metrics.iteration.set(start as i64);
+        let mut progress = Progress::new(self.settings.log_every, total);
+        let mut last_checkpoint = Instant::now();
+        let mut last_finite: Option<(u64, LossTerms)> = None;
+        if self.settings.eval_at_start && start == 0 {
+            self.evaluate(0)?;
+        }
+        let mut iteration = start;
+        while iteration < total {
+            if self.stop.load(Ordering::SeqCst) {
+                self.checkpoint(iteration)?;
+                tracing::warn!(iteration, "stop signal received: checkpoint written, exiting");
+                return Ok(Outcome::Stopped { iteration });
+            }
+            // Schedules.
+            let values = self.schedules.at(iteration);
+            // Step.
+            let wait = Instant::now();
+            let batch = self.data.next_batch().map_err(|source| LoopError::Step { iteration, source })?;
+            self.metrics.data_wait_seconds_total.inc_by(wait.elapsed().as_secs_f64());
+            let losses = self.model.train_step(&batch, &values).map_err(|source| LoopError::Step { iteration, source })?;
+            if losses.iter().any(|(_, v)| !v.is_finite()) {
+                let (last_iteration, last) = last_finite.unwrap_or((iteration, Vec::new()));
+                let err = LoopError::NonFiniteLoss { iteration, terms: fmt_terms(&losses), last_iteration, last_finite: fmt_terms(&last) };
+                tracing::error!("{err}");
+                return Err(err);
+            }
+            // Teacher EMA.
+            self.model.update_teacher(values.teacher_momentum);
+            iteration += 1;
+            // Metrics.
+            self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
+            last_finite = Some((iteration, losses));
+            // Evaluation.
+            let eval_due = self.settings.eval_every > 0 && iteration % self.settings.eval_every == 0;
+            if eval_due || (iteration == total && self.settings.eval_at_end) {
+                self.evaluate(iteration)?;
+            }
+            // Checkpoint.
+            let ckpt_due = self.settings.checkpoint_every > 0 && iteration % self.settings.checkpoint_every == 0;
+            if ckpt_due || iteration == total {
+                self.checkpoint(iteration)?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        Ok(Outcome::Finished { iteration })
+    }
+
+    fn record(&mut self, iteration: u64, values: &ScheduleValues, losses: &LossTerms, progress: &mut Progress, last_checkpoint: Instant) -> Result<(), LoopError> {
+        let m = self.metrics;
+        m.iteration.set(iteration as i64);
+        for (term, v) in losses {
+            m.loss.with_label_values(&[term.as_str()]).set(*v);
+        }
+        m.lr.set(values.lr);
+        m.weight_decay.set(values.weight_decay);
+        m.teacher_momentum.set(values.teacher_momentum);
+        m.teacher_temperature.set(values.teacher_temperature);
+        m.set_skipped_images(self.data.skipped_images());
+        m.checkpoint_age_seconds.set(last_checkpoint.elapsed().as_secs_f64());
+        let images = self.data.images_per_batch() * self.settings.world_size as u64;
+        let mut line = serde_json::json!({
+            "type": "train",
+            "iteration": iteration,
+            "time": unix_now(),
+            "losses": losses.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "lr": values.lr,
+            "wd": values.weight_decay,
+            "momentum": values.teacher_momentum,
+            "teacher_temp": values.teacher_temperature,
+        });
+        if let Some(p) = progress.on_iteration(iteration, images, losses, values.lr) {
+            tracing::info!("{}", p.text);
+            m.images_per_second.set(p.images_per_second);
+            line["images_per_second"] = p.images_per_second.into();
+            line["eta_seconds"] = p.eta_seconds.into();
+            if let (Some(flops), Some(peak)) = (self.settings.flops_per_image, self.settings.peak_flops) {
+                let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
+                m.mfu.set(mfu);
+                line["mfu"] = mfu.into();
+            }
+            if let Some(rss) = crate::metrics::resident_memory_bytes() {
+                m.memory_bytes.set(rss as f64);
+            }
+        }
+        self.jsonl.record(&line)?;
+        Ok(())
+    }
+
+    fn evaluate(&mut self, iteration: u64) -> Result<(), LoopError> {
+        let Some(config) = self.settings.eval.clone() else { return Ok(()) };
+        let started = Instant::now();
+        let Some(report) = self.model.evaluate(&config)? else { return Ok(()) };
+        let flat = report.flat();
+        for (name, v) in &flat {
+            self.metrics.eval.with_label_values(&[name.as_str()]).set(*v);
+        }
+        tracing::info!(
+            iteration,
+            seconds = started.elapsed().as_secs_f64(),
+            "evaluation: {}",
+            flat.iter().map(|(k, v)| format!("{k}={v:.2}")).collect::<Vec<_>>().join(" ")
+        );
+        self.jsonl.record(&serde_json::json!({
+            "type": "eval", "iteration": iteration, "time": unix_now(), "report": report,
+        }))?;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, iteration: u64) -> Result<(), LoopError> {
+        let started = Instant::now();
+        let mut json = BTreeMap::new();
+        json.insert("data_position".to_string(), self.data.position());
+        json.insert("model_state".to_string(), self.model.json_state());
+        let snapshot = Snapshot {
+            iteration,
+            world_size: self.settings.world_size,
+            config_hash: self.settings.config_hash.clone(),
+            guarded: self.settings.guarded.clone(),
+            tensors: self.model.state(),
+            json,
+        };
+        let saved = self.checkpoints.save(&snapshot)?;
+        self.metrics.checkpoint_iteration.set(iteration as i64);
+        self.metrics.checkpoint_age_seconds.set(0.0);
+        tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
+        self.jsonl.record(&serde_json::json!({
+            "type": "checkpoint", "iteration": iteration, "time": unix_now(), "path": saved.path,
+        }))?;
+        Ok(())
+    }
+}
+
+fn fmt_terms(terms: &LossTerms) -> String {
+    if terms.is_empty() {
+        return "none (the first step already failed)".into();
+    }
+    terms.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+// pub mod run;
+#[cfg(test)]
+mod tests;

@@ -334,7 +334,7 @@ mod tests {
             self.len
         }
         fn get(&self, i: usize) -> Result<Sample, DataError> {
-            if self.bad_every.is_some_and(|k| i % k == 0) {
+            if self.bad_every.is_some_and(|k| i.is_multiple_of(k)) {
                 return Err(DataError::Corrupt {
                     what: format!("img{i}"),
                     reason: "synthetic".into(),

@@ -172,7 +172,7 @@ impl MultiCropConfig {
                 );
             }
         }
-        if self.blur_kernel_size % 2 == 0 {
+        if self.blur_kernel_size.is_multiple_of(2) {
             return bad(
                 "crops.blurKernelSize",
                 format!("must be odd, got {}", self.blur_kernel_size),

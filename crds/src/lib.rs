@@ -3,5 +3,16 @@
 //! `training` is the trainer config (read by the trainer from the same YAML kubectl applies),
 //! `cluster` is how the operator lays the job out on Kubernetes.
 pub mod cluster;
+pub mod crd;
+pub mod distill;
+pub mod exit_codes;
+pub mod load;
+pub mod presets;
+pub mod pretrain;
 pub mod status;
 pub mod training;
+
+pub use distill::{DistillJob, DistillJobSpec};
+pub use load::{ConfigError, ResolvedConfig, load_training_config, load_training_config_str};
+pub use pretrain::{PretrainJob, PretrainJobSpec};
+pub use training::TrainingConfig;

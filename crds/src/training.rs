@@ -1,1 +1,0 @@
-//! `spec.training`: the trainer configuration, defaults equal to the official DINOv2 config.

@@ -1,0 +1,57 @@
+//! `training.curriculum`: resolution phases (e.g. the official high-resolution adaptation at
+//! the end of training).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Most phases a curriculum may hold (bounds the cost of the CEL ordering rule).
+pub const MAX_PHASES: usize = 16;
+
+/// One curriculum phase. It starts at `startIteration` or `startEpoch` (exactly one) and
+/// overrides the crop settings from then on; fields left out keep the values of `crops`/`train`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CurriculumPhase {
+    /// First iteration of the phase (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_iteration: Option<u64>,
+    /// First official epoch of the phase (0-based; iteration = epoch × `train.officialEpochLength`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_epoch: Option<u32>,
+    /// Global crop side during the phase; a multiple of `model.patchSize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub global_crops_size: Option<u32>,
+    /// Local crop side during the phase; a multiple of `model.patchSize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub local_crops_size: Option<u32>,
+    /// Local crops per image during the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_crops_number: Option<u32>,
+    /// Images per GPU during the phase (smaller at higher resolution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub batch_size_per_gpu: Option<u32>,
+}
+
+impl CurriculumPhase {
+    /// The phase's first iteration, converting epochs with `epoch_length`.
+    pub fn start(&self, epoch_length: u32) -> Option<u64> {
+        match (self.start_iteration, self.start_epoch) {
+            (Some(it), None) => Some(it),
+            (None, Some(ep)) => Some(u64::from(ep) * u64::from(epoch_length)),
+            _ => None,
+        }
+    }
+}
+
+/// Resolution curriculum: phases in strictly increasing start order, all given in the same
+/// unit (iterations or epochs). Empty means the `crops` settings throughout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct CurriculumConfig {
+    /// The phases, in order.
+    #[schemars(length(max = 16))]
+    pub phases: Vec<CurriculumPhase>,
+}

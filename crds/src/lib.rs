@@ -9,6 +9,7 @@ pub mod exit_codes;
 pub mod load;
 pub mod presets;
 pub mod pretrain;
+pub mod progress;
 pub mod status;
 pub mod training;
 

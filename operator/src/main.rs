@@ -1,1 +1,238 @@
-fn main() {}
+//! `dinoflow-operator`: reconciles PretrainJob and DistillJob into gangs of pods.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, ValueEnum};
+use dinoflow_operator::controller;
+use dinoflow_operator::health::{self, Readiness};
+use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
+use dinoflow_operator::metrics::Metrics;
+use dinoflow_operator::progress::{KubeJobStore, ProgressService};
+use dinoflow_operator::settings::Settings;
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Reconciles Dinoflow PretrainJob and DistillJob resources into gangs of GPU pods.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Kubeconfig to use; unset: $KUBECONFIG, ~/.kube/config, or the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Trainer image for jobs that set no cluster.image.
+    #[arg(
+        long,
+        env = "DINOFLOW_DEFAULT_IMAGE",
+        default_value = "ghcr.io/dinoflow/trainer:latest"
+    )]
+    default_image: String,
+    /// Address trainers reach the progress endpoint at (DINOFLOW_PROGRESS_ENDPOINT).
+    #[arg(
+        long,
+        env = "DINOFLOW_PROGRESS_ENDPOINT",
+        default_value = "http://dinoflow-operator.dinoflow-system.svc:9090"
+    )]
+    progress_endpoint: String,
+    /// File holding the key per-job progress tokens are derived from (keep it stable).
+    #[arg(long, env = "DINOFLOW_PROGRESS_KEY_FILE")]
+    progress_key_file: Option<PathBuf>,
+    /// The key itself (prefer --progress-key-file).
+    #[arg(long, env = "DINOFLOW_PROGRESS_KEY", hide_env_values = true)]
+    progress_key: Option<String>,
+    /// Listen address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "DINOFLOW_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    health_addr: SocketAddr,
+    /// Listen address of the gRPC progress endpoint.
+    #[arg(long, env = "DINOFLOW_PROGRESS_ADDR", default_value = "0.0.0.0:9090")]
+    progress_addr: SocketAddr,
+    /// Elect a leader over a Lease, so only one replica acts.
+    #[arg(long, env = "DINOFLOW_LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "dinoflow-system")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "dinoflow-operator-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease; defaults to the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Watch only this namespace (a namespaced install); unset: the whole cluster.
+    #[arg(long, env = "DINOFLOW_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Log format.
+    #[arg(long, env = "DINOFLOW_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+
+    let client = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+            Client::try_from(config)?
+        }
+        None => Client::try_default()
+            .await
+            .context("no kubeconfig and not in a cluster")?,
+    };
+    let progress_key = match (&args.progress_key_file, &args.progress_key) {
+        (Some(path), _) => std::fs::read(path)
+            .with_context(|| format!("reading --progress-key-file {}", path.display()))?,
+        (None, Some(key)) => key.clone().into_bytes(),
+        (None, None) => bail!(
+            "no progress key: set --progress-key-file (or DINOFLOW_PROGRESS_KEY_FILE) to a file with a random secret; \
+             per-job tokens are derived from it and must survive operator restarts"
+        ),
+    };
+    if progress_key.len() < 16 {
+        bail!("the progress key must be at least 16 bytes");
+    }
+    let settings = Settings {
+        default_image: args.default_image.clone(),
+        progress_endpoint: args.progress_endpoint.clone(),
+        progress_key,
+    };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_handler(shutdown.clone()));
+    let metrics = Metrics::default();
+    let readiness = Readiness::default();
+    let health = tokio::spawn(health::serve(
+        args.health_addr,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut leadership = if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let timing = LeaseTiming {
+            duration: std::time::Duration::from_secs(args.lease_duration_seconds),
+            grace: std::time::Duration::from_secs((args.lease_duration_seconds / 3).max(1)),
+        };
+        let (leadership, _task) = leader::elect(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            timing,
+        )
+        .await?;
+        tracing::info!(%identity, lease = %args.lease_name, "waiting to become leader");
+        leadership
+    } else {
+        Leadership::always()
+    };
+    tokio::select! {
+        _ = leadership.acquired() => tracing::info!("leading"),
+        _ = shutdown.cancelled() => { let _ = health.await; return Ok(()); }
+    }
+
+    let progress = ProgressService::new(
+        KubeJobStore::new(client.clone()),
+        settings.progress_key.clone(),
+        leadership.clone(),
+        metrics.clone(),
+    );
+    let progress_addr = args.progress_addr;
+    let progress_shutdown = shutdown.clone();
+    let progress_server = tokio::spawn(async move {
+        tracing::info!(addr = %progress_addr, "serving the progress endpoint");
+        tonic::transport::Server::builder()
+            .add_service(progress.into_server())
+            .serve_with_shutdown(progress_addr, progress_shutdown.cancelled_owned())
+            .await
+    });
+
+    let mut lost = leadership.clone();
+    let lost_shutdown = shutdown.clone();
+    let lost_lease = tokio::spawn(async move {
+        tokio::select! {
+            _ = lost.lost() => { tracing::error!("lost the leader lease; stopping"); lost_shutdown.cancel(); true }
+            _ = lost_shutdown.cancelled() => false,
+        }
+    });
+
+    let scope = controller::Scope {
+        namespace: args.watch_namespace.clone(),
+    };
+    controller::run::<dinoflow_api::PretrainJob, dinoflow_api::DistillJob>(
+        client,
+        settings,
+        metrics,
+        leadership,
+        readiness.clone(),
+        scope,
+        shutdown.clone(),
+    )
+    .await;
+    readiness.set_ready(false);
+    shutdown.cancel();
+    progress_server.await?.context("progress endpoint")?;
+    health.await?.context("health endpoint")?;
+    if lost_lease.await? {
+        // Exit non-zero so the Deployment restarts this replica as a fresh candidate.
+        bail!("lost the leader lease");
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "dinoflow-operator".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM (what Kubernetes sends before killing the pod).
+async fn signal_handler(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    token.cancel();
+}

@@ -1,0 +1,556 @@
+// Integration tests of the operator, destined for tests/tests/operator_controller.rs. They need
+// dinoflow-api's PretrainJob/DistillJob (branch `api`) and the harness of branch `infra`, plus
+// `dinoflow-operator`, `tokio-util` and `kube` (runtime) in tests/Cargo.toml; they are kept here,
+// outside any crate, until those branches are merged, and have not been compiled yet.
+//! The operator against a real control plane. The tests play kubelet: they set pod phases and
+//! exit codes through the pod status subresource. Each test runs its own operator scoped to
+//! its own namespace, so tests do not see each other's jobs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dinoflow_api::status::JobStatus;
+use dinoflow_api::{DistillJob, PretrainJob};
+use dinoflow_e2e::TestCluster;
+use dinoflow_operator::controller::{self, Scope};
+use dinoflow_operator::health::Readiness;
+use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
+use dinoflow_operator::metrics::Metrics;
+use dinoflow_operator::settings::Settings;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Installs the CRDs (generated from the Rust types) once per test binary.
+async fn install_crds(client: &Client) {
+    static DONE: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+    let mut done = DONE.lock().await;
+    if *done {
+        return;
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [PretrainJob::crd(), DistillJob::crd()] {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("dinoflow-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("installing CRD {name}: {e}"));
+        wait(TIMEOUT, &format!("CRD {name} established"), || async {
+            let c = crds.get(&name).await.ok()?;
+            let established = c
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
+        .await;
+    }
+    *done = true;
+}
+
+/// Polls `check` every 200 ms until it returns Some; panics naming `what` after `timeout`.
+async fn wait<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace with an operator watching it.
+struct Env {
+    client: Client,
+    ns: String,
+    operator: Option<Operator>,
+}
+
+struct Operator {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn settings() -> Settings {
+    Settings {
+        default_image: "dinoflow/trainer:test".into(),
+        progress_endpoint: "http://127.0.0.1:9090".into(),
+        progress_key: b"integration-test-key".to_vec(),
+    }
+}
+
+fn start_operator(client: &Client, ns: &str, leadership: Leadership) -> Operator {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
+        client.clone(),
+        settings(),
+        Metrics::default(),
+        leadership,
+        Readiness::default(),
+        Scope {
+            namespace: Some(ns.to_string()),
+        },
+        stop.clone(),
+    ));
+    Operator { stop, task }
+}
+
+impl Operator {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+impl Env {
+    async fn start(prefix: &str) -> Self {
+        let mut env = Self::without_operator(prefix).await;
+        env.operator = Some(start_operator(&env.client, &env.ns, Leadership::always()));
+        env
+    }
+
+    async fn without_operator(prefix: &str) -> Self {
+        let cluster = TestCluster::shared();
+        let client = cluster.client().await.expect("client for the test cluster");
+        install_crds(&client).await;
+        let ns = cluster.create_namespace(prefix).expect("namespace");
+        Self {
+            client,
+            ns,
+            operator: None,
+        }
+    }
+
+    fn pretrain(&self) -> Api<PretrainJob> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create_pretrain(&self, name: &str, cluster: serde_json::Value) -> PretrainJob {
+        let job: PretrainJob = serde_json::from_value(json!({
+            "apiVersion": "dinoflow.dev/v1alpha1",
+            "kind": "PretrainJob",
+            "metadata": { "name": name },
+            "spec": { "training": {}, "cluster": cluster },
+        }))
+        .expect("valid PretrainJob");
+        self.pretrain()
+            .create(&PostParams::default(), &job)
+            .await
+            .expect("create PretrainJob")
+    }
+
+    async fn status(&self, name: &str) -> JobStatus {
+        self.pretrain()
+            .get(name)
+            .await
+            .expect("get job")
+            .status
+            .unwrap_or_default()
+    }
+
+    async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&JobStatus) -> bool,
+    ) -> JobStatus {
+        wait(TIMEOUT, what, || async {
+            let s = self.status(name).await;
+            f(&s).then_some(s)
+        })
+        .await
+    }
+
+    /// Pods of `job` (any attempt), sorted by name.
+    async fn job_pods(&self, job: &str) -> Vec<Pod> {
+        let lp = ListParams::default().labels(&format!("dinoflow.dev/job={job}"));
+        let mut pods = self.pods().list(&lp).await.expect("list pods").items;
+        pods.sort_by_key(|p| p.name_any());
+        pods
+    }
+
+    /// Waits until the job's pods are exactly those of `attempt`, `n` of them.
+    async fn wait_gang(&self, job: &str, attempt: i32, n: usize) -> Vec<Pod> {
+        wait(
+            TIMEOUT,
+            &format!("{n} pods of attempt {attempt}"),
+            || async {
+                let pods = self.job_pods(job).await;
+                let all_current = pods.iter().all(|p| {
+                    p.labels().get("dinoflow.dev/run-attempt") == Some(&attempt.to_string())
+                });
+                (pods.len() == n && all_current).then_some(pods)
+            },
+        )
+        .await
+    }
+
+    /// Plays kubelet: marks a pod running.
+    async fn run_pod(&self, name: &str) {
+        let status = json!({ "status": {
+            "phase": "Running",
+            "containerStatuses": [{
+                "name": "trainer", "image": "dinoflow/trainer:test", "imageID": "", "ready": true,
+                "restartCount": 0, "state": { "running": { "startedAt": "2026-01-01T00:00:00Z" } }
+            }]
+        }});
+        self.pods()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("set pod running");
+    }
+
+    /// Plays kubelet: the trainer container exited with `code`.
+    async fn exit_pod(&self, name: &str, code: i32) {
+        let phase = if code == 0 { "Succeeded" } else { "Failed" };
+        let status = json!({ "status": {
+            "phase": phase,
+            "containerStatuses": [{
+                "name": "trainer", "image": "dinoflow/trainer:test", "imageID": "", "ready": false,
+                "restartCount": 0, "state": { "terminated": {
+                    "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                    "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"
+                } }
+            }]
+        }});
+        self.pods()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("set pod exit");
+    }
+
+    async fn stop(mut self) {
+        if let Some(op) = self.operator.take() {
+            op.stop().await;
+        }
+        let _ = TestCluster::shared().kubectl([
+            "delete",
+            "namespace",
+            self.ns.as_str(),
+            "--wait=false",
+        ]);
+    }
+}
+
+fn env_map(pod: &Pod) -> BTreeMap<String, String> {
+    pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_node_job_creates_exactly_its_service_configmap_and_two_pods_with_the_env_contract() {
+    let env = Env::start("op-create").await;
+    env.create_pretrain("vitl", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("vitl", 0, 2).await;
+    assert_eq!(
+        pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
+        ["vitl-a0-0", "vitl-a0-1"]
+    );
+    let e = env_map(&pods[1]);
+    assert_eq!(e["MASTER_ADDR"], format!("vitl-a0-0.vitl.{}.svc", env.ns));
+    assert_eq!(e["NNODES"], "2");
+    assert_eq!(e["NODE_RANK"], "1");
+    assert_eq!(e["NPROC_PER_NODE"], "1");
+    assert_eq!(e["WORLD_SIZE"], "2");
+    assert_eq!(e["DINOFLOW_JOB"], "vitl");
+    assert_eq!(e["DINOFLOW_RUN_ATTEMPT"], "0");
+
+    let svc: Api<Service> = Api::namespaced(env.client.clone(), &env.ns);
+    let services = svc
+        .list(&ListParams::default().labels("dinoflow.dev/job=vitl"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(services.len(), 1);
+    let spec = services[0].spec.clone().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let cm = cms
+        .list(&ListParams::default().labels("dinoflow.dev/job=vitl"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(cm.len(), 1);
+    assert!(cm[0].data.as_ref().unwrap()["config.yaml"].contains("kind: PretrainJob"));
+
+    let s = env
+        .wait_status("vitl", "Created condition", |s| s.is_true("Created"))
+        .await;
+    assert_eq!(s.run_attempt, Some(0));
+    for p in &pods {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.wait_status("vitl", "phase Running", |s| {
+        s.phase.map(|p| p.as_str()) == Some("Running")
+    })
+    .await;
+    // Still exactly two pods once running.
+    assert_eq!(env.job_pods("vitl").await.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failure_restarts_the_whole_gang_once_and_counts_it() {
+    let env = Env::start("op-retry").await;
+    env.create_pretrain("r", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("r", 0, 2).await;
+    for p in &pods {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.exit_pod("r-a0-1", 1).await;
+    let pods = env.wait_gang("r", 1, 2).await;
+    assert_eq!(env_map(&pods[0])["DINOFLOW_RUN_ATTEMPT"], "1");
+    let s = env
+        .wait_status("r", "restart recorded", |s| s.restarts == Some(1))
+        .await;
+    assert_eq!(s.run_attempt, Some(1));
+    // Exactly one restart: nothing else happens while the new gang waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.status("r").await.restarts, Some(1));
+    assert_eq!(env.job_pods("r").await.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_exit_code_fails_the_job_without_restart() {
+    let env = Env::start("op-perm").await;
+    env.create_pretrain("p", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("p", 0, 2).await;
+    for p in &pods {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.exit_pod("p-a0-0", 78).await;
+    let s = env
+        .wait_status("p", "phase Failed", |s| s.is_true("Failed"))
+        .await;
+    assert_eq!(s.condition("Failed").unwrap().reason, "PermanentFailure");
+    assert_eq!(s.restarts, Some(0));
+    // The straggler is deleted, the failed pod kept for its logs, no new attempt appears.
+    let left = wait(TIMEOUT, "straggler deleted", || async {
+        let pods = env.job_pods("p").await;
+        (pods.len() == 1).then_some(pods)
+    })
+    .await;
+    assert_eq!(left[0].name_any(), "p-a0-0");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_backoff_limit_fails_the_job() {
+    let env = Env::start("op-backoff").await;
+    env.create_pretrain(
+        "b",
+        json!({"nodes": 1, "gpusPerNode": 0, "runPolicy": {"backoffLimit": 1}}),
+    )
+    .await;
+    env.wait_gang("b", 0, 1).await;
+    env.exit_pod("b-a0-0", 1).await;
+    env.wait_gang("b", 1, 1).await;
+    env.exit_pod("b-a1-0", 1).await;
+    let s = env
+        .wait_status("b", "phase Failed", |s| s.is_true("Failed"))
+        .await;
+    assert_eq!(
+        s.condition("Failed").unwrap().reason,
+        "BackoffLimitExceeded"
+    );
+    assert_eq!(s.restarts, Some(1));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_deletes_the_pods_and_resume_recreates_them() {
+    let env = Env::start("op-suspend").await;
+    env.create_pretrain("s", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    env.wait_gang("s", 0, 2).await;
+    let suspend = |on: bool| json!({"spec": {"cluster": {"runPolicy": {"suspend": on}}}});
+    env.pretrain()
+        .patch("s", &PatchParams::default(), &Patch::Merge(&suspend(true)))
+        .await
+        .unwrap();
+    env.wait_status("s", "Suspended", |s| s.is_true("Suspended"))
+        .await;
+    env.wait_gang("s", 0, 0).await;
+    env.pretrain()
+        .patch("s", &PatchParams::default(), &Patch::Merge(&suspend(false)))
+        .await
+        .unwrap();
+    env.wait_gang("s", 1, 2).await;
+    let s = env
+        .wait_status("s", "resumed", |s| !s.is_true("Suspended"))
+        .await;
+    assert_eq!(s.restarts, Some(0), "a suspension is not a failure");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_job_garbage_collects_its_children() {
+    let env = Env::start("op-gc").await;
+    env.create_pretrain("g", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    env.wait_gang("g", 0, 2).await;
+    env.pretrain()
+        .delete("g", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    env.wait_gang("g", 0, 0).await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    wait(TIMEOUT, "ConfigMap collected", || async {
+        cms.list(&ListParams::default().labels("dinoflow.dev/job=g"))
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distill_job_waits_for_its_teacher_then_gets_its_checkpoint() {
+    let env = Env::start("op-distill").await;
+    let distill: Api<DistillJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let student: DistillJob = serde_json::from_value(json!({
+        "apiVersion": "dinoflow.dev/v1alpha1", "kind": "DistillJob",
+        "metadata": { "name": "small" },
+        "spec": { "teacher": { "pretrainJob": "big" }, "training": {}, "cluster": { "nodes": 1, "gpusPerNode": 0 } },
+    }))
+    .expect("valid DistillJob");
+    distill
+        .create(&PostParams::default(), &student)
+        .await
+        .unwrap();
+    wait(TIMEOUT, "WaitingForTeacher", || async {
+        let s = distill.get("small").await.ok()?.status?;
+        s.is_true("WaitingForTeacher").then_some(())
+    })
+    .await;
+    assert!(env.job_pods("small").await.is_empty());
+
+    // The teacher exists (suspended: no pods needed) and then succeeds with a checkpoint.
+    env.create_pretrain(
+        "big",
+        json!({"nodes": 1, "gpusPerNode": 0, "runPolicy": {"suspend": true}}),
+    )
+    .await;
+    let done = json!({"status": {"phase": "Succeeded",
+        "lastCheckpoint": {"iteration": 100, "path": "/ckpt/big/iter-100", "time": "2026-01-01T00:00:00Z"}}});
+    env.pretrain()
+        .patch_status("big", &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .unwrap();
+    let pods = wait(TIMEOUT, "student pods", || async {
+        let pods = env.job_pods("small").await;
+        (pods.len() == 1).then_some(pods)
+    })
+    .await;
+    assert_eq!(
+        env_map(&pods[0])["DINOFLOW_TEACHER_CHECKPOINT"],
+        "/ckpt/big/iter-100"
+    );
+    let s = distill.get("small").await.unwrap().status.unwrap();
+    assert!(!s.is_true("WaitingForTeacher"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restarted_mid_run_creates_no_duplicates_and_keeps_status() {
+    let mut env = Env::start("op-restart").await;
+    env.create_pretrain("k", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("k", 0, 2).await;
+    env.exit_pod(&pods[0].name_any(), 1).await;
+    // Kill the operator as soon as the restart is recorded, before it settles.
+    env.wait_status("k", "restart recorded", |s| s.restarts == Some(1))
+        .await;
+    env.operator.take().unwrap().stop().await;
+    env.operator = Some(start_operator(&env.client, &env.ns, Leadership::always()));
+    let pods = env.wait_gang("k", 1, 2).await;
+    assert_eq!(pods.len(), 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = env.status("k").await;
+    assert_eq!((s.restarts, s.run_attempt), (Some(1), Some(1)));
+    assert_eq!(env.job_pods("k").await.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
+    let mut env = Env::without_operator("op-leader").await;
+    let timing = LeaseTiming {
+        duration: Duration::from_secs(4),
+        grace: Duration::from_secs(1),
+    };
+    let lease = "dinoflow-test-leader";
+    let (mut a, a_task) = leader::elect(env.client.clone(), &env.ns, lease, "replica-a", timing)
+        .await
+        .unwrap();
+    a.acquired().await;
+    let (b, b_task) = leader::elect(env.client.clone(), &env.ns, lease, "replica-b", timing)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(a.is_leader() && !b.is_leader(), "exactly one leader");
+
+    // B runs its controllers with its (follower) leadership: every write is fenced.
+    let follower = start_operator(&env.client, &env.ns, b.clone());
+    env.create_pretrain("l", json!({"nodes": 1, "gpusPerNode": 0}))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        env.job_pods("l").await.is_empty(),
+        "a follower must not act"
+    );
+    assert!(env.status("l").await.phase.is_none());
+
+    // The leader acts.
+    env.operator = Some(start_operator(&env.client, &env.ns, a.clone()));
+    env.wait_gang("l", 0, 1).await;
+
+    // The leader goes away (its lease is released); B takes over and acts.
+    env.operator.take().unwrap().stop().await;
+    drop(a);
+    a_task.abort();
+    let mut b2 = b.clone();
+    tokio::time::timeout(Duration::from_secs(30), b2.acquired())
+        .await
+        .expect("B becomes leader");
+    env.create_pretrain("m", json!({"nodes": 1, "gpusPerNode": 0}))
+        .await;
+    env.wait_gang("m", 0, 1).await;
+    follower.stop().await;
+    b_task.abort();
+    env.stop().await;
+}

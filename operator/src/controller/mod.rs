@@ -1,0 +1,211 @@
+//! The two controllers (PretrainJob, DistillJob) over one shared Pod watch.
+
+pub mod apply;
+mod reconcile;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dinoflow_api::status::JobPhase;
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+pub use reconcile::{error_policy, reconcile};
+
+use crate::desired::LABEL_JOB;
+use crate::health::Readiness;
+use crate::job::{TeacherSource, TrainingJob};
+use crate::leader::Leadership;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// Shared state of both controllers.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub leadership: Leadership,
+    pub recorder: Recorder,
+    /// Every pod labelled `dinoflow.dev/job`, from the one shared watch.
+    pub pods: Store<Pod>,
+}
+
+/// How many reconciles run at once per controller.
+const CONCURRENCY: u16 = 16;
+/// Buffer of the shared pod stream per subscriber.
+const SHARED_BUFFER: usize = 1024;
+
+/// What the controllers watch.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Only this namespace (a namespaced install, or a test); None: the whole cluster.
+    pub namespace: Option<String>,
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+}
+
+/// Runs both controllers until `shutdown` is cancelled: `P` is the teacher-capable
+/// pretraining kind, `D` the distillation kind whose teachers are `P`s
+/// (`run::<PretrainJob, DistillJob>`).
+pub async fn run<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    leadership: Leadership,
+    readiness: Readiness,
+    scope: Scope,
+    shutdown: CancellationToken,
+) {
+    let (pods, writer) = reflector::store_shared::<Pod>(SHARED_BUFFER);
+    let pretrain_pods = writer.subscribe().expect("shared store can be subscribed");
+    let distill_pods = writer.subscribe().expect("shared store can be subscribed");
+    let pod_watch = watcher(
+        scope.api::<Pod>(&client),
+        watcher::Config::default().labels(LABEL_JOB),
+    )
+    .default_backoff()
+    // The cache holds hundreds of pods; managed fields are the bulk of each and unused.
+    .modify(|pod: &mut Pod| {
+        pod.metadata.managed_fields = None;
+    })
+    .reflect_shared(writer)
+    .for_each(|_| future::ready(()));
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter::from("dinoflow-operator")),
+        client: client.clone(),
+        settings,
+        metrics: metrics.clone(),
+        leadership,
+        pods: pods.clone(),
+    });
+    let config = ControllerConfig::default().concurrency(CONCURRENCY);
+
+    let pretrain = Controller::new(
+        scope.api::<PretrainJob>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns_shared_stream(pretrain_pods)
+    .with_config(config.clone())
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let pretrain_store = pretrain.store();
+
+    let distill = Controller::new(
+        scope.api::<DistillJob>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns_shared_stream(distill_pods)
+    .with_config(config)
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let distill_store = distill.store();
+    let students = distill_store.clone();
+    // A teacher's change (e.g. it succeeded) wakes the DistillJobs that wait on it.
+    let distill = distill.watches(
+        scope.api::<PretrainJob>(&client),
+        watcher::Config::default().any_semantic(),
+        move |teacher: PretrainJob| {
+            let ns = teacher.namespace();
+            let name = teacher.name_any();
+            students
+                .state()
+                .into_iter()
+                .filter(|d| d.namespace() == ns)
+                .filter(|d| d.teacher() == Some(TeacherSource::PretrainJob(name.clone())))
+                .map(|d| ObjectRef::from_obj(&*d))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    let pretrain = pretrain
+        .run(
+            reconcile::<PretrainJob>,
+            error_policy::<PretrainJob>,
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "PretrainJob controller");
+            }
+            future::ready(())
+        });
+    let distill = distill
+        .run(
+            reconcile::<DistillJob>,
+            error_policy::<DistillJob>,
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "DistillJob controller");
+            }
+            future::ready(())
+        });
+
+    let ready = {
+        let (pods, pretrain_store, distill_store) =
+            (pods.clone(), pretrain_store.clone(), distill_store.clone());
+        async move {
+            let synced = futures::future::join3(
+                pods.wait_until_ready(),
+                pretrain_store.wait_until_ready(),
+                distill_store.wait_until_ready(),
+            )
+            .await;
+            if let (Ok(()), Ok(()), Ok(())) = synced {
+                readiness.set_ready(true);
+                tracing::info!("caches synced; ready");
+            }
+        }
+    };
+    let gauges = phase_gauges(metrics, pretrain_store, distill_store, shutdown.clone());
+
+    tokio::select! {
+        _ = pod_watch => tracing::warn!("pod watch ended"),
+        _ = future::join4(pretrain, distill, ready, gauges) => {}
+    }
+    tracing::info!("controllers stopped");
+}
+
+/// Refreshes the jobs-by-phase gauges from the controllers' caches.
+async fn phase_gauges<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
+    metrics: Metrics,
+    pretrain: Store<PretrainJob>,
+    distill: Store<DistillJob>,
+    shutdown: CancellationToken,
+) {
+    fn count<K: TrainingJob>(store: &Store<K>) -> Vec<(JobPhase, i64)> {
+        let mut counts: Vec<(JobPhase, i64)> = JobPhase::ALL.iter().map(|p| (*p, 0)).collect();
+        for job in store.state() {
+            let phase = job.job_status().map(|s| s.phase()).unwrap_or_default();
+            if let Some(slot) = counts.iter_mut().find(|(p, _)| *p == phase) {
+                slot.1 += 1;
+            }
+        }
+        counts
+    }
+    loop {
+        metrics.set_jobs("PretrainJob", &count(&pretrain));
+        metrics.set_jobs("DistillJob", &count(&distill));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}

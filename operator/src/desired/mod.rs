@@ -1,0 +1,52 @@
+//! Desired state: the objects a job should have, as pure functions of the job.
+//!
+//! Nothing here talks to the API server; the controller applies what these functions return.
+//! Every child carries the job's labels and a controller owner reference, so
+//! `kubectl get pods -l dinoflow.dev/job=<name>` finds the gang and deleting the job
+//! garbage-collects it.
+
+pub mod configmap;
+pub mod names;
+pub mod podgroup;
+pub mod pods;
+pub mod secret;
+pub mod service;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::job::JobRef;
+
+/// Label naming the job on every child.
+pub const LABEL_JOB: &str = "dinoflow.dev/job";
+/// Label naming the job's kind (a PretrainJob and a DistillJob may share a name).
+pub const LABEL_JOB_KIND: &str = "dinoflow.dev/job-kind";
+/// Pod label: node rank within the gang.
+pub const LABEL_NODE_RANK: &str = "dinoflow.dev/node-rank";
+/// Pod label: run attempt the pod belongs to.
+pub const LABEL_RUN_ATTEMPT: &str = "dinoflow.dev/run-attempt";
+/// Standard label naming the managing controller.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`LABEL_MANAGED_BY`].
+pub const MANAGED_BY: &str = "dinoflow-operator";
+
+/// Labels every child of `job` carries.
+pub fn job_labels(job: &JobRef) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_JOB.to_string(), job.name.clone()),
+        (LABEL_JOB_KIND.to_string(), job.kind.as_str().to_string()),
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+    ])
+}
+
+/// Metadata of a child named `name`: namespace, labels, owner reference.
+pub fn child_meta(job: &JobRef, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(job.namespace.clone()),
+        labels: Some(job_labels(job)),
+        owner_references: Some(vec![job.owner_reference()]),
+        ..Default::default()
+    }
+}

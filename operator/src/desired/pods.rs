@@ -1,0 +1,655 @@
+//! One pod per node: the trainer container with the rendezvous env contract, GPUs, NCCL
+//! settings, volumes, placement, and the user's overrides merged in.
+
+use std::collections::BTreeMap;
+
+use dinoflow_api::cluster::{ClusterSpec, GangMode, NcclProfile};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    Pod, PodSpec, ResourceRequirements, SecretKeySelector, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::configmap::{CONFIG_DIR, config_path};
+use super::podgroup;
+use super::secret::TOKEN_KEY;
+use super::{LABEL_NODE_RANK, LABEL_RUN_ATTEMPT, child_meta, names};
+use crate::job::JobRef;
+use crate::settings::Settings;
+
+/// Name of the trainer container.
+pub const TRAINER_CONTAINER: &str = "trainer";
+/// GPU resource name requested per pod.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Environment variable pointing a DistillJob's trainer at the teacher checkpoint.
+pub const TEACHER_CHECKPOINT_ENV: &str = "DINOFLOW_TEACHER_CHECKPOINT";
+
+/// Env names that make up the rendezvous contract; user overrides cannot replace them.
+pub const CONTRACT_ENV: [&str; 11] = [
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "WORLD_SIZE",
+    "DINOFLOW_JOB",
+    "DINOFLOW_NAMESPACE",
+    "DINOFLOW_RUN_ATTEMPT",
+    "DINOFLOW_PROGRESS_ENDPOINT",
+    "DINOFLOW_PROGRESS_TOKEN",
+];
+
+/// What one pod depends on besides the job's identity and cluster spec.
+#[derive(Clone, Debug)]
+pub struct PodInputs<'a> {
+    pub job: &'a JobRef,
+    pub cluster: &'a ClusterSpec,
+    pub settings: &'a Settings,
+    pub attempt: i32,
+    /// DistillJob: the teacher checkpoint resolved by the controller.
+    pub teacher_checkpoint: Option<&'a str>,
+}
+
+/// All pods of the gang for the inputs' attempt, rank 0 first.
+pub fn pods(inputs: &PodInputs<'_>) -> Vec<Pod> {
+    (0..inputs.cluster.nodes)
+        .map(|rank| pod(inputs, rank))
+        .collect()
+}
+
+/// The pod of node `rank`.
+pub fn pod(inputs: &PodInputs<'_>, rank: i32) -> Pod {
+    let PodInputs {
+        job,
+        cluster,
+        attempt,
+        ..
+    } = *inputs;
+    let name = names::pod(job, attempt, rank);
+    let mut meta = child_meta(job, name.clone());
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(LABEL_NODE_RANK.into(), rank.to_string());
+    labels.insert(LABEL_RUN_ATTEMPT.into(), attempt.to_string());
+    let mut annotations = BTreeMap::new();
+
+    let mut spec = PodSpec {
+        // The operator restarts whole gangs; a kubelet restart of one rank would hang NCCL.
+        restart_policy: Some("Never".into()),
+        hostname: Some(name),
+        subdomain: Some(names::service(job)),
+        termination_grace_period_seconds: Some(cluster.termination_grace_period_seconds),
+        node_selector: (!cluster.node_selector.is_empty()).then(|| cluster.node_selector.clone()),
+        tolerations: (!cluster.tolerations.is_empty()).then(|| cluster.tolerations.clone()),
+        affinity: cluster.affinity.clone(),
+        priority_class_name: cluster.priority_class_name.clone(),
+        scheduler_name: scheduler_name(cluster),
+        // The trainer needs no API access.
+        automount_service_account_token: Some(false),
+        containers: vec![trainer_container(inputs, rank)],
+        volumes: Some(volumes(inputs)),
+        ..Default::default()
+    };
+
+    match cluster.gang_scheduling.mode {
+        GangMode::None => {}
+        GangMode::Volcano => {
+            annotations.insert(
+                podgroup::VOLCANO_GROUP_ANNOTATION.into(),
+                names::pod_group(job),
+            );
+        }
+        GangMode::SchedulerPlugins => {
+            labels.insert(
+                podgroup::SCHEDULER_PLUGINS_GROUP_LABEL.into(),
+                names::pod_group(job),
+            );
+        }
+    }
+
+    if let Some(o) = &cluster.pod_template {
+        for (k, v) in &o.labels {
+            // The operator's own labels select the gang; a user value must not break that.
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        for (k, v) in &o.annotations {
+            annotations.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        if o.service_account_name.is_some() {
+            spec.service_account_name
+                .clone_from(&o.service_account_name);
+        }
+        if !o.image_pull_secrets.is_empty() {
+            spec.image_pull_secrets = Some(o.image_pull_secrets.clone());
+        }
+        spec.security_context.clone_from(&o.security_context);
+        spec.runtime_class_name.clone_from(&o.runtime_class_name);
+        if o.host_network == Some(true) {
+            spec.host_network = Some(true);
+            // Keep cluster DNS (the rendezvous name) reachable from the host network.
+            spec.dns_policy = Some("ClusterFirstWithHostNet".into());
+        }
+        if !o.init_containers.is_empty() {
+            spec.init_containers = Some(o.init_containers.clone());
+        }
+        spec.containers.extend(o.sidecars.iter().cloned());
+    }
+    if !annotations.is_empty() {
+        meta.annotations = Some(annotations);
+    }
+    Pod {
+        metadata: meta,
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The scheduler the gang mode needs, unless the user named one.
+fn scheduler_name(cluster: &ClusterSpec) -> Option<String> {
+    match (&cluster.scheduler_name, cluster.gang_scheduling.mode) {
+        (Some(name), _) => Some(name.clone()),
+        (None, GangMode::Volcano) => Some(podgroup::VOLCANO_SCHEDULER.into()),
+        (None, GangMode::SchedulerPlugins) => Some(podgroup::SCHEDULER_PLUGINS_SCHEDULER.into()),
+        (None, GangMode::None) => None,
+    }
+}
+
+fn env(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+/// The env contract of DESIGN.md, then NCCL settings, then the user's variables.
+pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
+    let PodInputs {
+        job,
+        cluster,
+        settings,
+        attempt,
+        teacher_checkpoint,
+    } = *inputs;
+    let mut vars = vec![
+        env("MASTER_ADDR", names::pod_dns(job, attempt, 0)),
+        env("MASTER_PORT", cluster.master_port),
+        env("NNODES", cluster.nodes),
+        env("NODE_RANK", rank),
+        env("NPROC_PER_NODE", cluster.procs_per_node()),
+        env("WORLD_SIZE", cluster.world_size()),
+        env("DINOFLOW_JOB", &job.name),
+        env("DINOFLOW_NAMESPACE", &job.namespace),
+        env("DINOFLOW_JOB_KIND", job.kind.as_str()),
+        env("DINOFLOW_RUN_ATTEMPT", attempt),
+        env("DINOFLOW_PROGRESS_ENDPOINT", &settings.progress_endpoint),
+        EnvVar {
+            name: dinoflow_api::progress::TOKEN_ENV.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: names::secret(job),
+                    key: TOKEN_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+        },
+        env("DINOFLOW_CONFIG", config_path()),
+    ];
+    if let Some(path) = teacher_checkpoint {
+        vars.push(env(TEACHER_CHECKPOINT_ENV, path));
+    }
+    if cluster.gpus_per_node == 0 {
+        // No GPUs: keep CUDA from grabbing a device the pod was not given.
+        vars.push(env("CUDA_VISIBLE_DEVICES", ""));
+    }
+    let mut nccl = nccl_env(cluster.nccl_profile);
+    nccl.extend(cluster.nccl_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars.extend(nccl.into_iter().map(|(k, v)| env(&k, v)));
+    if let Some(o) = &cluster.pod_template {
+        for user in &o.env {
+            if CONTRACT_ENV.contains(&user.name.as_str()) {
+                continue;
+            }
+            match vars.iter_mut().find(|v| v.name == user.name) {
+                Some(existing) => *existing = user.clone(),
+                None => vars.push(user.clone()),
+            }
+        }
+    }
+    vars
+}
+
+/// NCCL variables of a profile.
+pub fn nccl_env(profile: NcclProfile) -> BTreeMap<String, String> {
+    let pairs: &[(&str, &str)] = match profile {
+        // Surface NCCL problems in logs; otherwise let NCCL pick transports.
+        NcclProfile::Default => &[("NCCL_DEBUG", "WARN")],
+        NcclProfile::Infiniband => &[
+            ("NCCL_DEBUG", "WARN"),
+            ("NCCL_IB_DISABLE", "0"),
+            // GPUDirect RDMA when GPU and NIC share a PCIe host bridge.
+            ("NCCL_NET_GDR_LEVEL", "PHB"),
+            // Longer IB retry timeout: large fabrics see transient congestion.
+            ("NCCL_IB_TIMEOUT", "22"),
+        ],
+        NcclProfile::Ethernet => &[
+            ("NCCL_DEBUG", "WARN"),
+            ("NCCL_IB_DISABLE", "1"),
+            ("NCCL_SOCKET_IFNAME", "eth0"),
+            // More sockets and threads per peer: TCP needs parallel streams to fill a link.
+            ("NCCL_NSOCKS_PERTHREAD", "4"),
+            ("NCCL_SOCKET_NTHREADS", "2"),
+        ],
+        NcclProfile::Custom => &[],
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn trainer_container(inputs: &PodInputs<'_>, rank: i32) -> Container {
+    let PodInputs {
+        job,
+        cluster,
+        settings,
+        ..
+    } = *inputs;
+    let mut resources = cluster.resources.clone().unwrap_or_default();
+    if cluster.gpus_per_node > 0 {
+        let gpus = Quantity(cluster.gpus_per_node.to_string());
+        // Extended resources need requests == limits.
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus);
+    }
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if cluster.shm_size.is_some() {
+        mounts.push(VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        });
+    }
+    mounts.extend(cluster.volumes.iter().map(|v| VolumeMount {
+        name: v.name.clone(),
+        mount_path: v.mount_path.clone(),
+        read_only: v.read_only.then_some(true),
+        ..Default::default()
+    }));
+    let overrides = cluster.pod_template.as_ref();
+    Container {
+        name: TRAINER_CONTAINER.into(),
+        image: Some(
+            cluster
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.default_image.clone()),
+        ),
+        image_pull_policy: cluster.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["dinoflow-trainer".into()]),
+        args: Some(vec![
+            "launch".into(),
+            job.kind.trainer_subcommand().into(),
+            "--config".into(),
+            config_path(),
+        ]),
+        env: Some(trainer_env(inputs, rank)),
+        env_from: overrides
+            .filter(|o| !o.env_from.is_empty())
+            .map(|o| o.env_from.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("rendezvous".into()),
+            container_port: cluster.master_port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: (resources != ResourceRequirements::default()).then_some(resources),
+        security_context: overrides.and_then(|o| o.container_security_context.clone()),
+        volume_mounts: Some(mounts),
+        // The trainer writes its failure reason here; `kubectl describe` and the operator's
+        // events show it.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
+fn volumes(inputs: &PodInputs<'_>) -> Vec<Volume> {
+    let PodInputs { job, cluster, .. } = *inputs;
+    let mut out = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names::config_map(job),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if let Some(size) = &cluster.shm_size {
+        out.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(size.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    out.extend(cluster.volumes.iter().map(|v| Volume {
+        name: v.name.clone(),
+        persistent_volume_claim: v.persistent_volume_claim.clone(),
+        host_path: v.host_path.clone(),
+        empty_dir: v.empty_dir.clone(),
+        nfs: v.nfs.clone(),
+        csi: v.csi.clone(),
+        ..Default::default()
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use dinoflow_api::cluster::{JobVolume, PodTemplateOverrides};
+    use k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource;
+
+    use super::*;
+
+    fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
+    fn gang(cluster: &ClusterSpec, attempt: i32) -> Vec<Pod> {
+        let job = JobRef::test("vitl");
+        let settings = Settings::for_tests();
+        pods(&PodInputs {
+            job: &job,
+            cluster,
+            settings: &settings,
+            attempt,
+            teacher_checkpoint: None,
+        })
+    }
+
+    #[test]
+    fn two_node_gang_gets_the_torchrun_env_contract() {
+        let cluster = ClusterSpec {
+            nodes: 2,
+            gpus_per_node: 8,
+            ..Default::default()
+        };
+        let pods = gang(&cluster, 3);
+        assert_eq!(pods.len(), 2);
+        let e1 = env_of(&pods[1]);
+        assert_eq!(e1["MASTER_ADDR"], "vitl-a3-0.vitl.ml.svc");
+        assert_eq!(e1["MASTER_PORT"], "29500");
+        assert_eq!(e1["NNODES"], "2");
+        assert_eq!(e1["NODE_RANK"], "1");
+        assert_eq!(e1["NPROC_PER_NODE"], "8");
+        assert_eq!(e1["WORLD_SIZE"], "16");
+        assert_eq!(e1["DINOFLOW_JOB"], "vitl");
+        assert_eq!(e1["DINOFLOW_RUN_ATTEMPT"], "3");
+        assert_eq!(
+            e1["DINOFLOW_PROGRESS_ENDPOINT"],
+            Settings::for_tests().progress_endpoint
+        );
+        assert_eq!(env_of(&pods[0])["NODE_RANK"], "0");
+        let token = pods[0].spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "DINOFLOW_PROGRESS_TOKEN")
+            .unwrap();
+        assert_eq!(
+            token
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "vitl-progress"
+        );
+    }
+
+    #[test]
+    fn pods_are_labelled_named_by_attempt_and_resolvable_through_the_service() {
+        let pods = gang(
+            &ClusterSpec {
+                nodes: 2,
+                ..Default::default()
+            },
+            1,
+        );
+        let meta = &pods[1].metadata;
+        assert_eq!(meta.name.as_deref(), Some("vitl-a1-1"));
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["dinoflow.dev/job"], "vitl");
+        assert_eq!(labels["dinoflow.dev/node-rank"], "1");
+        assert_eq!(labels["dinoflow.dev/run-attempt"], "1");
+        let spec = pods[1].spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("vitl-a1-1"));
+        assert_eq!(spec.subdomain.as_deref(), Some("vitl"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.termination_grace_period_seconds, Some(300));
+        assert_eq!(meta.owner_references.as_ref().unwrap()[0].uid, "uid-vitl");
+    }
+
+    #[test]
+    fn gpus_are_requested_and_limited_per_pod() {
+        let pods = gang(
+            &ClusterSpec {
+                gpus_per_node: 4,
+                ..Default::default()
+            },
+            0,
+        );
+        let r = pods[0].spec.as_ref().unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap();
+        assert_eq!(r.limits.unwrap()[GPU_RESOURCE].0, "4");
+        assert_eq!(r.requests.unwrap()[GPU_RESOURCE].0, "4");
+    }
+
+    #[test]
+    fn cpu_job_requests_no_gpu_and_hides_cuda() {
+        let pods = gang(
+            &ClusterSpec {
+                gpus_per_node: 0,
+                ..Default::default()
+            },
+            0,
+        );
+        let c = &pods[0].spec.as_ref().unwrap().containers[0];
+        assert!(c.resources.is_none());
+        assert_eq!(env_of(&pods[0])["CUDA_VISIBLE_DEVICES"], "");
+        assert_eq!(env_of(&pods[0])["NPROC_PER_NODE"], "1");
+    }
+
+    #[test]
+    fn nccl_profile_sets_variables_and_ncclenv_overrides_them() {
+        let cluster = ClusterSpec {
+            nccl_profile: NcclProfile::Ethernet,
+            nccl_env: [("NCCL_SOCKET_IFNAME".to_string(), "ens5".to_string())].into(),
+            ..Default::default()
+        };
+        let e = env_of(&gang(&cluster, 0)[0]);
+        assert_eq!(e["NCCL_IB_DISABLE"], "1");
+        assert_eq!(e["NCCL_SOCKET_IFNAME"], "ens5");
+        assert_eq!(nccl_env(NcclProfile::Infiniband)["NCCL_IB_DISABLE"], "0");
+        assert!(nccl_env(NcclProfile::Custom).is_empty());
+    }
+
+    #[test]
+    fn config_and_user_volumes_are_mounted() {
+        let cluster = ClusterSpec {
+            shm_size: Some(Quantity("16Gi".into())),
+            volumes: vec![JobVolume {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                read_only: true,
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: "imagenet".into(),
+                    read_only: None,
+                }),
+                host_path: None,
+                empty_dir: None,
+                nfs: None,
+                csi: None,
+            }],
+            ..Default::default()
+        };
+        let pod = &gang(&cluster, 0)[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let vols: Vec<_> = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(vols, ["config", "dshm", "data"]);
+        assert_eq!(
+            spec.volumes.as_ref().unwrap()[0]
+                .config_map
+                .as_ref()
+                .unwrap()
+                .name,
+            "vitl-config"
+        );
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        assert_eq!(
+            (mounts[0].mount_path.as_str(), mounts[0].read_only),
+            ("/etc/dinoflow", Some(true))
+        );
+        assert_eq!(mounts[1].mount_path, "/dev/shm");
+        assert_eq!(
+            (mounts[2].mount_path.as_str(), mounts[2].read_only),
+            ("/data", Some(true))
+        );
+    }
+
+    #[test]
+    fn overrides_merge_without_breaking_the_contract() {
+        let cluster = ClusterSpec {
+            nodes: 2,
+            pod_template: Some(PodTemplateOverrides {
+                labels: [
+                    ("team".to_string(), "vision".to_string()),
+                    ("dinoflow.dev/job".to_string(), "hijack".to_string()),
+                ]
+                .into(),
+                annotations: [("a".to_string(), "b".to_string())].into(),
+                env: vec![
+                    env("WORLD_SIZE", 99),
+                    env("NCCL_DEBUG", "INFO"),
+                    env("HF_HOME", "/cache"),
+                ],
+                service_account_name: Some("trainer".into()),
+                host_network: Some(true),
+                sidecars: vec![Container {
+                    name: "logs".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = &gang(&cluster, 0)[1];
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "vision");
+        assert_eq!(labels["dinoflow.dev/job"], "vitl");
+        assert_eq!(pod.metadata.annotations.as_ref().unwrap()["a"], "b");
+        let e = env_of(pod);
+        assert_eq!(e["WORLD_SIZE"], "2");
+        assert_eq!(e["NCCL_DEBUG"], "INFO");
+        assert_eq!(e["HF_HOME"], "/cache");
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("trainer"));
+        assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        assert_eq!(spec.containers.len(), 2);
+    }
+
+    #[test]
+    fn gang_modes_set_scheduler_and_group_membership() {
+        let mut cluster = ClusterSpec::default();
+        cluster.gang_scheduling.mode = GangMode::Volcano;
+        let pod = &gang(&cluster, 0)[0];
+        assert_eq!(
+            pod.spec.as_ref().unwrap().scheduler_name.as_deref(),
+            Some("volcano")
+        );
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[podgroup::VOLCANO_GROUP_ANNOTATION],
+            "vitl"
+        );
+        cluster.gang_scheduling.mode = GangMode::SchedulerPlugins;
+        let pod = &gang(&cluster, 0)[0];
+        assert_eq!(
+            pod.spec.as_ref().unwrap().scheduler_name.as_deref(),
+            Some(podgroup::SCHEDULER_PLUGINS_SCHEDULER)
+        );
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[podgroup::SCHEDULER_PLUGINS_GROUP_LABEL],
+            "vitl"
+        );
+        cluster.scheduler_name = Some("my-sched".into());
+        assert_eq!(
+            gang(&cluster, 0)[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .scheduler_name
+                .as_deref(),
+            Some("my-sched")
+        );
+        assert!(
+            gang(&ClusterSpec::default(), 0)[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .scheduler_name
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn image_falls_back_to_the_operator_default_and_teacher_path_is_passed() {
+        let job = JobRef {
+            kind: crate::job::JobKind::Distill,
+            ..JobRef::test("small")
+        };
+        let settings = Settings::for_tests();
+        let cluster = ClusterSpec::default();
+        let pods = pods(&PodInputs {
+            job: &job,
+            cluster: &cluster,
+            settings: &settings,
+            attempt: 0,
+            teacher_checkpoint: Some("/ckpt/big/final"),
+        });
+        let c = &pods[0].spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some(settings.default_image.as_str()));
+        assert_eq!(c.args.as_ref().unwrap()[1], "distill");
+        assert_eq!(env_of(&pods[0])[TEACHER_CHECKPOINT_ENV], "/ckpt/big/final");
+    }
+}

@@ -1,0 +1,104 @@
+//! `/healthz`, `/readyz` and `/metrics` over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Readiness shared between the controllers and the probe server.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the operator ready (its caches have synced).
+    pub fn set_ready(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Metrics,
+    ready: Readiness,
+}
+
+/// The probe and metrics routes.
+pub fn router(metrics: Metrics, ready: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { metrics, ready })
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.ready.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> String {
+    s.metrics.render()
+}
+
+/// Serves the routes on `addr` until `shutdown` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz /readyz /metrics");
+    axum::serve(listener, router(metrics, ready))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_path(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn readyz_turns_ready_and_metrics_are_served() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready = Readiness::default();
+        let metrics = Metrics::default();
+        drop(metrics.reconcile_started("PretrainJob"));
+        let app = router(metrics, ready.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        assert!(get_path(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get_path(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.set_ready(true);
+        assert!(get_path(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get_path(addr, "/metrics")
+                .await
+                .contains("dinoflow_operator_reconciles_total")
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! What the operator needs to know about a job, independent of its kind.
+
+use dinoflow_api::cluster::ClusterSpec;
+use dinoflow_api::status::JobStatus;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+
+/// API group and version of the custom resources.
+pub const API_VERSION: &str = "dinoflow.dev/v1alpha1";
+
+/// The two kinds of job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    Pretrain,
+    Distill,
+}
+
+impl JobKind {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pretrain => "PretrainJob",
+            Self::Distill => "DistillJob",
+        }
+    }
+
+    /// The trainer subcommand that runs this kind.
+    pub fn trainer_subcommand(self) -> &'static str {
+        match self {
+            Self::Pretrain => "train",
+            Self::Distill => "distill",
+        }
+    }
+
+    /// Parses a Kubernetes kind.
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "PretrainJob" => Some(Self::Pretrain),
+            "DistillJob" => Some(Self::Distill),
+            _ => None,
+        }
+    }
+}
+
+/// Identity of one job, as its children need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRef {
+    pub kind: JobKind,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+}
+
+impl JobRef {
+    /// The controller owner reference every child carries (garbage collection on deletion).
+    pub fn owner_reference(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: API_VERSION.into(),
+            kind: self.kind.as_str().into(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    /// Test fixture.
+    pub fn test(name: &str) -> Self {
+        Self {
+            kind: JobKind::Pretrain,
+            name: name.into(),
+            namespace: "ml".into(),
+            uid: format!("uid-{name}"),
+            generation: Some(1),
+        }
+    }
+}
+
+/// Where a DistillJob's teacher comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TeacherSource {
+    /// A PretrainJob in the same namespace; the distillation waits until it has Succeeded.
+    PretrainJob(String),
+    /// A checkpoint path the pods can read; no waiting.
+    Checkpoint(String),
+}
+
+/// A PretrainJob or DistillJob as the controller handles it.
+pub trait TrainingJob:
+    kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Which kind this is.
+    const KIND: JobKind;
+
+    /// `spec.cluster`.
+    fn cluster(&self) -> &ClusterSpec;
+
+    /// `spec` as a JSON value; the ConfigMap holds it (without `cluster`) for the trainer.
+    fn spec_value(&self) -> Result<serde_json::Value>;
+
+    /// `.status`, if any.
+    fn job_status(&self) -> Option<&JobStatus>;
+
+    /// The teacher of a DistillJob; None for a PretrainJob.
+    fn teacher(&self) -> Option<TeacherSource> {
+        None
+    }
+
+    /// The job's identity; fails on objects the API server did not produce.
+    fn job_ref(&self) -> Result<JobRef> {
+        let meta = self.meta();
+        Ok(JobRef {
+            kind: Self::KIND,
+            name: meta
+                .name
+                .clone()
+                .ok_or(Error::MissingField("metadata.name"))?,
+            namespace: meta
+                .namespace
+                .clone()
+                .ok_or(Error::MissingField("metadata.namespace"))?,
+            uid: meta
+                .uid
+                .clone()
+                .ok_or(Error::MissingField("metadata.uid"))?,
+            generation: meta.generation,
+        })
+    }
+}
+
+/// Needs dinoflow-api's PretrainJob/DistillJob (branch `api`, not merged yet).
+#[cfg(feature = "api-types")]
+mod api_impls;

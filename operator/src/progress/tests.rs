@@ -1,0 +1,251 @@
+//! The progress endpoint over a real gRPC connection, with an in-memory job store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use dinoflow_api::progress::progress_client::ProgressClient;
+use dinoflow_api::progress::{CheckpointWritten, EvaluationDone, Heartbeat, IterationDone};
+
+use super::*;
+
+#[derive(Clone, Default)]
+struct MemoryStore {
+    jobs: Arc<Mutex<HashMap<(JobKind, String, String), JobSnapshot>>>,
+    writes: Arc<Mutex<Vec<JobStatus>>>,
+}
+
+impl JobStore for MemoryStore {
+    async fn get(&self, kind: JobKind, namespace: &str, name: &str) -> Result<Option<JobSnapshot>> {
+        Ok(self
+            .jobs
+            .lock()
+            .unwrap()
+            .get(&(kind, namespace.into(), name.into()))
+            .cloned())
+    }
+
+    async fn write_progress(
+        &self,
+        kind: JobKind,
+        namespace: &str,
+        name: &str,
+        progress: &JobStatus,
+    ) -> Result<()> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let job = jobs
+            .get_mut(&(kind, namespace.into(), name.into()))
+            .expect("job exists");
+        let controller = crate::controller::apply::controller_fields(&job.status);
+        job.status = JobStatus { ..progress.clone() };
+        // Merge back the controller's half, as the API server does for two field managers.
+        job.status.phase = controller.phase;
+        job.status.run_attempt = controller.run_attempt;
+        self.writes.lock().unwrap().push(progress.clone());
+        Ok(())
+    }
+}
+
+const KEY: &[u8] = b"operator-key";
+
+fn report(attempt: u32, event: Event) -> ProgressReport {
+    ProgressReport {
+        namespace: "ml".into(),
+        job: "vitl".into(),
+        kind: "PretrainJob".into(),
+        run_attempt: attempt,
+        unix_time: 0,
+        event: Some(event),
+    }
+}
+
+fn iteration(i: u64, loss: f64) -> Event {
+    Event::Iteration(IterationDone {
+        iteration: i,
+        total_iterations: 1000,
+        curriculum_phase: "low-res".into(),
+        losses: [("total".to_string(), loss)].into(),
+        learning_rate: 0.004,
+        images_per_second: 512.0,
+    })
+}
+
+async fn serve(store: MemoryStore) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ProgressService::new(
+        store,
+        KEY.to_vec(),
+        Leadership::always(),
+        Metrics::default(),
+    );
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    format!("http://{addr}")
+}
+
+fn store_with_job(attempt: i32) -> MemoryStore {
+    let store = MemoryStore::default();
+    let status = JobStatus {
+        run_attempt: Some(attempt),
+        ..Default::default()
+    };
+    store.jobs.lock().unwrap().insert(
+        (JobKind::Pretrain, "ml".into(), "vitl".into()),
+        JobSnapshot {
+            uid: "uid-1".into(),
+            status,
+        },
+    );
+    store
+}
+
+async fn send(
+    endpoint: &str,
+    token: Option<String>,
+    reports: Vec<ProgressReport>,
+) -> Result<ReportAck, Status> {
+    let mut client = ProgressClient::connect(endpoint.to_string()).await.unwrap();
+    let mut req = Request::new(futures::stream::iter(reports));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    client.report(req).await.map(Response::into_inner)
+}
+
+#[tokio::test]
+async fn reports_with_the_jobs_token_update_its_progress() {
+    let store = store_with_job(2);
+    let endpoint = serve(store.clone()).await;
+    let token = progress_token(KEY, "uid-1");
+    let reports = vec![
+        report(2, iteration(10, 9.5)),
+        report(2, iteration(20, 8.25)),
+        report(
+            2,
+            Event::Checkpoint(CheckpointWritten {
+                iteration: 20,
+                path: "/ckpt/iter-20".into(),
+            }),
+        ),
+        report(
+            2,
+            Event::Evaluation(EvaluationDone {
+                iteration: 20,
+                name: "knn".into(),
+                metrics: [("top1".to_string(), 0.5)].into(),
+            }),
+        ),
+        report(2, Event::Heartbeat(Heartbeat {})),
+    ];
+    let ack = send(&endpoint, Some(token), reports).await.unwrap();
+    assert_eq!(ack.accepted, 5);
+    let jobs = store.jobs.lock().unwrap();
+    let s = &jobs[&(JobKind::Pretrain, "ml".to_string(), "vitl".to_string())].status;
+    assert_eq!(s.iteration, Some(20));
+    assert_eq!(s.total_iterations, Some(1000));
+    assert_eq!(s.losses["total"], 8.25);
+    assert_eq!(s.curriculum_phase.as_deref(), Some("low-res"));
+    assert_eq!(s.last_checkpoint.as_ref().unwrap().path, "/ckpt/iter-20");
+    assert_eq!(s.evaluations[0].metrics["top1"], 0.5);
+    assert!(s.last_progress_time.is_some());
+    assert_eq!(
+        s.run_attempt,
+        Some(2),
+        "the controller's fields are left alone"
+    );
+    // Every write carries only progress fields.
+    for w in store.writes.lock().unwrap().iter() {
+        assert_eq!(
+            crate::controller::apply::controller_fields(w),
+            JobStatus::default()
+        );
+    }
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_is_refused() {
+    let store = store_with_job(0);
+    let endpoint = serve(store.clone()).await;
+    let wrong = progress_token(KEY, "uid-of-another-job");
+    let err = send(&endpoint, Some(wrong), vec![report(0, iteration(1, 1.0))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = send(&endpoint, None, vec![report(0, iteration(1, 1.0))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(store.writes.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reports_from_an_earlier_attempt_are_refused() {
+    let store = store_with_job(3);
+    let endpoint = serve(store.clone()).await;
+    let token = progress_token(KEY, "uid-1");
+    let err = send(&endpoint, Some(token), vec![report(2, iteration(1, 1.0))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn unknown_job_is_not_found() {
+    let endpoint = serve(MemoryStore::default()).await;
+    let err = send(
+        &endpoint,
+        Some("x".into()),
+        vec![report(0, iteration(1, 1.0))],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[test]
+fn non_finite_values_are_not_written_into_the_status() {
+    let mut s = JobStatus::default();
+    let mut it = IterationDone {
+        iteration: 5,
+        learning_rate: f64::NAN,
+        ..Default::default()
+    };
+    it.losses.insert("total".into(), f64::INFINITY);
+    it.losses.insert("koleo".into(), 0.1);
+    apply_report(
+        &mut s,
+        &report(0, Event::Iteration(it)),
+        Timestamp::from_second(1).unwrap(),
+    );
+    assert_eq!(s.losses.len(), 1);
+    assert!(s.learning_rate.is_none());
+    // serde_json cannot encode NaN; the patch must serialise.
+    serde_json::to_string(&s).unwrap();
+}
+
+#[test]
+fn evaluations_are_kept_per_name() {
+    let mut s = JobStatus::default();
+    let eval = |i, name: &str| {
+        Event::Evaluation(EvaluationDone {
+            iteration: i,
+            name: name.into(),
+            metrics: Default::default(),
+        })
+    };
+    for e in [eval(1, "knn"), eval(1, "linear"), eval(2, "knn")] {
+        apply_report(&mut s, &report(0, e), Timestamp::from_second(1).unwrap());
+    }
+    let got: Vec<_> = s
+        .evaluations
+        .iter()
+        .map(|e| (e.name.as_str(), e.iteration))
+        .collect();
+    assert_eq!(got, [("knn", 2), ("linear", 1)]);
+}

@@ -57,7 +57,9 @@ pub async fn apply_object(
         .data
         .as_object_mut()
         .and_then(|fields| fields.remove("status"));
-    let mut params = PatchParams::apply(FIELD_MANAGER).force().validation_strict();
+    let mut params = PatchParams::apply(FIELD_MANAGER)
+        .force()
+        .validation_strict();
     if dry_run {
         params = params.dry_run();
     }
@@ -81,7 +83,10 @@ mod tests {
     fn a_multi_document_manifest_parses_into_its_objects_skipping_comment_only_documents() {
         let text = "# expect: nothing\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n---\n# just a comment\n---\napiVersion: dinoflow.dev/v1alpha1\nkind: PretrainJob\nmetadata:\n  name: b\nspec:\n  training: {}\n";
         let objects = parse_manifests(text).unwrap();
-        let names: Vec<_> = objects.iter().map(|o| o.metadata.name.clone().unwrap()).collect();
+        let names: Vec<_> = objects
+            .iter()
+            .map(|o| o.metadata.name.clone().unwrap())
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(objects[1].types.as_ref().unwrap().kind, "PretrainJob");
         assert!(objects[1].data["spec"]["training"].is_object());

@@ -96,9 +96,10 @@ impl TestCluster {
             source,
         };
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(to_err)?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(to_err)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(to_err)?;
         Ok(Client::try_from(config)?)
     }
 

@@ -3,7 +3,9 @@ use std::path::PathBuf;
 /// Why the harness could not do what a test asked; each message says what to run or fix.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error("{name} not found in {cache_bin} or on PATH: run scripts/setup.sh, it builds the control plane")]
+    #[error(
+        "{name} not found in {cache_bin} or on PATH: run scripts/setup.sh, it builds the control plane"
+    )]
     MissingBinary { name: String, cache_bin: PathBuf },
 
     #[error("scripts/cluster.sh {command} --dir {dir} failed ({status}):\n{output}")]

@@ -65,7 +65,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("bad.yaml"), "apiVersion: v1\n").unwrap();
         let err = load_invalid_cases(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("bad.yaml") && err.contains("# expect:"), "{err}");
+        assert!(
+            err.contains("bad.yaml") && err.contains("# expect:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -42,7 +42,10 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, HarnessError> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(HarnessError::io(dir))? {
         let path = entry.map_err(HarnessError::io(dir))?.path();
-        if path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml") {
+        if path
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        {
             files.push(path);
         }
     }
@@ -68,7 +71,11 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
         .filter(|pid| {
             // Zombies keep their pid but have an empty command line: they run nothing.
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ").contains(&*needle))
+                .map(|raw| {
+                    String::from_utf8_lossy(&raw)
+                        .replace('\0', " ")
+                        .contains(&*needle)
+                })
                 .unwrap_or(false)
         })
         .collect()

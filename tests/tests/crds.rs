@@ -11,6 +11,7 @@ use dinoflow_e2e::{
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, PostParams};
+use serde::Deserialize;
 
 const MIN_INVALID_CASES: usize = 25;
 
@@ -24,7 +25,8 @@ fn crd_files() -> Vec<PathBuf> {
 }
 
 fn example_files() -> Vec<PathBuf> {
-    let files = yaml_files(&repo_root().join("manifests/examples")).expect("read manifests/examples/");
+    let files =
+        yaml_files(&repo_root().join("manifests/examples")).expect("read manifests/examples/");
     assert!(!files.is_empty(), "manifests/examples/ holds no *.yaml");
     files
 }
@@ -33,26 +35,45 @@ fn example_files() -> Vec<PathBuf> {
 fn cluster() -> &'static TestCluster {
     static CRDS: OnceLock<()> = OnceLock::new();
     let cluster = TestCluster::shared();
-    CRDS.get_or_init(|| cluster.install_crds(&crd_files()).expect("install crds/*.yaml"));
+    CRDS.get_or_init(|| {
+        cluster
+            .install_crds(&crd_files())
+            .expect("install crds/*.yaml")
+    });
     cluster
 }
 
-fn read_yaml(path: &Path) -> serde_yaml_ng::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// Every CRD document of crds/*.yaml (a file may hold several).
+fn crd_documents() -> Vec<serde_yaml_ng::Value> {
+    let mut documents = Vec::new();
+    for path in crd_files() {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_yaml_ng::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if !value.is_null() {
+                documents.push(value);
+            }
+        }
+    }
+    documents
 }
 
 /// The CRD document (from crds/) whose spec.names.kind is `kind`.
 fn crd_of_kind(kind: &str) -> serde_yaml_ng::Value {
-    crd_files()
-        .iter()
-        .map(|path| read_yaml(path))
+    crd_documents()
+        .into_iter()
         .find(|crd| crd["spec"]["names"]["kind"].as_str() == Some(kind))
         .unwrap_or_else(|| panic!("no CRD for kind {kind} in crds/"))
 }
 
 fn kubectl_ok(args: &[&str]) -> String {
-    cluster().kubectl(args).expect("run kubectl").ok().unwrap_or_else(|e| panic!("{e}"))
+    cluster()
+        .kubectl(args)
+        .expect("run kubectl")
+        .ok()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn squash_whitespace(text: &str) -> String {
@@ -61,8 +82,8 @@ fn squash_whitespace(text: &str) -> String {
 
 #[test]
 fn the_crds_install_and_are_served_under_their_short_names() {
-    for file in crd_files() {
-        let name = read_yaml(&file)["metadata"]["name"].as_str().map(str::to_owned).unwrap();
+    for crd in crd_documents() {
+        let name = crd["metadata"]["name"].as_str().map(str::to_owned).unwrap();
         let established = kubectl_ok(&[
             "get",
             "crd",
@@ -84,11 +105,22 @@ fn every_example_manifest_is_accepted_by_the_api_server() {
     for file in example_files() {
         let namespace = cluster.create_namespace("example").unwrap();
         let path = file.to_str().unwrap();
-        let out = cluster.kubectl(["apply", "-n", namespace.as_str(), "-f", path]).unwrap();
-        assert!(out.success(), "{} rejected:\n{}", file.display(), out.stderr);
+        let out = cluster
+            .kubectl(["apply", "-n", namespace.as_str(), "-f", path])
+            .unwrap();
+        assert!(
+            out.success(),
+            "{} rejected:\n{}",
+            file.display(),
+            out.stderr
+        );
         let text = std::fs::read_to_string(&file).unwrap();
         for object in parse_manifests(&text).unwrap() {
-            let kind = object.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
+            let kind = object
+                .types
+                .as_ref()
+                .map(|t| t.kind.clone())
+                .unwrap_or_default();
             let name = object.metadata.name.clone().unwrap_or_default();
             kubectl_ok(&["get", &kind, &name, "-n", &namespace]);
             created += 1;
@@ -106,7 +138,10 @@ fn rejection_of(case_manifest: &str, namespace: &str, dir: &Path) -> Result<Stri
     for (i, object) in setup.iter().enumerate() {
         let file = dir.join(format!("setup-{i}.json"));
         let mut spec_only = object.clone();
-        let status = spec_only.data.as_object_mut().and_then(|o| o.remove("status"));
+        let status = spec_only
+            .data
+            .as_object_mut()
+            .and_then(|o| o.remove("status"));
         std::fs::write(&file, serde_json::to_vec(&spec_only).unwrap()).unwrap();
         let out = cluster
             .kubectl(["apply", "-n", namespace, "-f", file.to_str().unwrap()])
@@ -115,33 +150,58 @@ fn rejection_of(case_manifest: &str, namespace: &str, dir: &Path) -> Result<Stri
             return Err(format!("set-up document {i} was rejected: {}", out.stderr));
         }
         if let Some(status) = status {
-            let kind = object.types.as_ref().map(|t| t.kind.as_str()).unwrap_or_default();
+            let kind = object
+                .types
+                .as_ref()
+                .map(|t| t.kind.as_str())
+                .unwrap_or_default();
             let name = object.metadata.name.as_deref().unwrap_or_default();
             let patch = serde_json::json!({ "status": status }).to_string();
             let out = cluster
                 .kubectl([
-                    "patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge", "-p",
+                    "patch",
+                    kind,
+                    name,
+                    "-n",
+                    namespace,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
                     patch.as_str(),
                 ])
                 .unwrap();
             if !out.success() {
-                return Err(format!("status of set-up document {i} was rejected: {}", out.stderr));
+                return Err(format!(
+                    "status of set-up document {i} was rejected: {}",
+                    out.stderr
+                ));
             }
         }
     }
     let file = dir.join("case.json");
     std::fs::write(&file, serde_json::to_vec(last).unwrap()).unwrap();
     let out = cluster
-        .kubectl(["apply", "--dry-run=server", "-n", namespace, "-f", file.to_str().unwrap()])
+        .kubectl([
+            "apply",
+            "--dry-run=server",
+            "-n",
+            namespace,
+            "-f",
+            file.to_str().unwrap(),
+        ])
         .unwrap();
     if out.success() {
         return Err(format!("accepted: {}", out.stdout.trim()));
     }
     // kubectl prefixes its own (client-side) failures with "error:"; the server's answers are
     // "Error from server (...)" or "The <Kind> \"<name>\" is invalid: ...".
-    let from_server = out.stderr.contains("Error from server") || out.stderr.contains(" is invalid: ");
+    let from_server =
+        out.stderr.contains("Error from server") || out.stderr.contains(" is invalid: ");
     if !from_server {
-        return Err(format!("rejected by kubectl itself, not the API server: {}", out.stderr));
+        return Err(format!(
+            "rejected by kubectl itself, not the API server: {}",
+            out.stderr
+        ));
     }
     Ok(out.stderr)
 }
@@ -184,29 +244,45 @@ fn every_invalid_manifest_is_rejected_by_the_api_server_naming_the_field() {
 #[test]
 fn kubectl_explain_shows_the_training_docs() {
     let crd = crd_of_kind("PretrainJob");
-    let training = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"];
+    let training = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["training"];
     let doc = training["description"].as_str().unwrap_or_default();
-    assert!(!doc.trim().is_empty(), "spec.training has no description in the CRD");
+    assert!(
+        !doc.trim().is_empty(),
+        "spec.training has no description in the CRD"
+    );
     // explain re-wraps text, so compare with whitespace squashed; the first sentence is enough.
     let first_sentence = squash_whitespace(doc.split(". ").next().unwrap_or(doc));
     let fields: Vec<String> = training["properties"]
         .as_mapping()
-        .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(!fields.is_empty(), "spec.training has no properties in the CRD");
+    assert!(
+        !fields.is_empty(),
+        "spec.training has no properties in the CRD"
+    );
 
     // The OpenAPI document is published a few seconds after the CRD is established.
     let cluster = cluster();
     let mut last = String::new();
     let shown = wait_for(Duration::from_secs(60), || {
-        let out = cluster.kubectl(["explain", "pretrainjob.spec.training"]).ok()?;
+        let out = cluster
+            .kubectl(["explain", "pretrainjob.spec.training"])
+            .ok()?;
         last = format!("{}{}", out.stdout, out.stderr);
         let text = squash_whitespace(&out.stdout);
         (out.success() && text.contains(&first_sentence)).then_some(out.stdout)
     });
     let shown = shown.unwrap_or_else(|| panic!("explain lacks {first_sentence:?}:\n{last}"));
     for field in &fields {
-        assert!(shown.contains(&format!("\n  {field}\t")), "explain lists no field {field}:\n{shown}");
+        assert!(
+            shown.contains(&format!("\n  {field}\t")),
+            "explain lists no field {field}:\n{shown}"
+        );
     }
 }
 
@@ -221,7 +297,9 @@ async fn deleting_a_pretrain_job_garbage_collects_the_configmap_it_owns() {
         .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "PretrainJob"))
         .expect("the tiny example holds a PretrainJob");
     let client = cluster.client().await.unwrap();
-    let created = apply_object(&client, &namespace, &owner, false).await.unwrap();
+    let created = apply_object(&client, &namespace, &owner, false)
+        .await
+        .unwrap();
     let name = created.metadata.name.clone().unwrap();
     let uid = created.metadata.uid.clone().expect("the server sets a uid");
     let api_version = created.types.as_ref().unwrap().api_version.clone();
@@ -243,7 +321,10 @@ async fn deleting_a_pretrain_job_garbage_collects_the_configmap_it_owns() {
         data: Some([("config.yaml".to_owned(), "training: {}\n".to_owned())].into()),
         ..ConfigMap::default()
     };
-    configmaps.create(&PostParams::default(), &owned).await.unwrap();
+    configmaps
+        .create(&PostParams::default(), &owned)
+        .await
+        .unwrap();
 
     kubectl_ok(&["delete", "ptj", &name, "-n", &namespace, "--wait=false"]);
     let cm_name = format!("{name}-config");
@@ -256,6 +337,12 @@ async fn deleting_a_pretrain_job_garbage_collects_the_configmap_it_owns() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(collected, "the controller-manager did not delete configmap {cm_name} within 120 s of its owner");
-    eprintln!("owned configmap collected {:.1?} after its PretrainJob was deleted", started.elapsed());
+    assert!(
+        collected,
+        "the controller-manager did not delete configmap {cm_name} within 120 s of its owner"
+    );
+    eprintln!(
+        "owned configmap collected {:.1?} after its PretrainJob was deleted",
+        started.elapsed()
+    );
 }

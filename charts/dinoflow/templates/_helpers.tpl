@@ -17,14 +17,19 @@
 {{- printf "%s-operator" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{- define "dinoflow.labels" -}}
+{{/* Labels of every object except the instance label, which selectorLabels carries. */}}
+{{- define "dinoflow.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: dinoflow
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Chart.AppVersion }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
+{{- end -}}
+
+{{- define "dinoflow.labels" -}}
+{{ include "dinoflow.commonLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "dinoflow.operator.selectorLabels" -}}
@@ -34,7 +39,7 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "dinoflow.operator.labels" -}}
-{{ include "dinoflow.labels" . }}
+{{ include "dinoflow.commonLabels" . }}
 {{ include "dinoflow.operator.selectorLabels" . }}
 {{- end -}}
 

@@ -1,7 +1,12 @@
 //! The Dinoflow trainer: DINOv2 on libtorch.
 
+pub mod dist;
+pub mod loss;
+pub mod masking;
 pub mod meta_arch;
 pub mod model;
+pub mod optim;
+pub mod precision;
 pub mod weights;
 
 #[cfg(test)]

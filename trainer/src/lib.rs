@@ -3,6 +3,8 @@
 pub mod dist;
 pub mod loss;
 pub mod masking;
+pub mod meta_arch;
+pub mod model;
 pub mod optim;
 pub mod precision;
 pub mod data;
@@ -12,3 +14,7 @@ pub mod metrics;
 pub mod train_loop;
 pub mod cli;
 // pub mod config;
+pub mod weights;
+
+#[cfg(test)]
+pub(crate) mod parity_fixture;

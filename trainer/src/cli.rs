@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use crate::checkpoint::ResumeMode;
 
 #[derive(Debug, Parser)]
-#[command(name = "dinoflow-trainer", version, about = "DINOv2 self-supervised pretraining on libtorch")]
+#[command(
+    name = "dinoflow-trainer",
+    version,
+    about = "DINOv2 self-supervised pretraining on libtorch"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -51,10 +55,20 @@ mod tests {
     #[test]
     fn train_takes_config_output_dir_resume_and_force() {
         let cli = Cli::try_parse_from([
-            "dinoflow-trainer", "train", "--config", "job.yaml", "--output-dir", "/out", "--resume", "never", "--force",
+            "dinoflow-trainer",
+            "train",
+            "--config",
+            "job.yaml",
+            "--output-dir",
+            "/out",
+            "--resume",
+            "never",
+            "--force",
         ])
         .unwrap();
-        let Command::Train(args) = cli.command else { panic!("expected train") };
+        let Command::Train(args) = cli.command else {
+            panic!("expected train")
+        };
         assert_eq!(args.config, PathBuf::from("job.yaml"));
         assert_eq!(args.output_dir, Some(PathBuf::from("/out")));
         assert_eq!(args.resume, ResumeMode::Never);
@@ -64,7 +78,9 @@ mod tests {
     #[test]
     fn resume_defaults_to_auto() {
         let cli = Cli::try_parse_from(["dinoflow-trainer", "train", "--config", "c.yaml"]).unwrap();
-        let Command::Train(args) = cli.command else { panic!("expected train") };
+        let Command::Train(args) = cli.command else {
+            panic!("expected train")
+        };
         assert_eq!(args.resume, ResumeMode::Auto);
     }
 

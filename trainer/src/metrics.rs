@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot serve metrics on {addr}: {reason}. Set training.logging.metricsPort to a free port (0 picks one)")]
+    #[error(
+        "cannot serve metrics on {addr}: {reason}. Set training.logging.metricsPort to a free port (0 picks one)"
+    )]
     Bind { addr: SocketAddr, reason: String },
     #[error("{path}: {source}")]
     Io {
@@ -149,7 +149,13 @@ pub fn resident_memory_bytes() -> Option<u64> {
 /// Approximate training FLOPs per image for a ViT: forward FLOPs of the student on every
 /// crop times 3 (forward + backward), plus the teacher's forward on the global crops.
 /// `crops` lists (count, tokens) pairs, e.g. [(2, 197), (8, 37)].
-pub fn vit_train_flops_per_image(depth: usize, dim: usize, mlp_ratio: f64, crops: &[(usize, usize)], global_crops: (usize, usize)) -> f64 {
+pub fn vit_train_flops_per_image(
+    depth: usize,
+    dim: usize,
+    mlp_ratio: f64,
+    crops: &[(usize, usize)],
+    global_crops: (usize, usize),
+) -> f64 {
     let per_token_block = |tokens: f64| {
         let d = dim as f64;
         // qkv + proj: 4 d^2; MLP: 2 * ratio * d^2 (multiply-adds, x2 for FLOPs);
@@ -173,18 +179,25 @@ pub struct MetricsServer {
 
 impl std::fmt::Debug for MetricsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetricsServer").field("addr", &self.addr).finish()
+        f.debug_struct("MetricsServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
 impl MetricsServer {
     pub fn start(addr: SocketAddr, metrics: TrainerMetrics) -> Result<Self, MetricsError> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| MetricsError::Bind { addr, reason: e.to_string() })?;
+        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
         let bound = server
             .server_addr()
             .to_ip()
-            .ok_or_else(|| MetricsError::Bind { addr, reason: "not an IP socket".into() })?;
+            .ok_or_else(|| MetricsError::Bind {
+                addr,
+                reason: "not an IP socket".into(),
+            })?;
         let server = Arc::new(server);
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
@@ -209,8 +222,15 @@ impl MetricsServer {
                     let _ = request.respond(response);
                 }
             })
-            .map_err(|e| MetricsError::Bind { addr, reason: e.to_string() })?;
-        Ok(Self { server, thread: Some(thread), addr: bound })
+            .map_err(|e| MetricsError::Bind {
+                addr,
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            server,
+            thread: Some(thread),
+            addr: bound,
+        })
     }
 }
 
@@ -237,12 +257,21 @@ impl JsonlLog {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| MetricsError::Io { path: path.to_path_buf(), source })?;
-        Ok(Self { out: BufWriter::new(file), path: path.to_path_buf() })
+            .map_err(|source| MetricsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            out: BufWriter::new(file),
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn record(&mut self, value: &serde_json::Value) -> Result<(), MetricsError> {
-        let io = |source| MetricsError::Io { path: self.path.clone(), source };
+        let io = |source| MetricsError::Io {
+            path: self.path.clone(),
+            source,
+        };
         serde_json::to_writer(&mut self.out, value).map_err(|e| io(e.into()))?;
         self.out.write_all(b"\n").map_err(io)?;
         self.out.flush().map_err(io)
@@ -269,7 +298,12 @@ pub struct ProgressLine {
 
 impl Progress {
     pub fn new(every: u64, total: u64) -> Self {
-        Self { every: every.max(1), total, window_start: Instant::now(), window_images: 0 }
+        Self {
+            every: every.max(1),
+            total,
+            window_start: Instant::now(),
+            window_images: 0,
+        }
     }
 
     /// Counts `images` for iteration `iteration` (1-based, the number of finished
@@ -301,7 +335,11 @@ impl Progress {
         );
         self.window_start = Instant::now();
         self.window_images = 0;
-        Some(ProgressLine { text, images_per_second, eta_seconds })
+        Some(ProgressLine {
+            text,
+            images_per_second,
+            eta_seconds,
+        })
     }
 }
 
@@ -309,7 +347,11 @@ impl Progress {
 pub fn format_duration(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
     let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
-    if h > 0 { format!("{h}h{m:02}m{s:02}s") } else { format!("{m}m{s:02}s") }
+    if h > 0 {
+        format!("{h}h{m:02}m{s:02}s")
+    } else {
+        format!("{m}m{s:02}s")
+    }
 }
 
 #[cfg(test)]
@@ -321,7 +363,9 @@ mod tests {
     fn every_metric_is_named_with_the_trainer_prefix() {
         let m = TrainerMetrics::new().unwrap();
         m.iteration.set(12);
-        m.loss.with_label_values(&["dino_global_crops_loss"]).set(1.5);
+        m.loss
+            .with_label_values(&["dino_global_crops_loss"])
+            .set(1.5);
         m.eval.with_label_values(&["knn_top1_k20"]).set(0.7);
         m.set_skipped_images(3);
         m.set_skipped_images(2);
@@ -330,7 +374,11 @@ mod tests {
         assert!(text.contains("dinoflow_trainer_loss{term=\"dino_global_crops_loss\"} 1.5"));
         assert!(text.contains("dinoflow_trainer_skipped_images_total 3"));
         for family in m.registry.gather() {
-            assert!(family.name().starts_with("dinoflow_trainer_"), "{}", family.name());
+            assert!(
+                family.name().starts_with("dinoflow_trainer_"),
+                "{}",
+                family.name()
+            );
         }
     }
 
@@ -341,7 +389,11 @@ mod tests {
         let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), m).unwrap();
         let get = |path: &str| {
             let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
             let mut body = String::new();
             stream.read_to_string(&mut body).unwrap();
             body
@@ -364,11 +416,19 @@ mod tests {
     fn jsonl_lines_are_appended_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
-        JsonlLog::open(&path).unwrap().record(&serde_json::json!({"iteration": 1})).unwrap();
-        JsonlLog::open(&path).unwrap().record(&serde_json::json!({"iteration": 2})).unwrap();
+        JsonlLog::open(&path)
+            .unwrap()
+            .record(&serde_json::json!({"iteration": 1}))
+            .unwrap();
+        JsonlLog::open(&path)
+            .unwrap()
+            .record(&serde_json::json!({"iteration": 2}))
+            .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["iteration"], 2);
     }
@@ -377,16 +437,24 @@ mod tests {
     fn progress_lines_come_every_n_iterations_and_at_the_end() {
         let mut p = Progress::new(10, 25);
         let losses = vec![("total".to_string(), 2.5)];
-        let lines: Vec<u64> =
-            (1..=25).filter(|&it| p.on_iteration(it, 8, &losses, 1e-3).is_some()).collect();
+        let lines: Vec<u64> = (1..=25)
+            .filter(|&it| p.on_iteration(it, 8, &losses, 1e-3).is_some())
+            .collect();
         assert_eq!(lines, [10, 20, 25]);
     }
 
     #[test]
     fn progress_line_names_iteration_losses_lr_and_eta() {
         let mut p = Progress::new(1, 100);
-        let line = p.on_iteration(50, 64, &[("dino".into(), 10.25)], 5e-4).unwrap();
-        assert!(line.text.starts_with("it 50/100 (50.0%) dino=10.2500 lr=5.000e-4"), "{}", line.text);
+        let line = p
+            .on_iteration(50, 64, &[("dino".into(), 10.25)], 5e-4)
+            .unwrap();
+        assert!(
+            line.text
+                .starts_with("it 50/100 (50.0%) dino=10.2500 lr=5.000e-4"),
+            "{}",
+            line.text
+        );
         assert!(line.text.contains("img/s eta"));
         assert!(line.images_per_second > 0.0);
     }

@@ -36,13 +36,20 @@ pub type LossTerms = Vec<(String, f64)>;
 pub trait Trainable {
     type Batch;
     /// One optimisation step of the student on `batch` with the schedule values.
-    fn train_step(&mut self, batch: &Self::Batch, values: &ScheduleValues) -> Result<LossTerms, StepError>;
+    fn train_step(
+        &mut self,
+        batch: &Self::Batch,
+        values: &ScheduleValues,
+    ) -> Result<LossTerms, StepError>;
     /// Teacher <- momentum * teacher + (1 - momentum) * student.
     fn update_teacher(&mut self, momentum: f64);
     /// Tensor groups to checkpoint (`student`, `teacher`, `optimizer`, `loss_state`, ...).
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>>;
     /// Restores what `state` returned.
-    fn load_state(&mut self, state: BTreeMap<String, Vec<(String, Tensor)>>) -> Result<(), StepError>;
+    fn load_state(
+        &mut self,
+        state: BTreeMap<String, Vec<(String, Tensor)>>,
+    ) -> Result<(), StepError>;
     /// JSON state that is not tensors (loss-scaler state, ...).
     fn json_state(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -81,7 +88,12 @@ pub enum LoopError {
     #[error(
         "loss became non-finite at iteration {iteration}: {terms}; last finite values (iteration {last_iteration}): {last_finite}"
     )]
-    NonFiniteLoss { iteration: u64, terms: String, last_iteration: u64, last_finite: String },
+    NonFiniteLoss {
+        iteration: u64,
+        terms: String,
+        last_iteration: u64,
+        last_finite: String,
+    },
     #[error("training step at iteration {iteration}: {source}")]
     Step {
         iteration: u64,
@@ -95,15 +107,22 @@ pub enum LoopError {
     #[error("evaluation: {0}")]
     Eval(#[from] EvalError),
     #[error("checkpoint {path} does not fit this run: {reason}")]
-    Restore { path: std::path::PathBuf, reason: String },
+    Restore {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// How the loop ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Finished { iteration: u64 },
+    Finished {
+        iteration: u64,
+    },
     /// SIGTERM (or SIGINT) arrived; a checkpoint was written at `iteration`.
-    Stopped { iteration: u64 },
+    Stopped {
+        iteration: u64,
+    },
 }
 
 /// Cadences and identity of the run.
@@ -139,9 +158,13 @@ pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Sche
     pub stop: Arc<AtomicBool>,
 }
 
-impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> std::fmt::Debug for TrainLoop<'_, M, D, S> {
+impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> std::fmt::Debug
+    for TrainLoop<'_, M, D, S>
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrainLoop").field("settings", &self.settings).finish()
+        f.debug_struct("TrainLoop")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -150,12 +173,22 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
     /// iteration to continue from.
     pub fn restore(&mut self, checkpoint: &VerifiedCheckpoint) -> Result<u64, LoopError> {
         let snapshot = CheckpointManager::load(checkpoint)?;
-        let restore_err = |reason: String| LoopError::Restore { path: checkpoint.path.clone(), reason };
-        self.model.load_state(snapshot.tensors).map_err(|e| restore_err(e.0))?;
+        let restore_err = |reason: String| LoopError::Restore {
+            path: checkpoint.path.clone(),
+            reason,
+        };
+        self.model
+            .load_state(snapshot.tensors)
+            .map_err(|e| restore_err(e.0))?;
         if let Some(state) = snapshot.json.get("model_state") {
-            self.model.load_json_state(state).map_err(|e| restore_err(e.0))?;
+            self.model
+                .load_json_state(state)
+                .map_err(|e| restore_err(e.0))?;
         }
-        let position = snapshot.json.get("data_position").ok_or_else(|| restore_err("no data_position.json".into()))?;
+        let position = snapshot
+            .json
+            .get("data_position")
+            .ok_or_else(|| restore_err("no data_position.json".into()))?;
         self.data.seek(position).map_err(|e| restore_err(e.0))?;
         Ok(snapshot.iteration)
     }
@@ -175,19 +208,35 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         while iteration < total {
             if self.stop.load(Ordering::SeqCst) {
                 self.checkpoint(iteration)?;
-                tracing::warn!(iteration, "stop signal received: checkpoint written, exiting");
+                tracing::warn!(
+                    iteration,
+                    "stop signal received: checkpoint written, exiting"
+                );
                 return Ok(Outcome::Stopped { iteration });
             }
             // Schedules.
             let values = self.schedules.at(iteration);
             // Step.
             let wait = Instant::now();
-            let batch = self.data.next_batch().map_err(|source| LoopError::Step { iteration, source })?;
-            self.metrics.data_wait_seconds_total.inc_by(wait.elapsed().as_secs_f64());
-            let losses = self.model.train_step(&batch, &values).map_err(|source| LoopError::Step { iteration, source })?;
+            let batch = self
+                .data
+                .next_batch()
+                .map_err(|source| LoopError::Step { iteration, source })?;
+            self.metrics
+                .data_wait_seconds_total
+                .inc_by(wait.elapsed().as_secs_f64());
+            let losses = self
+                .model
+                .train_step(&batch, &values)
+                .map_err(|source| LoopError::Step { iteration, source })?;
             if losses.iter().any(|(_, v)| !v.is_finite()) {
                 let (last_iteration, last) = last_finite.unwrap_or((iteration, Vec::new()));
-                let err = LoopError::NonFiniteLoss { iteration, terms: fmt_terms(&losses), last_iteration, last_finite: fmt_terms(&last) };
+                let err = LoopError::NonFiniteLoss {
+                    iteration,
+                    terms: fmt_terms(&losses),
+                    last_iteration,
+                    last_finite: fmt_terms(&last),
+                };
                 tracing::error!("{err}");
                 return Err(err);
             }
@@ -198,12 +247,14 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
             last_finite = Some((iteration, losses));
             // Evaluation.
-            let eval_due = self.settings.eval_every > 0 && iteration % self.settings.eval_every == 0;
+            let eval_due =
+                self.settings.eval_every > 0 && iteration % self.settings.eval_every == 0;
             if eval_due || (iteration == total && self.settings.eval_at_end) {
                 self.evaluate(iteration)?;
             }
             // Checkpoint.
-            let ckpt_due = self.settings.checkpoint_every > 0 && iteration % self.settings.checkpoint_every == 0;
+            let ckpt_due = self.settings.checkpoint_every > 0
+                && iteration % self.settings.checkpoint_every == 0;
             if ckpt_due || iteration == total {
                 self.checkpoint(iteration)?;
                 last_checkpoint = Instant::now();
@@ -212,7 +263,14 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         Ok(Outcome::Finished { iteration })
     }
 
-    fn record(&mut self, iteration: u64, values: &ScheduleValues, losses: &LossTerms, progress: &mut Progress, last_checkpoint: Instant) -> Result<(), LoopError> {
+    fn record(
+        &mut self,
+        iteration: u64,
+        values: &ScheduleValues,
+        losses: &LossTerms,
+        progress: &mut Progress,
+        last_checkpoint: Instant,
+    ) -> Result<(), LoopError> {
         let m = self.metrics;
         m.iteration.set(iteration as i64);
         for (term, v) in losses {
@@ -223,7 +281,8 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         m.teacher_momentum.set(values.teacher_momentum);
         m.teacher_temperature.set(values.teacher_temperature);
         m.set_skipped_images(self.data.skipped_images());
-        m.checkpoint_age_seconds.set(last_checkpoint.elapsed().as_secs_f64());
+        m.checkpoint_age_seconds
+            .set(last_checkpoint.elapsed().as_secs_f64());
         let images = self.data.images_per_batch() * self.settings.world_size as u64;
         let mut line = serde_json::json!({
             "type": "train",
@@ -240,7 +299,9 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             m.images_per_second.set(p.images_per_second);
             line["images_per_second"] = p.images_per_second.into();
             line["eta_seconds"] = p.eta_seconds.into();
-            if let (Some(flops), Some(peak)) = (self.settings.flops_per_image, self.settings.peak_flops) {
+            if let (Some(flops), Some(peak)) =
+                (self.settings.flops_per_image, self.settings.peak_flops)
+            {
                 let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
                 m.mfu.set(mfu);
                 line["mfu"] = mfu.into();
@@ -254,18 +315,28 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
     }
 
     fn evaluate(&mut self, iteration: u64) -> Result<(), LoopError> {
-        let Some(config) = self.settings.eval.clone() else { return Ok(()) };
+        let Some(config) = self.settings.eval.clone() else {
+            return Ok(());
+        };
         let started = Instant::now();
-        let Some(report) = self.model.evaluate(&config)? else { return Ok(()) };
+        let Some(report) = self.model.evaluate(&config)? else {
+            return Ok(());
+        };
         let flat = report.flat();
         for (name, v) in &flat {
-            self.metrics.eval.with_label_values(&[name.as_str()]).set(*v);
+            self.metrics
+                .eval
+                .with_label_values(&[name.as_str()])
+                .set(*v);
         }
         tracing::info!(
             iteration,
             seconds = started.elapsed().as_secs_f64(),
             "evaluation: {}",
-            flat.iter().map(|(k, v)| format!("{k}={v:.2}")).collect::<Vec<_>>().join(" ")
+            flat.iter()
+                .map(|(k, v)| format!("{k}={v:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         self.jsonl.record(&serde_json::json!({
             "type": "eval", "iteration": iteration, "time": unix_now(), "report": report,
@@ -301,11 +372,17 @@ fn fmt_terms(terms: &LossTerms) -> String {
     if terms.is_empty() {
         return "none (the first step already failed)".into();
     }
-    terms.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+    terms
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 // pub mod run;

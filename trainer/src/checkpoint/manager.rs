@@ -60,12 +60,16 @@ impl CheckpointManager {
     pub fn open(root: impl Into<PathBuf>, keep_last: usize) -> Result<Self, CheckpointError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
-        let manager = Self { root, keep_last: keep_last.max(1) };
+        let manager = Self {
+            root,
+            keep_last: keep_last.max(1),
+        };
         for entry in manager.entries()? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
                 tracing::warn!(path = %entry.path().display(), "removing an unfinished checkpoint left by an interrupted writer");
-                fs::remove_dir_all(entry.path()).map_err(|e| CheckpointError::io(&entry.path(), e))?;
+                fs::remove_dir_all(entry.path())
+                    .map_err(|e| CheckpointError::io(&entry.path(), e))?;
             }
         }
         Ok(manager)
@@ -83,7 +87,9 @@ impl CheckpointManager {
     /// fsynced, the manifest last, then an atomic rename and an fsync of the parent.
     pub fn save(&self, snapshot: &Snapshot) -> Result<VerifiedCheckpoint, CheckpointError> {
         let final_dir = self.dir_for(snapshot.iteration);
-        let tmp = self.root.join(format!("{TMP_PREFIX}{:09}", snapshot.iteration));
+        let tmp = self
+            .root
+            .join(format!("{TMP_PREFIX}{:09}", snapshot.iteration));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
         }
@@ -98,8 +104,10 @@ impl CheckpointManager {
                 .iter()
                 .map(|(k, t)| (k.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
                 .collect();
-            Tensor::write_safetensors(&host, &path)
-                .map_err(|source| CheckpointError::Tensor { path: path.clone(), source })?;
+            Tensor::write_safetensors(&host, &path).map_err(|source| CheckpointError::Tensor {
+                path: path.clone(),
+                source,
+            })?;
             files.insert(name, seal_file(&path)?);
         }
         for (doc, value) in &snapshot.json {
@@ -115,7 +123,9 @@ impl CheckpointManager {
             world_size: snapshot.world_size,
             config_hash: snapshot.config_hash.clone(),
             guarded: snapshot.guarded.clone(),
-            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             files,
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -126,14 +136,19 @@ impl CheckpointManager {
         // (the newer one was corrupt, or --resume never). Move it aside first: rename(2) does
         // not replace a non-empty directory.
         if final_dir.exists() {
-            let trash = self.root.join(format!("{TRASH_PREFIX}{:09}", snapshot.iteration));
+            let trash = self
+                .root
+                .join(format!("{TRASH_PREFIX}{:09}", snapshot.iteration));
             fs::rename(&final_dir, &trash).map_err(|e| CheckpointError::io(&final_dir, e))?;
             fs::remove_dir_all(&trash).map_err(|e| CheckpointError::io(&trash, e))?;
         }
         fs::rename(&tmp, &final_dir).map_err(|e| CheckpointError::io(&final_dir, e))?;
         sync_dir(&self.root)?;
         self.prune(snapshot.iteration)?;
-        Ok(VerifiedCheckpoint { path: final_dir, manifest })
+        Ok(VerifiedCheckpoint {
+            path: final_dir,
+            manifest,
+        })
     }
 
     /// Scans every `ckpt-*` directory, newest first, and returns the first that verifies.
@@ -148,7 +163,10 @@ impl CheckpointManager {
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), reason = %e, "skipping a checkpoint that does not verify");
-                    scan.rejected.push(Rejected { path, reason: e.to_string() });
+                    scan.rejected.push(Rejected {
+                        path,
+                        reason: e.to_string(),
+                    });
                 }
             }
         }
@@ -177,14 +195,19 @@ impl CheckpointManager {
 
     fn entries(&self) -> Result<Vec<fs::DirEntry>, CheckpointError> {
         let read = fs::read_dir(&self.root).map_err(|e| CheckpointError::io(&self.root, e))?;
-        read.collect::<Result<Vec<_>, _>>().map_err(|e| CheckpointError::io(&self.root, e))
+        read.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CheckpointError::io(&self.root, e))
     }
 
     /// Keeps the `keep_last` newest checkpoints up to and including `newest`; newer
     /// directories (left from an earlier attempt) are not this prune's business.
     fn prune(&self, newest: u64) -> Result<(), CheckpointError> {
-        let older: Vec<PathBuf> =
-            self.listed()?.into_iter().filter(|(it, _)| *it <= newest).map(|(_, p)| p).collect();
+        let older: Vec<PathBuf> = self
+            .listed()?
+            .into_iter()
+            .filter(|(it, _)| *it <= newest)
+            .map(|(_, p)| p)
+            .collect();
         let excess = older.len().saturating_sub(self.keep_last);
         for path in &older[..excess] {
             fs::remove_dir_all(path).map_err(|e| CheckpointError::io(path, e))?;
@@ -205,14 +228,19 @@ impl CheckpointManager {
         for name in m.files.keys() {
             let path = checkpoint.path.join(name);
             if let Some(group) = name.strip_suffix(".safetensors") {
-                let tensors = Tensor::read_safetensors(&path)
-                    .map_err(|source| CheckpointError::Tensor { path: path.clone(), source })?;
+                let tensors =
+                    Tensor::read_safetensors(&path).map_err(|source| CheckpointError::Tensor {
+                        path: path.clone(),
+                        source,
+                    })?;
                 snapshot.tensors.insert(group.to_string(), tensors);
             } else if let Some(doc) = name.strip_suffix(".json") {
                 let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-                let value = serde_json::from_slice(&bytes).map_err(|e| {
-                    CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() }
-                })?;
+                let value =
+                    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 snapshot.json.insert(doc.to_string(), value);
             }
         }
@@ -223,7 +251,9 @@ impl CheckpointManager {
 /// Verifies one checkpoint directory (used for `--resume PATH` as well as scans).
 pub fn verify(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     if !path.is_dir() {
-        return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+        return Err(CheckpointError::NotFound {
+            path: path.to_path_buf(),
+        });
     }
     if !path.join(MANIFEST_FILE).exists() {
         return Err(CheckpointError::Corrupt {
@@ -233,24 +263,32 @@ pub fn verify(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     }
     let manifest = Manifest::read(path)?;
     manifest.verify(path)?;
-    Ok(VerifiedCheckpoint { path: path.to_path_buf(), manifest })
+    Ok(VerifiedCheckpoint {
+        path: path.to_path_buf(),
+        manifest,
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
-    file.write_all(bytes).map_err(|e| CheckpointError::io(path, e))?;
+    file.write_all(bytes)
+        .map_err(|e| CheckpointError::io(path, e))?;
     file.sync_all().map_err(|e| CheckpointError::io(path, e))
 }
 
 /// fsyncs a written file and records its size and checksum as read back from disk.
 fn seal_file(path: &Path) -> Result<FileEntry, CheckpointError> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(path, e))?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| CheckpointError::io(path, e))?;
     let (bytes, sha256) = manifest::hash_file(path).map_err(|e| CheckpointError::io(path, e))?;
     Ok(FileEntry { bytes, sha256 })
 }
 
 fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path).and_then(|d| d.sync_all()).map_err(|e| CheckpointError::io(path, e))
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CheckpointError::io(path, e))
 }
 
 #[cfg(test)]
@@ -265,10 +303,16 @@ mod tests {
             world_size: 1,
             config_hash: "abc".into(),
             guarded: [("training.model".to_string(), "vit_small".to_string())].into(),
-            tensors: [("student".to_string(), vec![("blocks.0.attn.qkv.weight".to_string(), w)])]
-                .into(),
-            json: [("rng".to_string(), serde_json::json!({"seed": 7, "iteration": iteration}))]
-                .into(),
+            tensors: [(
+                "student".to_string(),
+                vec![("blocks.0.attn.qkv.weight".to_string(), w)],
+            )]
+            .into(),
+            json: [(
+                "rng".to_string(),
+                serde_json::json!({"seed": 7, "iteration": iteration}),
+            )]
+            .into(),
         }
     }
 
@@ -332,7 +376,11 @@ mod tests {
         fs::write(&file, bytes).unwrap();
         let scan = mgr.scan().unwrap();
         assert_eq!(scan.latest.unwrap().manifest.iteration, 10);
-        assert!(scan.rejected[0].reason.contains("sha256"), "{}", scan.rejected[0].reason);
+        assert!(
+            scan.rejected[0].reason.contains("sha256"),
+            "{}",
+            scan.rejected[0].reason
+        );
     }
 
     #[test]
@@ -345,7 +393,11 @@ mod tests {
         fs::write(&file, b"{").unwrap();
         let scan = mgr.scan().unwrap();
         assert_eq!(scan.latest.unwrap().manifest.iteration, 10);
-        assert!(scan.rejected[0].reason.contains("size"), "{}", scan.rejected[0].reason);
+        assert!(
+            scan.rejected[0].reason.contains("size"),
+            "{}",
+            scan.rejected[0].reason
+        );
     }
 
     #[test]

@@ -54,7 +54,10 @@ pub fn check_compatible(
     if diffs.is_empty() || force {
         Ok(diffs)
     } else {
-        Err(CheckpointError::Incompatible { path: path.to_path_buf(), diffs })
+        Err(CheckpointError::Incompatible {
+            path: path.to_path_buf(),
+            diffs,
+        })
     }
 }
 
@@ -68,7 +71,10 @@ mod tests {
             iteration: 1,
             world_size: 1,
             config_hash: String::new(),
-            guarded: guarded.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            guarded: guarded
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             created_unix: 0,
             files: BTreeMap::new(),
         }
@@ -87,8 +93,11 @@ mod tests {
     #[test]
     fn changed_batch_size_is_refused_without_force_and_named() {
         let m = manifest_with(&[("training.train.batchSizePerGpu", "64")]);
-        let now: BTreeMap<String, String> =
-            [("training.train.batchSizePerGpu".to_string(), "32".to_string())].into();
+        let now: BTreeMap<String, String> = [(
+            "training.train.batchSizePerGpu".to_string(),
+            "32".to_string(),
+        )]
+        .into();
         let err = check_compatible(&m, "/c".as_ref(), &now, false).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("training.train.batchSizePerGpu: checkpoint has 64, config has 32"));
@@ -102,6 +111,10 @@ mod tests {
         let m = manifest_with(&[("training.model", "vit_small/16")]);
         let now: BTreeMap<String, String> =
             [("training.model".to_string(), "vit_small/16".to_string())].into();
-        assert!(check_compatible(&m, "/c".as_ref(), &now, false).unwrap().is_empty());
+        assert!(
+            check_compatible(&m, "/c".as_ref(), &now, false)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

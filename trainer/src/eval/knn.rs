@@ -20,7 +20,11 @@ pub struct KnnConfig {
 
 impl Default for KnnConfig {
     fn default() -> Self {
-        Self { ks: OFFICIAL_KS.to_vec(), temperature: OFFICIAL_TEMPERATURE, chunk: 1024 }
+        Self {
+            ks: OFFICIAL_KS.to_vec(),
+            temperature: OFFICIAL_TEMPERATURE,
+            chunk: 1024,
+        }
     }
 }
 
@@ -45,7 +49,13 @@ pub fn knn_classify(
     let n_train = train.size()[0];
     let n_test = test.size()[0];
     if n_train == 0 || n_test == 0 {
-        return Err(EvalError::Empty { what: if n_train == 0 { "k-NN train set" } else { "k-NN test set" } });
+        return Err(EvalError::Empty {
+            what: if n_train == 0 {
+                "k-NN train set"
+            } else {
+                "k-NN test set"
+            },
+        });
     }
     let _guard = tch::no_grad_guard();
     let train = normalize(train);
@@ -65,7 +75,9 @@ pub fn knn_classify(
         let targets = test_labels.narrow(0, start, len);
         let sims = feats.mm(&train_t);
         let (top_sims, top_idx) = sims.topk(max_k, 1, true, true);
-        let neighbour_labels = train_labels.index_select(0, &top_idx.view(-1)).view([len, max_k]);
+        let neighbour_labels = train_labels
+            .index_select(0, &top_idx.view(-1))
+            .view([len, max_k]);
         // Softmax over the max_k neighbours, as the official code does; for each sample this
         // is exp(sim/T) times one positive constant, so votes rank the same.
         let weights = (top_sims / config.temperature).softmax(1, Kind::Float);
@@ -110,13 +122,37 @@ mod tests {
 
     #[test]
     fn separable_clusters_are_classified_perfectly() {
-        let train = t(&[[1.0, 0.1], [1.0, -0.1], [0.9, 0.0], [-0.1, 1.0], [0.1, 1.0], [0.0, 0.8]]);
+        let train = t(&[
+            [1.0, 0.1],
+            [1.0, -0.1],
+            [0.9, 0.0],
+            [-0.1, 1.0],
+            [0.1, 1.0],
+            [0.0, 0.8],
+        ]);
         let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1]);
         let test = t(&[[2.0, 0.05], [0.05, 3.0]]);
         let test_labels = Tensor::from_slice(&[0i64, 1]);
-        let cfg = KnnConfig { ks: vec![1, 3], ..KnnConfig::default() };
+        let cfg = KnnConfig {
+            ks: vec![1, 3],
+            ..KnnConfig::default()
+        };
         let acc = knn_classify(&train, &labels, &test, &test_labels, 2, &cfg).unwrap();
-        assert_eq!(acc, [KnnAccuracy { k: 1, top1: 100.0, top5: 100.0 }, KnnAccuracy { k: 3, top1: 100.0, top5: 100.0 }]);
+        assert_eq!(
+            acc,
+            [
+                KnnAccuracy {
+                    k: 1,
+                    top1: 100.0,
+                    top5: 100.0
+                },
+                KnnAccuracy {
+                    k: 3,
+                    top1: 100.0,
+                    top5: 100.0
+                }
+            ]
+        );
     }
 
     #[test]
@@ -126,11 +162,34 @@ mod tests {
         let train = t(&[[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]]);
         let labels = Tensor::from_slice(&[0i64, 1, 1]);
         let test = t(&[[1.0, 0.0]]);
-        let cfg = KnnConfig { ks: vec![3], ..KnnConfig::default() };
-        let acc = knn_classify(&train, &labels, &test, &Tensor::from_slice(&[0i64]), 2, &cfg).unwrap();
+        let cfg = KnnConfig {
+            ks: vec![3],
+            ..KnnConfig::default()
+        };
+        let acc = knn_classify(
+            &train,
+            &labels,
+            &test,
+            &Tensor::from_slice(&[0i64]),
+            2,
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(acc[0].top1, 100.0);
-        let flat = KnnConfig { ks: vec![3], temperature: 100.0, ..KnnConfig::default() };
-        let acc = knn_classify(&train, &labels, &test, &Tensor::from_slice(&[0i64]), 2, &flat).unwrap();
+        let flat = KnnConfig {
+            ks: vec![3],
+            temperature: 100.0,
+            ..KnnConfig::default()
+        };
+        let acc = knn_classify(
+            &train,
+            &labels,
+            &test,
+            &Tensor::from_slice(&[0i64]),
+            2,
+            &flat,
+        )
+        .unwrap();
         assert_eq!(acc[0].top1, 0.0, "a near-uniform vote is a majority vote");
     }
 
@@ -139,8 +198,19 @@ mod tests {
         let train = t(&[[1.0, 0.0], [0.0, 1.0]]);
         let labels = Tensor::from_slice(&[0i64, 1]);
         let test = t(&[[100.0, 1.0], [0.001, 0.01]]);
-        let cfg = KnnConfig { ks: vec![1], ..KnnConfig::default() };
-        let acc = knn_classify(&train, &labels, &test, &Tensor::from_slice(&[0i64, 1]), 2, &cfg).unwrap();
+        let cfg = KnnConfig {
+            ks: vec![1],
+            ..KnnConfig::default()
+        };
+        let acc = knn_classify(
+            &train,
+            &labels,
+            &test,
+            &Tensor::from_slice(&[0i64, 1]),
+            2,
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(acc[0].top1, 100.0);
     }
 
@@ -151,7 +221,10 @@ mod tests {
         let labels = Tensor::randint(10, [2000], (Kind::Int64, tch::Device::Cpu));
         let test = Tensor::randn([1000, 16], (Kind::Float, tch::Device::Cpu));
         let test_labels = Tensor::randint(10, [1000], (Kind::Int64, tch::Device::Cpu));
-        let cfg = KnnConfig { chunk: 128, ..KnnConfig::default() };
+        let cfg = KnnConfig {
+            chunk: 128,
+            ..KnnConfig::default()
+        };
         let acc = knn_classify(&train, &labels, &test, &test_labels, 10, &cfg).unwrap();
         assert_eq!(acc.iter().map(|a| a.k).collect::<Vec<_>>(), OFFICIAL_KS);
         for a in acc {
@@ -164,7 +237,15 @@ mod tests {
     fn an_empty_test_set_is_an_error() {
         let train = t(&[[1.0, 0.0]]);
         let empty = Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu));
-        let err = knn_classify(&train, &Tensor::from_slice(&[0i64]), &empty, &Tensor::from_slice::<i64>(&[]), 2, &KnnConfig::default()).unwrap_err();
+        let err = knn_classify(
+            &train,
+            &Tensor::from_slice(&[0i64]),
+            &empty,
+            &Tensor::from_slice::<i64>(&[]),
+            2,
+            &KnnConfig::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("test set"));
     }
 }

@@ -54,10 +54,14 @@ pub fn linear_probe(
 ) -> Result<LinearResult, EvalError> {
     let n = train.size()[0];
     if n < 2 || test.size()[0] == 0 {
-        return Err(EvalError::Empty { what: "linear probe features" });
+        return Err(EvalError::Empty {
+            what: "linear probe features",
+        });
     }
     if config.learning_rates.is_empty() {
-        return Err(EvalError::Config("training.evaluation: the linear probe needs at least one learning rate".into()));
+        return Err(EvalError::Config(
+            "training.evaluation: the linear probe needs at least one learning rate".into(),
+        ));
     }
     let device = train.device();
     let train = train.to_kind(Kind::Float);
@@ -67,14 +71,27 @@ pub fn linear_probe(
     let n_val = ((n as f64 * config.val_fraction).round() as i64).clamp(1, n - 1);
     let val_idx = perm.narrow(0, 0, n_val);
     let fit_idx = perm.narrow(0, n_val, n - n_val);
-    let (x_fit, y_fit) = (train.index_select(0, &fit_idx), train_labels.index_select(0, &fit_idx));
-    let (x_val, y_val) = (train.index_select(0, &val_idx), train_labels.index_select(0, &val_idx));
+    let (x_fit, y_fit) = (
+        train.index_select(0, &fit_idx),
+        train_labels.index_select(0, &fit_idx),
+    );
+    let (x_val, y_val) = (
+        train.index_select(0, &val_idx),
+        train_labels.index_select(0, &val_idx),
+    );
 
     let dim = train.size()[1];
     let grid = config.learning_rates.len() as i64;
     let batch = config.batch_size.min(x_fit.size()[0]).max(1);
-    let lrs: Vec<f64> = config.learning_rates.iter().map(|lr| lr * batch as f64 / 256.0).collect();
-    let lr_t = Tensor::from_slice(&lrs).to_kind(Kind::Float).to_device(device).view([grid, 1, 1]);
+    let lrs: Vec<f64> = config
+        .learning_rates
+        .iter()
+        .map(|lr| lr * batch as f64 / 256.0)
+        .collect();
+    let lr_t = Tensor::from_slice(&lrs)
+        .to_kind(Kind::Float)
+        .to_device(device)
+        .view([grid, 1, 1]);
     // Official init: weight ~ N(0, 0.01), bias 0.
     let mut w = generator_normal(&[grid, dim, num_classes], 0.01, config.seed + 1, device);
     let mut b = Tensor::zeros([grid, 1, num_classes], (Kind::Float, device));
@@ -99,7 +116,8 @@ pub fn linear_probe(
                 .cross_entropy_for_logits(&y.repeat([grid]))
                 * grid as f64;
             loss.backward();
-            let cosine = 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let cosine =
+                0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
             tch::no_grad(|| {
                 vw = &vw * 0.9 + wg.grad();
                 vb = &vb * 0.9 + bg.grad();
@@ -112,7 +130,9 @@ pub fn linear_probe(
     let _guard = tch::no_grad_guard();
     let accuracy = |x: &Tensor, y: &Tensor| -> Vec<f64> {
         let pred = (x.to_kind(Kind::Float).unsqueeze(0).matmul(&w) + &b).argmax(-1, false);
-        let hits = pred.eq_tensor(&y.to_kind(Kind::Int64).unsqueeze(0)).to_kind(Kind::Float);
+        let hits = pred
+            .eq_tensor(&y.to_kind(Kind::Int64).unsqueeze(0))
+            .to_kind(Kind::Float);
         let acc = hits.mean_dim(1, false, Kind::Float) * 100.0;
         Vec::<f64>::try_from(acc.to_kind(Kind::Double)).expect("1-d accuracy vector")
     };
@@ -171,9 +191,16 @@ mod tests {
     /// Gaussian blobs around orthogonal class means: linearly separable.
     fn blobs(n_per_class: i64, classes: i64, dim: i64, seed: i64) -> (Tensor, Tensor) {
         let noise = generator_normal(&[n_per_class * classes, dim], 0.3, seed, Device::Cpu);
-        let labels = Tensor::arange(classes, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(n_per_class, 0, None);
+        let labels = Tensor::arange(classes, (Kind::Int64, Device::Cpu))
+            .repeat_interleave_self_int(n_per_class, 0, None);
         let means = Tensor::eye(classes, (Kind::Float, Device::Cpu)).narrow(1, 0, classes);
-        let means = Tensor::cat(&[means, Tensor::zeros([classes, dim - classes], (Kind::Float, Device::Cpu))], 1);
+        let means = Tensor::cat(
+            &[
+                means,
+                Tensor::zeros([classes, dim - classes], (Kind::Float, Device::Cpu)),
+            ],
+            1,
+        );
         (means.index_select(0, &labels) * 2.0 + noise, labels)
     }
 
@@ -181,7 +208,10 @@ mod tests {
     fn separable_features_are_learned_nearly_perfectly() {
         let (x, y) = blobs(100, 5, 16, 1);
         let (xt, yt) = blobs(40, 5, 16, 2);
-        let cfg = LinearConfig { epochs: 20, ..LinearConfig::default() };
+        let cfg = LinearConfig {
+            epochs: 20,
+            ..LinearConfig::default()
+        };
         let r = linear_probe(&x, &y, &xt, &yt, 5, &cfg).unwrap();
         assert!(r.test_top1 > 95.0, "{r:?}");
         assert_eq!(r.val_top1_per_lr.len(), cfg.learning_rates.len());
@@ -192,7 +222,11 @@ mod tests {
         let (x, y) = blobs(60, 4, 8, 3);
         let (xt, yt) = blobs(20, 4, 8, 4);
         // 1e-9 cannot move the weights away from their tiny random init.
-        let cfg = LinearConfig { learning_rates: vec![1e-9, 0.1], epochs: 10, ..LinearConfig::default() };
+        let cfg = LinearConfig {
+            learning_rates: vec![1e-9, 0.1],
+            epochs: 10,
+            ..LinearConfig::default()
+        };
         let r = linear_probe(&x, &y, &xt, &yt, 4, &cfg).unwrap();
         assert_eq!(r.best_lr, 0.1, "{r:?}");
         assert!(r.val_top1_per_lr[0] < r.val_top1_per_lr[1]);
@@ -211,7 +245,10 @@ mod tests {
     #[test]
     fn the_probe_is_deterministic() {
         let (x, y) = blobs(30, 3, 6, 5);
-        let cfg = LinearConfig { epochs: 3, ..LinearConfig::default() };
+        let cfg = LinearConfig {
+            epochs: 3,
+            ..LinearConfig::default()
+        };
         let a = linear_probe(&x, &y, &x, &y, 3, &cfg).unwrap();
         let b = linear_probe(&x, &y, &x, &y, 3, &cfg).unwrap();
         assert_eq!(a, b);

@@ -53,9 +53,15 @@ where
         labels.push(y.to_device(tch::Device::Cpu));
     }
     if cls.is_empty() {
-        return Err(EvalError::Empty { what: "evaluation split" });
+        return Err(EvalError::Empty {
+            what: "evaluation split",
+        });
     }
-    Ok(SplitFeatures { cls: Tensor::cat(&cls, 0), linear: Tensor::cat(&lin, 0), labels: Tensor::cat(&labels, 0) })
+    Ok(SplitFeatures {
+        cls: Tensor::cat(&cls, 0),
+        linear: Tensor::cat(&lin, 0),
+        labels: Tensor::cat(&labels, 0),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -91,15 +97,37 @@ impl EvalReport {
 
     /// The headline number: k-NN top-1 at k=20 (the official summary), else the first k.
     pub fn knn_top1(&self) -> Option<f64> {
-        self.knn.iter().find(|a| a.k == 20).or(self.knn.first()).map(|a| a.top1)
+        self.knn
+            .iter()
+            .find(|a| a.k == 20)
+            .or(self.knn.first())
+            .map(|a| a.top1)
     }
 }
 
 /// Runs k-NN and (if configured) the linear probe on extracted features.
-pub fn evaluate(train: &SplitFeatures, test: &SplitFeatures, config: &EvalConfig) -> Result<EvalReport, EvalError> {
-    let knn = knn_classify(&train.cls, &train.labels, &test.cls, &test.labels, config.num_classes, &config.knn)?;
+pub fn evaluate(
+    train: &SplitFeatures,
+    test: &SplitFeatures,
+    config: &EvalConfig,
+) -> Result<EvalReport, EvalError> {
+    let knn = knn_classify(
+        &train.cls,
+        &train.labels,
+        &test.cls,
+        &test.labels,
+        config.num_classes,
+        &config.knn,
+    )?;
     let linear = match &config.linear {
-        Some(cfg) => Some(linear_probe(&train.linear, &train.labels, &test.linear, &test.labels, config.num_classes, cfg)?),
+        Some(cfg) => Some(linear_probe(
+            &train.linear,
+            &train.labels,
+            &test.linear,
+            &test.labels,
+            config.num_classes,
+            cfg,
+        )?),
         None => None,
     };
     Ok(EvalReport { knn, linear })
@@ -121,25 +149,50 @@ mod tests {
             })
         };
         let extract = |x: &Tensor| {
-            let f = x.to_kind(Kind::Int64).view(-1).one_hot(3).to_kind(Kind::Float) + 0.01;
-            BatchFeatures { cls: f.shallow_clone(), linear: f }
+            let f = x
+                .to_kind(Kind::Int64)
+                .view(-1)
+                .one_hot(3)
+                .to_kind(Kind::Float)
+                + 0.01;
+            BatchFeatures {
+                cls: f.shallow_clone(),
+                linear: f,
+            }
         };
         let train = extract_features(batches(30), extract).unwrap();
         let test = extract_features(batches(6), extract).unwrap();
         assert_eq!(train.cls.size(), [60, 3]);
-        let config = EvalConfig { num_classes: 3, knn: KnnConfig { ks: vec![10, 20], ..KnnConfig::default() }, linear: Some(LinearConfig { epochs: 30, ..LinearConfig::default() }) };
+        let config = EvalConfig {
+            num_classes: 3,
+            knn: KnnConfig {
+                ks: vec![10, 20],
+                ..KnnConfig::default()
+            },
+            linear: Some(LinearConfig {
+                epochs: 30,
+                ..LinearConfig::default()
+            }),
+        };
         let report = evaluate(&train, &test, &config).unwrap();
         assert_eq!(report.knn_top1(), Some(100.0));
         let flat = report.flat();
         assert!(flat.contains(&("knn_top1_k10".to_string(), 100.0)));
-        assert!(flat.iter().any(|(k, v)| k == "linear_top1" && *v > 90.0), "{flat:?}");
+        assert!(
+            flat.iter().any(|(k, v)| k == "linear_top1" && *v > 90.0),
+            "{flat:?}"
+        );
         let _ = Device::Cpu;
     }
 
     #[test]
     fn no_batches_is_a_clear_error() {
         let none: Vec<Result<(Tensor, Tensor), EvalError>> = Vec::new();
-        let err = extract_features(none, |x| BatchFeatures { cls: x.shallow_clone(), linear: x.shallow_clone() }).unwrap_err();
+        let err = extract_features(none, |x| BatchFeatures {
+            cls: x.shallow_clone(),
+            linear: x.shallow_clone(),
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("empty"));
     }
 }

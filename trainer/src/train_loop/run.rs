@@ -189,3 +189,27 @@ mod tests {
         assert_eq!(Outcome::Finished { iteration: 4 }.exit_code(), 0);
     }
 }
+
+/// The binary's entry, to become `main.rs` once `dinoflow_api::load` is merged: validate
+/// prints the resolved config or exits 78 naming the YAML path; train maps outcomes and
+/// errors to the exit-code contract.
+pub fn main_entry(cli: crate::cli::Cli) -> i32 {
+    use crate::cli::Command;
+    match cli.command {
+        Command::Validate { config } => match dinoflow_api::load::load_training_config(&config) {
+            Ok(resolved) => {
+                print!("{}", dinoflow_api::load::render_yaml(&resolved));
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", config.display());
+                e.exit_code()
+            }
+        },
+        Command::Train(args) => {
+            let _ = args;
+            // Wiring of the real components (meta_arch + loader + schedules) goes here.
+            PERMANENT_FAILURE
+        }
+    }
+}

@@ -24,7 +24,11 @@ impl Toy {
 
 impl Trainable for Toy {
     type Batch = (Tensor, Tensor);
-    fn train_step(&mut self, (x, y): &Self::Batch, v: &ScheduleValues) -> Result<LossTerms, StepError> {
+    fn train_step(
+        &mut self,
+        (x, y): &Self::Batch,
+        v: &ScheduleValues,
+    ) -> Result<LossTerms, StepError> {
         let w = self.student.detach().set_requires_grad(true);
         let loss = (x.mv(&w) - y).square().mean(Kind::Float);
         loss.backward();
@@ -44,14 +48,31 @@ impl Trainable for Toy {
     }
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
         [
-            ("student".to_string(), vec![("w".to_string(), self.student.shallow_clone())]),
-            ("teacher".to_string(), vec![("w".to_string(), self.teacher.shallow_clone())]),
-            ("optimizer".to_string(), vec![("momentum.w".to_string(), self.momentum_buf.shallow_clone())]),
+            (
+                "student".to_string(),
+                vec![("w".to_string(), self.student.shallow_clone())],
+            ),
+            (
+                "teacher".to_string(),
+                vec![("w".to_string(), self.teacher.shallow_clone())],
+            ),
+            (
+                "optimizer".to_string(),
+                vec![("momentum.w".to_string(), self.momentum_buf.shallow_clone())],
+            ),
         ]
         .into()
     }
-    fn load_state(&mut self, mut s: BTreeMap<String, Vec<(String, Tensor)>>) -> Result<(), StepError> {
-        let mut take = |g: &str| s.remove(g).and_then(|mut v| v.pop()).map(|(_, t)| t).ok_or_else(|| StepError(format!("missing {g}")));
+    fn load_state(
+        &mut self,
+        mut s: BTreeMap<String, Vec<(String, Tensor)>>,
+    ) -> Result<(), StepError> {
+        let mut take = |g: &str| {
+            s.remove(g)
+                .and_then(|mut v| v.pop())
+                .map(|(_, t)| t)
+                .ok_or_else(|| StepError(format!("missing {g}")))
+        };
         self.student = take("student")?;
         self.teacher = take("teacher")?;
         self.momentum_buf = take("optimizer")?;
@@ -81,7 +102,9 @@ impl BatchSource for Data {
         serde_json::json!({ "next": self.next })
     }
     fn seek(&mut self, p: &serde_json::Value) -> Result<(), StepError> {
-        self.next = p["next"].as_u64().ok_or_else(|| StepError("bad position".into()))?;
+        self.next = p["next"]
+            .as_u64()
+            .ok_or_else(|| StepError("bad position".into()))?;
         Ok(())
     }
 }
@@ -90,7 +113,13 @@ struct Cosine(u64);
 impl Schedules for Cosine {
     fn at(&self, it: u64) -> ScheduleValues {
         let c = 0.5 * (1.0 + (std::f64::consts::PI * it as f64 / self.0 as f64).cos());
-        ScheduleValues { lr: 0.05 * c, weight_decay: 0.04, teacher_momentum: 0.996, teacher_temperature: 0.07, last_layer_lr: 0.05 * c }
+        ScheduleValues {
+            lr: 0.05 * c,
+            weight_decay: 0.04,
+            teacher_momentum: 0.996,
+            teacher_temperature: 0.07,
+            last_layer_lr: 0.05 * c,
+        }
     }
 }
 
@@ -134,10 +163,22 @@ fn run(dir: &std::path::Path, total: u64, model: Toy, resume: bool, stop: bool) 
         jsonl: &mut jsonl,
         stop: Arc::new(AtomicBool::new(stop)),
     };
-    let start = if resume { lp.restore(&ckpts.latest_verified().unwrap().unwrap()).unwrap() } else { 0 };
+    let start = if resume {
+        lp.restore(&ckpts.latest_verified().unwrap().unwrap())
+            .unwrap()
+    } else {
+        0
+    };
     let outcome = lp.run(start);
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    Run { outcome, model, jsonl: text.lines().map(|l| serde_json::from_str(l).unwrap()).collect() }
+    Run {
+        outcome,
+        model,
+        jsonl: text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    }
 }
 
 #[test]
@@ -147,10 +188,17 @@ fn a_finished_run_writes_losses_checkpoints_and_the_final_checkpoint() {
     assert_eq!(r.outcome.unwrap(), Outcome::Finished { iteration: 10 });
     let train: Vec<_> = r.jsonl.iter().filter(|l| l["type"] == "train").collect();
     assert_eq!(train.len(), 10);
-    assert!(train[9]["losses"]["mse"].as_f64().unwrap() < train[0]["losses"]["mse"].as_f64().unwrap());
+    assert!(
+        train[9]["losses"]["mse"].as_f64().unwrap() < train[0]["losses"]["mse"].as_f64().unwrap()
+    );
     assert!(train[4]["images_per_second"].as_f64().unwrap() > 0.0);
     assert!(train[4]["mfu"].as_f64().is_some());
-    let ckpts: Vec<u64> = r.jsonl.iter().filter(|l| l["type"] == "checkpoint").map(|l| l["iteration"].as_u64().unwrap()).collect();
+    let ckpts: Vec<u64> = r
+        .jsonl
+        .iter()
+        .filter(|l| l["type"] == "checkpoint")
+        .map(|l| l["iteration"].as_u64().unwrap())
+        .collect();
     assert_eq!(ckpts, [4, 8, 10]);
 }
 
@@ -164,9 +212,19 @@ fn resuming_from_a_checkpoint_matches_an_uninterrupted_run_bitwise() {
     let resumed = run(split.path(), 16, Toy::new(), true, false);
     assert!(resumed.model.student.equal(&full.model.student));
     assert!(resumed.model.teacher.equal(&full.model.teacher));
-    let losses = |r: &Run| -> Vec<f64> { r.jsonl.iter().filter(|l| l["type"] == "train").map(|l| l["losses"]["total"].as_f64().unwrap()).collect() };
+    let losses = |r: &Run| -> Vec<f64> {
+        r.jsonl
+            .iter()
+            .filter(|l| l["type"] == "train")
+            .map(|l| l["losses"]["total"].as_f64().unwrap())
+            .collect()
+    };
     let (a, b) = (losses(&full), losses(&resumed));
-    assert_eq!(&a[..], &b[..], "the JSONL of the resumed run holds both halves in order");
+    assert_eq!(
+        &a[..],
+        &b[..],
+        "the JSONL of the resumed run holds both halves in order"
+    );
 }
 
 #[test]
@@ -176,7 +234,12 @@ fn a_non_finite_loss_stops_with_the_last_finite_values() {
     model.poison_at = Some(6);
     let r = run(dir.path(), 10, model, false, false);
     match r.outcome.unwrap_err() {
-        LoopError::NonFiniteLoss { iteration, last_iteration, last_finite, .. } => {
+        LoopError::NonFiniteLoss {
+            iteration,
+            last_iteration,
+            last_finite,
+            ..
+        } => {
             assert_eq!(iteration, 5);
             assert_eq!(last_iteration, 5);
             assert!(last_finite.contains("mse="), "{last_finite}");
@@ -191,5 +254,8 @@ fn a_stop_signal_writes_a_checkpoint_and_stops() {
     let r = run(dir.path(), 10, Toy::new(), false, true);
     assert_eq!(r.outcome.unwrap(), Outcome::Stopped { iteration: 0 });
     let mgr = CheckpointManager::open(dir.path().join("checkpoints"), 10).unwrap();
-    assert_eq!(mgr.latest_verified().unwrap().unwrap().manifest.iteration, 0);
+    assert_eq!(
+        mgr.latest_verified().unwrap().unwrap().manifest.iteration,
+        0
+    );
 }

@@ -70,7 +70,7 @@ pub(crate) mod tests {
         }
         fn all_reduce_sum(&self, t: &mut Tensor) {
             *self.calls.lock().unwrap() += 1;
-            let _ = t.g_mul_scalar_(self.world_size as f64);
+            let _ = t.g_mul_scalar_(self.world_size as i64);
         }
     }
 

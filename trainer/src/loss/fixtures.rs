@@ -127,6 +127,17 @@ pub(crate) fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
+/// Asserts that a float64 value equals a JSON-printed reference value. serde_json's default
+/// float parser (without the workspace-wide `float_roundtrip` feature) may land one ulp off the
+/// printed value, so "exact" allows 2 ulps.
+pub(crate) fn assert_f64_exact(what: &str, ours: f64, reference: f64) {
+    let ulps = (ours - reference).abs() / (f64::EPSILON * reference.abs().max(f64::MIN_POSITIVE));
+    assert!(
+        ulps <= 2.0,
+        "{what}: ours {ours:?} vs reference {reference:?} ({ulps:.1} ulp apart)"
+    );
+}
+
 /// Asserts a scalar relative error `|ours − ref| / |ref| ≤ tol`.
 pub(crate) fn assert_scalar_close(what: &str, ours: f64, reference: f64, tol: f64) {
     let e = (ours - reference).abs() / reference.abs().max(f64::MIN_POSITIVE);

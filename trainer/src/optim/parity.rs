@@ -13,7 +13,7 @@ use super::{
     student_param_multipliers,
 };
 use crate::loss::fixtures::{
-    Fixture, OrderedObject, assert_scalar_close, fixture_json_text, rel_err,
+    Fixture, OrderedObject, assert_f64_exact, assert_scalar_close, fixture_json_text, rel_err,
 };
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -39,7 +39,7 @@ fn schedules_match_the_reference_exactly_at_every_listed_iteration() {
         count(setup, "batch_size_per_gpu"),
         count(setup, "world_size"),
     );
-    assert_eq!(lr, num(setup, "lr"), "scaled lr");
+    assert_f64_exact("scaled lr", lr, num(setup, "lr"));
     let cfg = SchedulesConfig {
         lr,
         min_lr: num(setup, "min_lr"),
@@ -70,7 +70,7 @@ fn schedules_match_the_reference_exactly_at_every_listed_iteration() {
             ("teacher_temp", got.teacher_temp),
             ("last_layer_lr", got.last_layer_lr),
         ] {
-            assert_eq!(ours, num(want, name), "{name} at iteration {it}");
+            assert_f64_exact(&format!("{name} at iteration {it}"), ours, num(want, name));
         }
     }
 }
@@ -96,6 +96,12 @@ fn multipliers_of(v: &Value) -> ParamMultipliers {
     }
 }
 
+fn assert_same_multipliers(key: &str, ours: &ParamMultipliers, want: &ParamMultipliers) {
+    assert_f64_exact(&format!("lr_mult of {key}"), ours.lr_mult, want.lr_mult);
+    assert_f64_exact(&format!("wd_mult of {key}"), ours.wd_mult, want.wd_mult);
+    assert_eq!(ours.is_last_layer, want.is_last_layer, "is_last_layer of {key}");
+}
+
 #[test]
 fn param_group_multipliers_match_the_reference_for_flat_and_chunked_names() {
     let fx: ParamGroupsFixture = serde_json::from_str(&fixture_json_text("schedules")).unwrap();
@@ -110,7 +116,7 @@ fn param_group_multipliers_match_the_reference_for_flat_and_chunked_names() {
         let mut ours = Vec::new();
         for (key, want) in &table.0 {
             let got = student_param_multipliers(key, depth, &cfg).unwrap();
-            assert_eq!(got, multipliers_of(want), "multipliers of {key}");
+            assert_same_multipliers(key, &got, &multipliers_of(want));
             ours.push((key.clone(), got));
         }
         let groups = fuse_param_groups(&ours);
@@ -120,16 +126,10 @@ fn param_group_multipliers_match_the_reference_for_flat_and_chunked_names() {
             "number of fused groups"
         );
         for (i, (g, want)) in groups.iter().zip(&pg.fused_groups).enumerate() {
-            assert_eq!(
-                g.multipliers.lr_mult,
-                num(want, "lr_multiplier"),
-                "group {i} lr"
-            );
-            assert_eq!(
-                g.multipliers.wd_mult,
-                num(want, "wd_multiplier"),
-                "group {i} wd"
-            );
+            let lr = num(want, "lr_multiplier");
+            assert_f64_exact(&format!("group {i} lr"), g.multipliers.lr_mult, lr);
+            let wd = num(want, "wd_multiplier");
+            assert_f64_exact(&format!("group {i} wd"), g.multipliers.wd_mult, wd);
             assert_eq!(
                 g.multipliers.is_last_layer,
                 want["is_last_layer"].as_bool().unwrap(),
@@ -222,7 +222,7 @@ fn adamw_step_and_teacher_ema_reproduce_the_reference_weights() {
         .zip(&student)
         .map(|(k, p)| {
             let m = student_param_multipliers(k, depth, &group_cfg).unwrap();
-            assert_eq!(m, multipliers_of(&table[k.as_str()]), "multipliers of {k}");
+            assert_same_multipliers(k, &m, &multipliers_of(&table[k.as_str()]));
             (k.clone(), p.shallow_clone(), m)
         })
         .collect();
@@ -235,8 +235,8 @@ fn adamw_step_and_teacher_ema_reproduce_the_reference_weights() {
     for k in &keys {
         let want = &table[k.as_str()];
         let (lr, wd) = opt.hyper(k).unwrap();
-        assert_eq!(lr, num(want, "lr"), "lr of {k}");
-        assert_eq!(wd, num(want, "weight_decay"), "weight decay of {k}");
+        assert_f64_exact(&format!("lr of {k}"), lr, num(want, "lr"));
+        assert_f64_exact(&format!("weight decay of {k}"), wd, num(want, "weight_decay"));
     }
     let grads: Vec<Option<Tensor>> = keys
         .iter()

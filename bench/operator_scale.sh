@@ -26,13 +26,13 @@ source "$ROOT/scripts/env.sh"
 log "building dinoflow-operator and crdgen (release)"
 cargo build --release -q -p dinoflow-operator -p dinoflow-api --bins --manifest-path "$ROOT/Cargo.toml"
 eval "$("$ROOT/scripts/cluster.sh" up --dir "$WORK/cluster" --owner-pid $$)"
-"$ROOT/target/release/crdgen" > "$WORK/crds.yaml"
+"${CARGO_TARGET_DIR:-$ROOT/target}/release/crdgen" > "$WORK/crds.yaml"
 kubectl apply --server-side -f "$WORK/crds.yaml" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s -f "$WORK/crds.yaml" >/dev/null
 kubectl create namespace "$NS" >/dev/null
 
 head -c 32 /dev/urandom > "$WORK/key"
-"$ROOT/target/release/dinoflow-operator" --progress-key-file "$WORK/key" \
+"${CARGO_TARGET_DIR:-$ROOT/target}/release/dinoflow-operator" --progress-key-file "$WORK/key" \
   --health-addr "127.0.0.1:$HEALTH_PORT" --progress-addr 127.0.0.1:0 --log-format text \
   > "$WORK/operator.log" 2>&1 &
 OP_PID=$!

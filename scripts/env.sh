@@ -18,3 +18,6 @@ if [[ -d "$DINOFLOW_VENV" ]]; then
 fi
 case ":$PATH:" in *":$DINOFLOW_CACHE/bin:"*) ;; *) export PATH="$DINOFLOW_CACHE/bin:$PATH" ;; esac
 case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac
+# One build directory for every clone (CI builds a fresh clone each time): warm runs then
+# recompile only the project's own crates. Override by exporting CARGO_TARGET_DIR first.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$DINOFLOW_CACHE/target}"

@@ -332,10 +332,12 @@ mod tests {
     fn sinkhorn_targets_leave_the_center_alone() {
         let mut l = loss(4);
         let t = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
-        let _ = l.teacher_targets(CenteringMode::SinkhornKnopp, &t, 0.04, &Single)
+        let _ = l
+            .teacher_targets(CenteringMode::SinkhornKnopp, &t, 0.04, &Single)
             .unwrap();
         assert!(!l.center().has_pending());
-        let _ = l.teacher_targets(CenteringMode::Centering, &t, 0.04, &Single)
+        let _ = l
+            .teacher_targets(CenteringMode::Centering, &t, 0.04, &Single)
             .unwrap();
         assert!(l.center().has_pending());
     }

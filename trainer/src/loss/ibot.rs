@@ -273,7 +273,8 @@ mod tests {
         let mut l = loss(2);
         assert_eq!(l.center().center().size(), vec![1, 1, 2]);
         let t = Tensor::from_slice(&[1.0f32, 0.0, 3.0, 0.0]).view([2, 2]);
-        let _ = l.teacher_targets(CenteringMode::Centering, &t, 0.04, 2, &Single)
+        let _ = l
+            .teacher_targets(CenteringMode::Centering, &t, 0.04, 2, &Single)
             .unwrap();
         l.center_mut().apply_pending();
         let c = Vec::<f32>::try_from(&l.center().center().flatten(0, -1)).unwrap();

@@ -275,12 +275,14 @@ mod tests {
     #[test]
     fn sinkhorn_targets_are_distributions_with_more_balanced_prototypes_than_softmax() {
         // Deterministic, unbalanced logits: prototype k is favoured by many rows.
-        let logits = (Tensor::arange(64 * 16, (Kind::Float, Device::Cpu)).view([64, 16]) * 0.37)
-            .sin()
-            * 0.2;
+        let logits =
+            (Tensor::arange(64 * 16, (Kind::Float, Device::Cpu)).view([64, 16]) * 0.37).sin() * 0.2;
         let q = sinkhorn_knopp(&logits, 0.05, 64, SINKHORN_ITERATIONS, &Single).unwrap();
         let row_sums = vec_of(&q.sum_dim_intlist(&[1i64][..], false, None::<Kind>));
-        assert!(row_sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{row_sums:?}");
+        assert!(
+            row_sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "{row_sums:?}"
+        );
         // Equipartition: the mass per prototype spreads far less than under a plain softmax.
         let spread = |t: &Tensor| {
             t.sum_dim_intlist(&[0i64][..], false, None::<Kind>)

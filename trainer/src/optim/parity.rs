@@ -99,7 +99,10 @@ fn multipliers_of(v: &Value) -> ParamMultipliers {
 fn assert_same_multipliers(key: &str, ours: &ParamMultipliers, want: &ParamMultipliers) {
     assert_f64_exact(&format!("lr_mult of {key}"), ours.lr_mult, want.lr_mult);
     assert_f64_exact(&format!("wd_mult of {key}"), ours.wd_mult, want.wd_mult);
-    assert_eq!(ours.is_last_layer, want.is_last_layer, "is_last_layer of {key}");
+    assert_eq!(
+        ours.is_last_layer, want.is_last_layer,
+        "is_last_layer of {key}"
+    );
 }
 
 #[test]
@@ -236,7 +239,11 @@ fn adamw_step_and_teacher_ema_reproduce_the_reference_weights() {
         let want = &table[k.as_str()];
         let (lr, wd) = opt.hyper(k).unwrap();
         assert_f64_exact(&format!("lr of {k}"), lr, num(want, "lr"));
-        assert_f64_exact(&format!("weight decay of {k}"), wd, num(want, "weight_decay"));
+        assert_f64_exact(
+            &format!("weight decay of {k}"),
+            wd,
+            num(want, "weight_decay"),
+        );
     }
     let grads: Vec<Option<Tensor>> = keys
         .iter()

@@ -1,5 +1,7 @@
 //! `DistillJob`: distillation of a smaller student from a frozen, larger teacher (the
 //! DINOv2 recipe that produced the released ViT-S/B/L from ViT-g).
+// clippy reads the repeated keys of kube's `printcolumn(...)` lists as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;

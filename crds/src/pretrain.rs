@@ -1,4 +1,6 @@
 //! `PretrainJob`: DINOv2 self-supervised pretraining from scratch.
+// clippy reads the repeated keys of kube's `printcolumn(...)` lists as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;

@@ -34,10 +34,13 @@ mod tests {
     fn checked_in_crds_equal_crdgen_output() {
         for (name, yaml) in all() {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/").to_string() + name;
+            if std::env::var_os("DINOFLOW_UPDATE_CRDS").is_some() {
+                std::fs::write(&path, &yaml).unwrap();
+            }
             let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 on_disk == yaml,
-                "crds/{name} is stale; regenerate it with `cargo run -p dinoflow-api --bin crdgen -- --write crds`"
+                "crds/{name} is stale; regenerate it with `cargo run -p dinoflow-api --bin crdgen -- --write crds` (or DINOFLOW_UPDATE_CRDS=1 cargo test -p dinoflow-api checked_in)"
             );
         }
     }
@@ -52,20 +55,32 @@ mod tests {
     #[test]
     fn training_schema_carries_no_defaults_but_documents_them() {
         let text = training_schema().to_string();
-        assert!(!text.contains("\"default\""), "a default would defeat presets");
+        assert!(
+            !text.contains("\"default\""),
+            "a default would defeat presets"
+        );
         let base_lr = &training_schema()["properties"]["optim"]["properties"]["baseLr"];
         let desc = base_lr["description"].as_str().unwrap();
-        assert!(desc.contains("official `optim.base_lr`") && desc.ends_with("Default: 0.004."), "{desc}");
+        assert!(
+            desc.contains("official `optim.base_lr`") && desc.ends_with("Default: 0.004."),
+            "{desc}"
+        );
     }
 
     #[test]
     fn training_schema_holds_every_cel_rule_with_its_message() {
-        let rules = training_schema()["x-kubernetes-validations"].as_array().unwrap().clone();
-        assert_eq!(rules.len(), crate::training::rules::rules().len());
-        assert!(rules.iter().any(|r| r["message"]
-            .as_str()
+        let rules = training_schema()["x-kubernetes-validations"]
+            .as_array()
             .unwrap()
-            .starts_with("training.crops.localCropsScale: min must be <= max; swap the two values")));
+            .clone();
+        assert_eq!(rules.len(), crate::training::rules::rules().len());
+        assert!(
+            rules
+                .iter()
+                .any(|r| r["message"].as_str().unwrap().starts_with(
+                    "training.crops.localCropsScale: min must be <= max; swap the two values"
+                ))
+        );
     }
 
     #[test]
@@ -79,9 +94,25 @@ mod tests {
         let v = &p.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         assert!(v.subresources.as_ref().unwrap().status.is_some());
-        let cols: Vec<_> =
-            v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(cols, ["Phase", "Iteration", "Total", "Nodes", "GPUs/Node", "Restarts", "Age"]);
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "Phase",
+                "Iteration",
+                "Total",
+                "Nodes",
+                "GPUs/Node",
+                "Restarts",
+                "Age"
+            ]
+        );
     }
 
     fn schema_of(kind: &str) -> serde_json::Value {
@@ -133,7 +164,11 @@ mod tests {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            let expect = text.lines().next().unwrap().trim_start_matches("# expect: ");
+            let expect = text
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("# expect: ");
             if !expect.contains(": ") {
                 continue;
             }
@@ -153,7 +188,12 @@ mod tests {
         let mut new = old.clone();
         new["spec"]["training"]["optim"]["epochs"] = serde_json::json!(3);
         let errors = cel_errors(&new, Some(&old));
-        assert!(errors.iter().any(|e| e.contains("spec.training is immutable")), "{errors:#?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("spec.training is immutable")),
+            "{errors:#?}"
+        );
         assert!(cel_errors(&old, Some(&old)).is_empty());
     }
 }

@@ -1,5 +1,7 @@
 //! `DistillJob`: distillation of a smaller student from a frozen, larger teacher (the
 //! DINOv2 recipe that produced the released ViT-S/B/L from ViT-g).
+// clippy reads the repeated keys of kube's `printcolumn(...)` lists as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;
@@ -140,8 +142,8 @@ pub mod teacher_rules {
     pub fn attach_cel(schema: &mut Schema) {
         for r in &RULES {
             let path = r.field.strip_prefix("teacher").unwrap_or_default();
-            let mut rule =
-                kube_core::Rule::new(r.cel).message(format!("spec.{}: {}", r.field, r.message).as_str());
+            let mut rule = kube_core::Rule::new(r.cel)
+                .message(format!("spec.{}: {}", r.field, r.message).as_str());
             if !path.is_empty() {
                 rule = rule.field_path(path);
             }
@@ -200,11 +202,23 @@ impl Default for DistillationConfig {
     derive = "PartialEq",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Iteration", type_ = "integer", json_path = ".status.iteration"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalIterations"),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.totalIterations"
+    ),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.cluster.nodes"),
-    printcolumn(name = "GPUs/Node", type_ = "integer", json_path = ".spec.cluster.gpusPerNode"),
+    printcolumn(
+        name = "GPUs/Node",
+        type_ = "integer",
+        json_path = ".spec.cluster.gpusPerNode"
+    ),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(transform = crate::pretrain::training_is_immutable, transform = teacher_is_immutable)]

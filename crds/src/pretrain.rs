@@ -1,4 +1,6 @@
 //! `PretrainJob`: DINOv2 self-supervised pretraining from scratch.
+// clippy reads the repeated keys of kube's `printcolumn(...)` lists as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;
@@ -24,11 +26,23 @@ use crate::training::TrainingConfig;
     derive = "PartialEq",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Iteration", type_ = "integer", json_path = ".status.iteration"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalIterations"),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.totalIterations"
+    ),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.cluster.nodes"),
-    printcolumn(name = "GPUs/Node", type_ = "integer", json_path = ".spec.cluster.gpusPerNode"),
+    printcolumn(
+        name = "GPUs/Node",
+        type_ = "integer",
+        json_path = ".spec.cluster.gpusPerNode"
+    ),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(transform = training_is_immutable)]
@@ -45,7 +59,9 @@ pub struct PretrainJobSpec {
 /// it, and a resumed run must train the same model). Shared by both job kinds.
 pub(crate) fn training_is_immutable(schema: &mut schemars::Schema) {
     let rule = kube_core::Rule::new("self.training == oldSelf.training")
-        .message("spec.training is immutable; create a new job to change the training configuration")
+        .message(
+            "spec.training is immutable; create a new job to change the training configuration",
+        )
         .field_path(".training");
     kube_core::validate(schema, rule).expect("rule serialises");
 }

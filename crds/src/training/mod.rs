@@ -213,7 +213,10 @@ mod tests {
         )
         .unwrap();
         let head = &c.precision.student.dino_head;
-        assert_eq!((head.param_dtype, head.reduce_dtype), (Dtype::Bf16, Dtype::Fp32));
+        assert_eq!(
+            (head.param_dtype, head.reduce_dtype),
+            (Dtype::Bf16, Dtype::Fp32)
+        );
         assert_eq!(c.precision.student.backbone.reduce_dtype, Dtype::Fp16);
         assert_eq!(c.optim.epochs, 3);
         assert_eq!(c.optim.base_lr, 0.004);

@@ -136,12 +136,36 @@ impl PrecisionConfig {
         let t = &self.teacher;
         let mut out = Vec::with_capacity(18);
         for (p, r, b) in [
-            (s.backbone.param_dtype, s.backbone.reduce_dtype, s.backbone.buffer_dtype),
-            (s.dino_head.param_dtype, s.dino_head.reduce_dtype, s.dino_head.buffer_dtype),
-            (s.ibot_head.param_dtype, s.ibot_head.reduce_dtype, s.ibot_head.buffer_dtype),
-            (t.backbone.param_dtype, t.backbone.reduce_dtype, t.backbone.buffer_dtype),
-            (t.dino_head.param_dtype, t.dino_head.reduce_dtype, t.dino_head.buffer_dtype),
-            (t.ibot_head.param_dtype, t.ibot_head.reduce_dtype, t.ibot_head.buffer_dtype),
+            (
+                s.backbone.param_dtype,
+                s.backbone.reduce_dtype,
+                s.backbone.buffer_dtype,
+            ),
+            (
+                s.dino_head.param_dtype,
+                s.dino_head.reduce_dtype,
+                s.dino_head.buffer_dtype,
+            ),
+            (
+                s.ibot_head.param_dtype,
+                s.ibot_head.reduce_dtype,
+                s.ibot_head.buffer_dtype,
+            ),
+            (
+                t.backbone.param_dtype,
+                t.backbone.reduce_dtype,
+                t.backbone.buffer_dtype,
+            ),
+            (
+                t.dino_head.param_dtype,
+                t.dino_head.reduce_dtype,
+                t.dino_head.buffer_dtype,
+            ),
+            (
+                t.ibot_head.param_dtype,
+                t.ibot_head.reduce_dtype,
+                t.ibot_head.buffer_dtype,
+            ),
         ] {
             out.extend([p, r, b]);
         }

@@ -195,10 +195,19 @@ pub fn rules() -> Vec<Rule> {
             field: "crops.localCropsSize",
             constraint: "must be <= training.crops.globalCropsSize",
             fix: "local crops are the small views; make them smaller than the global crops",
-            cel: || format!("{} <= {}", eff("crops.localCropsSize"), eff("crops.globalCropsSize")),
+            cel: || {
+                format!(
+                    "{} <= {}",
+                    eff("crops.localCropsSize"),
+                    eff("crops.globalCropsSize")
+                )
+            },
             check: |c| {
                 (c.crops.local_crops_size > c.crops.global_crops_size).then(|| {
-                    format!("{} > {}", c.crops.local_crops_size, c.crops.global_crops_size)
+                    format!(
+                        "{} > {}",
+                        c.crops.local_crops_size, c.crops.global_crops_size
+                    )
                 })
             },
         },
@@ -225,7 +234,9 @@ pub fn rules() -> Vec<Rule> {
             },
             check: |c| {
                 let s = c.crops.global_crops_scale;
-                s.iter().any(|x| unit_open_closed(*x).is_some()).then(|| pair(s))
+                s.iter()
+                    .any(|x| unit_open_closed(*x).is_some())
+                    .then(|| pair(s))
             },
         },
         Rule {
@@ -251,7 +262,9 @@ pub fn rules() -> Vec<Rule> {
             },
             check: |c| {
                 let s = c.crops.local_crops_scale;
-                s.iter().any(|x| unit_open_closed(*x).is_some()).then(|| pair(s))
+                s.iter()
+                    .any(|x| unit_open_closed(*x).is_some())
+                    .then(|| pair(s))
             },
         },
         Rule {
@@ -329,7 +342,13 @@ pub fn rules() -> Vec<Rule> {
             field: "dino.lossWeight",
             constraint: "dino.lossWeight and ibot.lossWeight must not both be 0",
             fix: "set at least one of them > 0, or nothing is trained",
-            cel: || format!("{} > 0.0 || {} > 0.0", eff("dino.lossWeight"), eff("ibot.lossWeight")),
+            cel: || {
+                format!(
+                    "{} > 0.0 || {} > 0.0",
+                    eff("dino.lossWeight"),
+                    eff("ibot.lossWeight")
+                )
+            },
             check: |c| {
                 (c.dino.loss_weight <= 0.0 && c.ibot.loss_weight <= 0.0)
                     .then(|| "both 0".to_string())
@@ -348,9 +367,8 @@ pub fn rules() -> Vec<Rule> {
             },
             check: |c| {
                 let t = &c.teacher;
-                (t.momentum_teacher > t.final_momentum_teacher).then(|| {
-                    format!("{} > {}", t.momentum_teacher, t.final_momentum_teacher)
-                })
+                (t.momentum_teacher > t.final_momentum_teacher)
+                    .then(|| format!("{} > {}", t.momentum_teacher, t.final_momentum_teacher))
             },
         },
         Rule {
@@ -377,10 +395,19 @@ pub fn rules() -> Vec<Rule> {
             field: "teacher.warmupTeacherTempEpochs",
             constraint: "must be <= training.optim.epochs",
             fix: "shorten the temperature warm-up or train longer",
-            cel: || format!("{} <= {}", eff("teacher.warmupTeacherTempEpochs"), eff("optim.epochs")),
+            cel: || {
+                format!(
+                    "{} <= {}",
+                    eff("teacher.warmupTeacherTempEpochs"),
+                    eff("optim.epochs")
+                )
+            },
             check: |c| {
                 (c.teacher.warmup_teacher_temp_epochs > c.optim.epochs).then(|| {
-                    format!("{} > {}", c.teacher.warmup_teacher_temp_epochs, c.optim.epochs)
+                    format!(
+                        "{} > {}",
+                        c.teacher.warmup_teacher_temp_epochs, c.optim.epochs
+                    )
                 })
             },
         },
@@ -425,7 +452,9 @@ pub fn rules() -> Vec<Rule> {
                 format!("{m} >= 0.0 && {m} <= {}", eff("optim.baseLr"))
             },
             check: |c| {
-                (c.optim.min_lr.is_nan() || c.optim.min_lr < 0.0 || c.optim.min_lr > c.optim.base_lr)
+                (c.optim.min_lr.is_nan()
+                    || c.optim.min_lr < 0.0
+                    || c.optim.min_lr > c.optim.base_lr)
                     .then(|| format!("{} with baseLr {}", c.optim.min_lr, c.optim.base_lr))
             },
         },
@@ -443,7 +472,13 @@ pub fn rules() -> Vec<Rule> {
             field: "optim.freezeLastLayerEpochs",
             constraint: "must be <= training.optim.epochs",
             fix: "freeze the last layer for fewer epochs or train longer",
-            cel: || format!("{} <= {}", eff("optim.freezeLastLayerEpochs"), eff("optim.epochs")),
+            cel: || {
+                format!(
+                    "{} <= {}",
+                    eff("optim.freezeLastLayerEpochs"),
+                    eff("optim.epochs")
+                )
+            },
             check: |c| {
                 (c.optim.freeze_last_layer_epochs > c.optim.epochs)
                     .then(|| format!("{} > {}", c.optim.freeze_last_layer_epochs, c.optim.epochs))
@@ -527,7 +562,13 @@ pub fn rules() -> Vec<Rule> {
             constraint: "is required",
             fix: "set it to where the training images are (for kind idx, the *-images-idx3-ubyte[.gz] file)",
             cel: || format!("{} && self.data.path != ''", has("data.path")),
-            check: |c| c.data.path.trim().is_empty().then(|| "an empty path".into()),
+            check: |c| {
+                c.data
+                    .path
+                    .trim()
+                    .is_empty()
+                    .then(|| "an empty path".into())
+            },
         },
         // ---- precision
         Rule {
@@ -652,7 +693,11 @@ pub fn rules() -> Vec<Rule> {
                     .curriculum
                     .phases
                     .iter()
-                    .map(|p| p.start_iteration.or(p.start_epoch.map(u64::from)).unwrap_or(0))
+                    .map(|p| {
+                        p.start_iteration
+                            .or(p.start_epoch.map(u64::from))
+                            .unwrap_or(0)
+                    })
                     .collect();
                 starts
                     .windows(2)
@@ -727,10 +772,16 @@ pub fn rules() -> Vec<Rule> {
             field: "evaluation.linearProbe.learningRates",
             constraint: "every learning rate must be > 0",
             fix: "list positive learning rates",
-            cel: || format!("{}.all(x, x > 0.0)", eff("evaluation.linearProbe.learningRates")),
+            cel: || {
+                format!(
+                    "{}.all(x, x > 0.0)",
+                    eff("evaluation.linearProbe.learningRates")
+                )
+            },
             check: |c| {
                 let lrs = &c.evaluation.linear_probe.learning_rates;
-                (lrs.is_empty() || lrs.iter().any(|x| pos(*x).is_some())).then(|| format!("{lrs:?}"))
+                (lrs.is_empty() || lrs.iter().any(|x| pos(*x).is_some()))
+                    .then(|| format!("{lrs:?}"))
             },
         },
         Rule {

@@ -30,7 +30,10 @@ pub fn defaults_to_docs(schema: &mut Schema) {
             .unwrap_or_default()
             .to_string();
         let sep = if desc.is_empty() { "" } else { " " };
-        obj.insert("description".into(), Value::String(format!("{desc}{sep}Default: {shown}.")));
+        obj.insert(
+            "description".into(),
+            Value::String(format!("{desc}{sep}Default: {shown}.")),
+        );
     }
     transform_subschemas(&mut defaults_to_docs, schema);
 }
@@ -68,12 +71,19 @@ fn literal(v: &Value) -> String {
         Value::Number(n) if n.is_f64() => {
             let s = n.to_string();
             // CEL needs a '.' or exponent to read a double.
-            if s.contains(['.', 'e', 'E']) { s } else { format!("{s}.0") }
+            if s.contains(['.', 'e', 'E']) {
+                s
+            } else {
+                format!("{s}.0")
+            }
         }
         Value::Number(n) => n.to_string(),
         Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
         Value::Array(items) => {
-            format!("[{}]", items.iter().map(literal).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                items.iter().map(literal).collect::<Vec<_>>().join(", ")
+            )
         }
         Value::Object(_) => unreachable!("rules only read leaves"),
     }
@@ -127,7 +137,10 @@ mod tests {
         assert!(e.contains("self.preset == 'vitl14' ? 0.0002"), "{e}");
         assert!(e.contains(": 0.004)"), "{e}");
         let arch = eff("model.arch");
-        assert!(arch.contains("self.preset == 'vitg14' ? 'vit_giant2'"), "{arch}");
+        assert!(
+            arch.contains("self.preset == 'vitg14' ? 'vit_giant2'"),
+            "{arch}"
+        );
     }
 
     #[test]

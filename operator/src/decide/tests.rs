@@ -102,6 +102,7 @@ fn all_pods_running_makes_the_job_running_once() {
 #[test]
 fn one_running_pod_of_two_is_still_pending() {
     let mut w = World::new(2);
+    w.now = 1010; // fixture pods were created at t=1000, well within the pending timeout
     w.step(&[]);
     let d = w.step(&[pod(0, 0, "Running"), pod(1, 0, "Pending")]);
     assert_eq!(d.status.phase, Some(JobPhase::Pending));
@@ -126,7 +127,7 @@ fn retryable_failure_restarts_the_whole_gang_and_counts_it() {
     assert!(d.status.is_true(condition::RESTARTING));
     assert_eq!(reasons(&d), [reason::POD_FAILED, reason::RESTARTING]);
     assert!(
-        d.events[0].note.contains("exit code 1 on node-0"),
+        d.events[0].note.contains("on node-0 failed with exit code 1"),
         "{}",
         d.events[0].note
     );

@@ -140,6 +140,4 @@ pub trait TrainingJob:
     }
 }
 
-/// Needs dinoflow-api's PretrainJob/DistillJob (branch `api`, not merged yet).
-#[cfg(feature = "api-types")]
 mod api_impls;

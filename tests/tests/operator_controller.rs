@@ -1,7 +1,3 @@
-// Integration tests of the operator, destined for tests/tests/operator_controller.rs. They need
-// dinoflow-api's PretrainJob/DistillJob (branch `api`) and the harness of branch `infra`, plus
-// `dinoflow-operator`, `tokio-util` and `kube` (runtime) in tests/Cargo.toml; they are kept here,
-// outside any crate, until those branches are merged, and have not been compiled yet.
 //! The operator against a real control plane. The tests play kubelet: they set pod phases and
 //! exit codes through the pod status subresource. Each test runs its own operator scoped to
 //! its own namespace, so tests do not see each other's jobs.

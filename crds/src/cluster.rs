@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     HostPathVolumeSource, LocalObjectReference, NFSVolumeSource, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, ResourceRequirements, SecurityContext, Toleration,
 };
-use kube::KubeSchema;
+use kube_derive::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// Exit code the trainer uses for a permanent failure (bad config, missing data).
@@ -22,6 +22,7 @@ pub const EXIT_NON_FINITE_LOSS: i32 = 79;
 
 /// How the job is laid out on the cluster: one pod per node, `gpusPerNode` GPUs each.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(
     validation = Rule::new("self.nodes == oldSelf.nodes || (has(self.runPolicy) && has(self.runPolicy.suspend) && self.runPolicy.suspend)")
@@ -190,6 +191,7 @@ impl ImagePullPolicy {
 
 /// Gang scheduling: the scheduler places all pods of the gang at once or none.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GangScheduling {
     /// `none` (default scheduler, pods placed one by one), `volcano` (Volcano PodGroup and
@@ -235,6 +237,7 @@ pub enum NcclProfile {
 
 /// A volume mounted into the trainer container. Exactly one source must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(
     validation = Rule::new("[has(self.persistentVolumeClaim), has(self.hostPath), has(self.emptyDir), has(self.nfs), has(self.csi)].filter(x, x).size() == 1")
@@ -318,6 +321,7 @@ pub struct PodTemplateOverrides {
 
 /// Restarts, exit codes, deadlines, suspension and cleanup of the job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunPolicy {
     /// Gang restarts allowed after retryable failures before the job fails. Evictions and

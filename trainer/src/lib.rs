@@ -1,17 +1,17 @@
 //! The Dinoflow trainer: DINOv2 on libtorch.
 
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
 pub mod dist;
+pub mod eval;
 pub mod loss;
 pub mod masking;
 pub mod meta_arch;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod precision;
-pub mod data;
-pub mod checkpoint;
-pub mod cli;
-pub mod eval;
-pub mod metrics;
 pub mod train_loop;
 // config.rs and train_loop/run.rs are written against dinoflow_api::{load, exit_codes}
 // (api branch, not yet committed): enable `pub mod config;` and `pub mod run;` after merging it.

@@ -127,7 +127,9 @@ fn retryable_failure_restarts_the_whole_gang_and_counts_it() {
     assert!(d.status.is_true(condition::RESTARTING));
     assert_eq!(reasons(&d), [reason::POD_FAILED, reason::RESTARTING]);
     assert!(
-        d.events[0].note.contains("on node-0 failed with exit code 1"),
+        d.events[0]
+            .note
+            .contains("on node-0 failed with exit code 1"),
         "{}",
         d.events[0].note
     );

@@ -84,7 +84,8 @@ pub struct ClusterSpec {
 
     /// Volumes mounted into the trainer container: datasets, checkpoint storage, caches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    // maxItems bounds the API server's CEL cost estimate for the per-volume rules.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]), length(max = 32))]
     pub volumes: Vec<JobVolume>,
 
     /// Size of the in-memory `/dev/shm` (data-loader workers share batches through it),
@@ -240,7 +241,7 @@ pub enum NcclProfile {
 #[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(
-    validation = Rule::new("[has(self.persistentVolumeClaim), has(self.hostPath), has(self.emptyDir), has(self.nfs), has(self.csi)].filter(x, x).size() == 1")
+    validation = Rule::new("(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) + (has(self.nfs) ? 1 : 0) + (has(self.csi) ? 1 : 0) == 1")
         .message("each cluster.volumes entry needs exactly one source: persistentVolumeClaim, hostPath, emptyDir, nfs or csi")
 )]
 pub struct JobVolume {

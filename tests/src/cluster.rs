@@ -38,6 +38,18 @@ impl TestCluster {
 
     /// Always a fresh cluster in a new temporary directory (for tests of the cluster itself).
     pub fn start_fresh() -> Result<Self, HarnessError> {
+        // A second try: ports are picked free but another process (a parallel test's cluster)
+        // can still take one before our component binds it.
+        match Self::start_in_new_dir() {
+            Ok(cluster) => Ok(cluster),
+            Err(first) => {
+                eprintln!("control plane did not come up, retrying once: {first}");
+                Self::start_in_new_dir()
+            }
+        }
+    }
+
+    fn start_in_new_dir() -> Result<Self, HarnessError> {
         let tmp = std::env::temp_dir();
         let dir = tempfile::Builder::new()
             .prefix("dinoflow-cluster-")

@@ -239,6 +239,9 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
     let applied = cluster
         .kubectl([
             "apply",
+            // Server-side: the CRDs are larger than the 256 KiB last-applied annotation that a
+            // client-side apply would write (users install them the same way).
+            "--server-side",
             "--dry-run=server",
             "-f",
             file.path().to_str().unwrap(),

@@ -385,6 +385,7 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-// pub mod run;
+pub mod components;
+pub mod run;
 #[cfg(test)]
 mod tests;

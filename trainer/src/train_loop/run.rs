@@ -7,10 +7,17 @@ use std::sync::atomic::AtomicBool;
 use dinoflow_api::exit_codes::{NON_FINITE_LOSS, PERMANENT_FAILURE};
 use dinoflow_api::{ConfigError, TrainingConfig};
 
+use tch::Device;
+
+use super::components::{Data, Model};
 use super::{BatchSource, LoopError, LoopSettings, Outcome, Schedules, TrainLoop, Trainable};
 use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
 use crate::cli::TrainArgs;
 use crate::config;
+use crate::data::{DataError, LoaderConfig, open_dataset};
+use crate::masking::MaskGenerator;
+use crate::meta_arch::MetaArch;
+use crate::optim;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
 
 /// Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint: 128 + 15, as
@@ -206,10 +213,51 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
                 e.exit_code()
             }
         },
-        Command::Train(args) => {
-            let _ = args;
-            // Wiring of the real components (meta_arch + loader + schedules) goes here.
-            PERMANENT_FAILURE
-        }
+        Command::Train(args) => match train_with(&args, build_components) {
+            Ok(outcome) => outcome.exit_code(),
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        },
     }
+}
+
+fn data_error(e: DataError) -> TrainError {
+    if e.is_permanent() {
+        TrainError::Permanent(format!("training.data: {e}"))
+    } else {
+        TrainError::Transient(format!("training.data: {e}"))
+    }
+}
+
+/// The real components: DINOv2 meta-architecture, data loader with mask collation, official
+/// schedules. One process, CUDA when present.
+pub fn build_components(training: &TrainingConfig, _out: &Path) -> Result<Components<Model, Data, optim::Schedules>, TrainError> {
+    let permanent = |e: &dyn std::fmt::Display| TrainError::Permanent(e.to_string());
+    let device = Device::cuda_if_available();
+    let world_size = 1;
+    let seed = training.train.seed;
+    let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
+    let (patch, global) = (arch_cfg.student.patch_size as usize, training.crops.global_crops_size as usize);
+    // The same seed for init on every rank, as the official `fix_random_seeds`.
+    tch::manual_seed(seed as i64);
+    let arch = MetaArch::new(arch_cfg, device).map_err(|e| permanent(&format!("training.model: {e}")))?;
+    let schedules = optim::Schedules::new(&config::schedules_config(training, world_size)).map_err(|e| permanent(&format!("training.optim: {e}")))?;
+
+    let path = Path::new(&training.data.path);
+    let dataset = open_dataset(&config::dataset_kind(training), path).map_err(data_error)?;
+    let num_classes = dataset.num_classes().unwrap_or(0) as i64;
+    let loader = LoaderConfig {
+        batch_size: training.train.batch_size_per_gpu as usize,
+        num_workers: training.data.num_workers as usize,
+        seed,
+        rank: 0,
+        world_size,
+        crops: config::multi_crop_config(training).map_err(|e| permanent(&e))?,
+        ..LoaderConfig::default()
+    };
+    let masks = MaskGenerator::for_global_crops(global, patch).map_err(|e| permanent(&e))?;
+    let data = Data::new(dataset, loader, masks, config::mask_collate_config(training), device).map_err(data_error)?;
+    Ok(Components { model: Model::single(arch, seed), data, schedules, flops_per_image: None, num_classes })
 }

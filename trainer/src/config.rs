@@ -38,7 +38,10 @@ pub fn guarded_fields(training: &TrainingConfig) -> BTreeMap<String, String> {
     out.insert("training.model".into(), json(&training.model));
     out.insert("training.dino".into(), json(&training.dino));
     out.insert("training.ibot".into(), json(&training.ibot));
-    out.insert("training.train.batchSizePerGpu".into(), training.train.batch_size_per_gpu.to_string());
+    out.insert(
+        "training.train.batchSizePerGpu".into(),
+        training.train.batch_size_per_gpu.to_string(),
+    );
     out.insert("training.data.kind".into(), json(&training.data.kind));
     out.insert("training.data.path".into(), training.data.path.clone());
     out
@@ -57,7 +60,11 @@ pub fn eval_config(training: &TrainingConfig, num_classes: i64) -> Option<EvalCo
     Some(EvalConfig {
         num_classes,
         knn: KnnConfig {
-            ks: if e.knn.enabled { e.knn.k.iter().map(|&k| k as usize).collect() } else { Vec::new() },
+            ks: if e.knn.enabled {
+                e.knn.k.iter().map(|&k| k as usize).collect()
+            } else {
+                Vec::new()
+            },
             temperature: e.knn.temperature,
             ..KnnConfig::default()
         },
@@ -123,10 +130,20 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
         ..DinoHeadConfig::official(student.embed_dim)
     };
     let (d, i) = (&t.dino, &t.ibot);
-    let dino_head = head(d.head_n_prototypes, d.head_hidden_dim, d.head_bottleneck_dim, d.head_nlayers);
-    let ibot_head = i
-        .separate_head
-        .then(|| head(i.head_n_prototypes, i.head_hidden_dim, i.head_bottleneck_dim, i.head_nlayers));
+    let dino_head = head(
+        d.head_n_prototypes,
+        d.head_hidden_dim,
+        d.head_bottleneck_dim,
+        d.head_nlayers,
+    );
+    let ibot_head = i.separate_head.then(|| {
+        head(
+            i.head_n_prototypes,
+            i.head_hidden_dim,
+            i.head_bottleneck_dim,
+            i.head_nlayers,
+        )
+    });
     Ok(MetaArchConfig {
         dino_head,
         ibot_head,
@@ -199,7 +216,10 @@ pub fn multi_crop_config(t: &TrainingConfig) -> Result<MultiCropConfig, MappingE
         global_crops_size: c.global_crops_size,
         local_crops_size: c.local_crops_size,
         local_crops_number: c.local_crops_number as usize,
-        global_crops_scale: (c.global_crops_scale[0] as f32, c.global_crops_scale[1] as f32),
+        global_crops_scale: (
+            c.global_crops_scale[0] as f32,
+            c.global_crops_scale[1] as f32,
+        ),
         local_crops_scale: (c.local_crops_scale[0] as f32, c.local_crops_scale[1] as f32),
         hflip_p: a.horizontal_flip_probability as f32,
         color_jitter: ColorJitterConfig {
@@ -211,12 +231,18 @@ pub fn multi_crop_config(t: &TrainingConfig) -> Result<MultiCropConfig, MappingE
         },
         grayscale_p: a.grayscale_probability as f32,
         blur_sigma: (a.blur_sigma[0] as f32, a.blur_sigma[1] as f32),
-        global1: CropExtras { blur_p: a.global1_blur_probability as f32, solarize_p: 0.0 },
+        global1: CropExtras {
+            blur_p: a.global1_blur_probability as f32,
+            solarize_p: 0.0,
+        },
         global2: CropExtras {
             blur_p: a.global2_blur_probability as f32,
             solarize_p: a.global2_solarize_probability as f32,
         },
-        local: CropExtras { blur_p: a.local_blur_probability as f32, solarize_p: 0.0 },
+        local: CropExtras {
+            blur_p: a.local_blur_probability as f32,
+            solarize_p: 0.0,
+        },
         mean: rgb(&a.normalize_mean, "crops.augmentation.normalizeMean")?,
         std: rgb(&a.normalize_std, "crops.augmentation.normalizeStd")?,
         ..defaults
@@ -230,7 +256,10 @@ fn rgb(v: &[f64], field: &'static str) -> Result<[f32; 3], MappingError> {
         [r, g, b] => Ok([*r as f32, *g as f32, *b as f32]),
         _ => Err(MappingError {
             field,
-            message: format!("needs 1 or 3 values (the loader yields RGB), got {}", v.len()),
+            message: format!(
+                "needs 1 or 3 values (the loader yields RGB), got {}",
+                v.len()
+            ),
         }),
     }
 }
@@ -246,7 +275,9 @@ pub fn mask_collate_config(t: &TrainingConfig) -> MaskCollateConfig {
 pub fn dataset_kind(t: &TrainingConfig) -> DatasetKind {
     use dinoflow_api::training::DatasetKind as K;
     match t.data.kind {
-        K::Idx => DatasetKind::Idx { split: "train".into() },
+        K::Idx => DatasetKind::Idx {
+            split: "train".into(),
+        },
         K::Webdataset => DatasetKind::Tar,
         K::Imagefolder | K::Imagenet | K::Imagenet22k => DatasetKind::ImageFolder,
     }
@@ -274,16 +305,25 @@ mod tests {
         b.train.batch_size_per_gpu += 1;
         b.data.path = "/other".into();
         let (ga, gb) = (guarded_fields(&a), guarded_fields(&b));
-        assert_ne!(ga["training.train.batchSizePerGpu"], gb["training.train.batchSizePerGpu"]);
+        assert_ne!(
+            ga["training.train.batchSizePerGpu"],
+            gb["training.train.batchSizePerGpu"]
+        );
         assert_ne!(ga["training.data.path"], gb["training.data.path"]);
     }
 
     #[test]
     fn the_tiny_example_maps_onto_a_small_vit_with_grayscale_statistics_broadcast() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/tiny-cpu-fashion-mnist.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/examples/tiny-cpu-fashion-mnist.yaml"
+        );
         let t = dinoflow_api::load_training_config(path).unwrap().training;
         let m = meta_arch_config(&t).unwrap();
-        assert_eq!((m.student.embed_dim, m.student.depth, m.student.patch_size), (64, 4, 7));
+        assert_eq!(
+            (m.student.embed_dim, m.student.depth, m.student.patch_size),
+            (64, 4, 7)
+        );
         assert_eq!(m.student.img_size, 28);
         assert_eq!(m.dino_head.out_dim, 256);
         assert_eq!(m.n_local_crops, 2);

@@ -35,13 +35,21 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("seed", &self.seed).field("rank", &self.rank).finish()
+        f.debug_struct("Model")
+            .field("seed", &self.seed)
+            .field("rank", &self.rank)
+            .finish()
     }
 }
 
 impl Model {
     pub fn single(arch: MetaArch, seed: u64) -> Self {
-        Self { arch, seed, rank: 0, collective: Box::new(Single) }
+        Self {
+            arch,
+            seed,
+            rank: 0,
+            collective: Box::new(Single),
+        }
     }
 }
 
@@ -75,7 +83,11 @@ fn step_err(e: impl std::fmt::Display) -> StepError {
 impl Trainable for Model {
     type Batch = TrainBatch;
 
-    fn train_step(&mut self, batch: &TrainBatch, v: &ScheduleValues) -> Result<LossTerms, StepError> {
+    fn train_step(
+        &mut self,
+        batch: &TrainBatch,
+        v: &ScheduleValues,
+    ) -> Result<LossTerms, StepError> {
         tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
         let hyper = optim::ScheduleValues {
             lr: v.lr,
@@ -84,7 +96,10 @@ impl Trainable for Model {
             teacher_temp: v.teacher_temperature,
             last_layer_lr: v.last_layer_lr,
         };
-        match self.arch.train_step(&batch.ssl, &hyper, self.collective.as_ref()) {
+        match self
+            .arch
+            .train_step(&batch.ssl, &hyper, self.collective.as_ref())
+        {
             Ok(outcome) => Ok(terms(&outcome.losses)),
             // The loop turns a non-finite term into exit code 79 with the last finite values.
             Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
@@ -98,13 +113,34 @@ impl Trainable for Model {
 
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
         let mut out = BTreeMap::new();
-        out.insert("student".into(), self.arch.student.vs.variables().into_iter().map(|(k, t)| (k, t.detach().copy())).collect());
-        out.insert("teacher".into(), self.arch.teacher.vs.variables().into_iter().map(|(k, t)| (k, t.detach().copy())).collect());
+        out.insert(
+            "student".into(),
+            self.arch
+                .student
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect(),
+        );
+        out.insert(
+            "teacher".into(),
+            self.arch
+                .teacher
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect(),
+        );
         let mut opt = Vec::new();
         for (name, st) in self.arch.optimizer.state_dict() {
             opt.push((format!("{name}.exp_avg"), st.exp_avg));
             opt.push((format!("{name}.exp_avg_sq"), st.exp_avg_sq));
-            opt.push((format!("{name}.step"), Tensor::from_slice(&[st.step as i64])));
+            opt.push((
+                format!("{name}.step"),
+                Tensor::from_slice(&[st.step as i64]),
+            ));
         }
         out.insert("optimizer".into(), opt);
         let mut loss = Vec::new();
@@ -116,14 +152,22 @@ impl Trainable for Model {
         out
     }
 
-    fn load_state(&mut self, mut state: BTreeMap<String, Vec<(String, Tensor)>>) -> Result<(), StepError> {
+    fn load_state(
+        &mut self,
+        mut state: BTreeMap<String, Vec<(String, Tensor)>>,
+    ) -> Result<(), StepError> {
         let mut group = |name: &str| {
             state
                 .remove(name)
                 .map(|v| v.into_iter().collect::<BTreeMap<_, _>>())
                 .ok_or_else(|| StepError(format!("the checkpoint has no {name} tensors")))
         };
-        let (student, teacher, mut opt, mut loss) = (group("student")?, group("teacher")?, group("optimizer")?, group("loss_state")?);
+        let (student, teacher, mut opt, mut loss) = (
+            group("student")?,
+            group("teacher")?,
+            group("optimizer")?,
+            group("loss_state")?,
+        );
         load_vars(&self.arch.student.vs, &student, "student")?;
         load_vars(&self.arch.teacher.vs, &teacher, "teacher")?;
 
@@ -137,9 +181,19 @@ impl Trainable for Model {
             ) else {
                 continue; // never stepped (e.g. a frozen last layer before its first update)
             };
-            states.push((name, AdamWParamState { exp_avg: m, exp_avg_sq: v, step: step.int64_value(&[0]) as u64 }));
+            states.push((
+                name,
+                AdamWParamState {
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    step: step.int64_value(&[0]) as u64,
+                },
+            ));
         }
-        self.arch.optimizer.load_state_dict(states).map_err(step_err)?;
+        self.arch
+            .optimizer
+            .load_state_dict(states)
+            .map_err(step_err)?;
 
         let momentum = self.arch.config.center_momentum;
         let device = self.arch.student.vs.device();
@@ -155,9 +209,11 @@ impl Trainable for Model {
     }
 
     fn load_json_state(&mut self, state: &serde_json::Value) -> Result<(), StepError> {
-        let saved: Option<LossScalerState> = serde_json::from_value(state["loss_scaler"].clone()).map_err(step_err)?;
+        let saved: Option<LossScalerState> =
+            serde_json::from_value(state["loss_scaler"].clone()).map_err(step_err)?;
         if let (Some(scaler), Some(saved)) = (&mut self.arch.loss_scaler, saved) {
-            *scaler = DynamicLossScaler::from_state(LossScalerConfig::default(), saved).map_err(step_err)?;
+            *scaler = DynamicLossScaler::from_state(LossScalerConfig::default(), saved)
+                .map_err(step_err)?;
         }
         Ok(())
     }
@@ -169,7 +225,10 @@ fn push_center(out: &mut Vec<(String, Tensor)>, prefix: &str, s: CenterState) {
     out.push((format!("{prefix}.center"), s.center));
     if let Some((sum, divisor)) = s.pending {
         out.push((format!("{prefix}.pending_sum"), sum));
-        out.push((format!("{prefix}.pending_divisor"), Tensor::from_slice(&[divisor])));
+        out.push((
+            format!("{prefix}.pending_divisor"),
+            Tensor::from_slice(&[divisor]),
+        ));
     }
 }
 
@@ -183,23 +242,40 @@ fn take_center(
         .remove(&format!("{prefix}.center"))
         .ok_or_else(|| StepError(format!("the checkpoint has no {prefix}.center")))?
         .to_device(device);
-    let pending = match (loss.remove(&format!("{prefix}.pending_sum")), loss.remove(&format!("{prefix}.pending_divisor"))) {
+    let pending = match (
+        loss.remove(&format!("{prefix}.pending_sum")),
+        loss.remove(&format!("{prefix}.pending_divisor")),
+    ) {
         (Some(sum), Some(div)) => Some((sum.to_device(device), div.int64_value(&[0]))),
         _ => None,
     };
     TeacherCenter::from_state(CenterState { center, pending }, momentum).map_err(step_err)
 }
 
-fn load_vars(vs: &tch::nn::VarStore, saved: &BTreeMap<String, Tensor>, what: &str) -> Result<(), StepError> {
+fn load_vars(
+    vs: &tch::nn::VarStore,
+    saved: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<(), StepError> {
     let vars = vs.variables();
     if vars.len() != saved.len() {
-        return Err(StepError(format!("{what}: checkpoint has {} tensors, the model {}", saved.len(), vars.len())));
+        return Err(StepError(format!(
+            "{what}: checkpoint has {} tensors, the model {}",
+            saved.len(),
+            vars.len()
+        )));
     }
     tch::no_grad(|| {
         for (name, mut var) in vars {
-            let src = saved.get(&name).ok_or_else(|| StepError(format!("{what}: checkpoint lacks {name}")))?;
+            let src = saved
+                .get(&name)
+                .ok_or_else(|| StepError(format!("{what}: checkpoint lacks {name}")))?;
             if src.size() != var.size() {
-                return Err(StepError(format!("{what}.{name}: checkpoint shape {:?}, model {:?}", src.size(), var.size())));
+                return Err(StepError(format!(
+                    "{what}.{name}: checkpoint shape {:?}, model {:?}",
+                    src.size(),
+                    var.size()
+                )));
             }
             var.copy_(src);
         }
@@ -220,7 +296,9 @@ pub struct Data {
 
 impl std::fmt::Debug for Data {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Data").field("loader", &self.loader).finish()
+        f.debug_struct("Data")
+            .field("loader", &self.loader)
+            .finish()
     }
 }
 
@@ -233,7 +311,14 @@ impl Data {
         device: Device,
     ) -> Result<Self, DataError> {
         let loader = Loader::new(Arc::clone(&dataset), cfg.clone())?;
-        Ok(Self { dataset, cfg, loader, masks, collate, device })
+        Ok(Self {
+            dataset,
+            cfg,
+            loader,
+            masks,
+            collate,
+            device,
+        })
     }
 }
 
@@ -255,7 +340,10 @@ impl BatchSource for Data {
             n_masked_patches: m.n_masked_patches,
             upperbound: m.upperbound,
         };
-        Ok(TrainBatch { iteration: b.iteration, ssl })
+        Ok(TrainBatch {
+            iteration: b.iteration,
+            ssl,
+        })
     }
 
     fn images_per_batch(&self) -> u64 {
@@ -275,13 +363,18 @@ impl BatchSource for Data {
         if it == self.loader.position() {
             return Ok(());
         }
-        let cfg = LoaderConfig { start_iteration: it, ..self.cfg.clone() };
+        let cfg = LoaderConfig {
+            start_iteration: it,
+            ..self.cfg.clone()
+        };
         self.loader = Loader::new(Arc::clone(&self.dataset), cfg).map_err(step_err)?;
         Ok(())
     }
 
     fn skipped_images(&self) -> u64 {
-        self.loader.skipped_counter().load(std::sync::atomic::Ordering::Relaxed)
+        self.loader
+            .skipped_counter()
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

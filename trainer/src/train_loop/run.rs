@@ -17,8 +17,8 @@ use crate::config;
 use crate::data::{DataError, LoaderConfig, open_dataset};
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
-use crate::optim;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
+use crate::optim;
 
 /// Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint: 128 + 15, as
 /// a shell reports it. It is retryable by contract, so a stopped gang resumes.
@@ -28,7 +28,9 @@ pub const STOPPED_BY_SIGNAL: i32 = 143;
 pub enum TrainError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("output directory {path}: {reason}. Set training.output.dir or --output-dir to a writable directory")]
+    #[error(
+        "output directory {path}: {reason}. Set training.output.dir or --output-dir to a writable directory"
+    )]
     OutputDir { path: PathBuf, reason: String },
     /// A missing or empty dataset, or another input no retry can fix.
     #[error("{0}")]
@@ -50,9 +52,11 @@ impl TrainError {
             Self::Config(_) | Self::OutputDir { .. } | Self::Permanent(_) => PERMANENT_FAILURE,
             // An explicit checkpoint that does not verify, or a refused config change: a
             // restart would meet the same checkpoint.
-            Self::Resume(CheckpointError::Incompatible { .. } | CheckpointError::NotFound { .. } | CheckpointError::Corrupt { .. }) => {
-                PERMANENT_FAILURE
-            }
+            Self::Resume(
+                CheckpointError::Incompatible { .. }
+                | CheckpointError::NotFound { .. }
+                | CheckpointError::Corrupt { .. },
+            ) => PERMANENT_FAILURE,
             Self::Loop(LoopError::NonFiniteLoss { .. }) => NON_FINITE_LOSS,
             Self::Loop(LoopError::Restore { .. }) => PERMANENT_FAILURE,
             _ => 1,
@@ -94,31 +98,52 @@ where
     }
     let out = PathBuf::from(&training.output.dir);
     prepare_output_dir(&out)?;
-    if let Some(threads) = std::env::var("DINOFLOW_THREADS").ok().and_then(|t| t.parse().ok()) {
+    if let Some(threads) = std::env::var("DINOFLOW_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
         tch::set_num_threads(threads);
     }
 
     let metrics = TrainerMetrics::new()?;
     let _server = match training.logging.metrics_port {
         0 => None,
-        port => Some(MetricsServer::start(([0, 0, 0, 0], port as u16).into(), metrics.clone())?),
+        port => Some(MetricsServer::start(
+            ([0, 0, 0, 0], port as u16).into(),
+            metrics.clone(),
+        )?),
     };
     let mut jsonl = JsonlLog::open(&out.join("metrics.jsonl"))?;
-    let checkpoints = CheckpointManager::open(out.join("checkpoints"), training.checkpoint.keep_last as usize)
-        .map_err(|e| TrainError::OutputDir { path: out.join("checkpoints"), reason: e.to_string() })?;
+    let checkpoints = CheckpointManager::open(
+        out.join("checkpoints"),
+        training.checkpoint.keep_last as usize,
+    )
+    .map_err(|e| TrainError::OutputDir {
+        path: out.join("checkpoints"),
+        reason: e.to_string(),
+    })?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .map_err(|e| TrainError::Transient(format!("cannot install the signal handler: {e}")))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| {
+            TrainError::Transient(format!("cannot install the signal handler: {e}"))
+        })?;
     }
 
-    let Components { mut model, mut data, schedules, flops_per_image, num_classes } = build(&training, &out)?;
+    let Components {
+        mut model,
+        mut data,
+        schedules,
+        flops_per_image,
+        num_classes,
+    } = build(&training, &out)?;
     let total = training.total_iterations();
     let settings = LoopSettings {
         total_iterations: args.max_iterations.map_or(total, |m| m.min(total)),
         log_every: u64::from(training.logging.every_iterations),
-        checkpoint_every: training.checkpoint.period(training.train.official_epoch_length),
+        checkpoint_every: training
+            .checkpoint
+            .period(training.train.official_epoch_length),
         eval_every: u64::from(training.evaluation.period_iterations),
         eval_at_start: true,
         eval_at_end: true,
@@ -127,7 +152,9 @@ where
         config_hash: config::config_hash(&training),
         guarded: config::guarded_fields(&training),
         flops_per_image,
-        peak_flops: std::env::var("DINOFLOW_PEAK_FLOPS").ok().and_then(|p| p.parse().ok()),
+        peak_flops: std::env::var("DINOFLOW_PEAK_FLOPS")
+            .ok()
+            .and_then(|p| p.parse().ok()),
     };
     let resume_from = match &args.resume {
         ResumeMode::Never => None,
@@ -135,7 +162,9 @@ where
         ResumeMode::Path(path) => Some(checkpoint::verify(path).map_err(TrainError::Resume)?),
     };
     if let Some(ckpt) = &resume_from {
-        for warning in check_compatible(&ckpt.manifest, &ckpt.path, &settings.guarded, args.force).map_err(TrainError::Resume)? {
+        for warning in check_compatible(&ckpt.manifest, &ckpt.path, &settings.guarded, args.force)
+            .map_err(TrainError::Resume)?
+        {
             tracing::warn!("resuming with --force despite a changed config: {warning}");
         }
     }
@@ -163,7 +192,10 @@ where
 
 /// Creates the output directory and proves it writable before any work is done.
 fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
-    let err = |reason: String| TrainError::OutputDir { path: out.to_path_buf(), reason };
+    let err = |reason: String| TrainError::OutputDir {
+        path: out.to_path_buf(),
+        reason,
+    };
     std::fs::create_dir_all(out).map_err(|e| err(format!("cannot create it: {e}")))?;
     let probe = out.join(format!(".write-probe-{}", std::process::id()));
     std::fs::write(&probe, b"probe").map_err(|e| err(format!("not writable: {e}")))?;
@@ -187,12 +219,23 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_contract() {
-        let nan = TrainError::Loop(LoopError::NonFiniteLoss { iteration: 3, terms: String::new(), last_iteration: 2, last_finite: String::new() });
+        let nan = TrainError::Loop(LoopError::NonFiniteLoss {
+            iteration: 3,
+            terms: String::new(),
+            last_iteration: 2,
+            last_finite: String::new(),
+        });
         assert_eq!(nan.exit_code(), NON_FINITE_LOSS);
-        let refused = TrainError::Resume(CheckpointError::Incompatible { path: "/c".into(), diffs: vec![] });
+        let refused = TrainError::Resume(CheckpointError::Incompatible {
+            path: "/c".into(),
+            diffs: vec![],
+        });
         assert_eq!(refused.exit_code(), PERMANENT_FAILURE);
         assert_eq!(TrainError::Transient("peer lost".into()).exit_code(), 1);
-        assert_eq!(Outcome::Stopped { iteration: 4 }.exit_code(), STOPPED_BY_SIGNAL);
+        assert_eq!(
+            Outcome::Stopped { iteration: 4 }.exit_code(),
+            STOPPED_BY_SIGNAL
+        );
         assert_eq!(Outcome::Finished { iteration: 4 }.exit_code(), 0);
     }
 }
@@ -233,17 +276,25 @@ fn data_error(e: DataError) -> TrainError {
 
 /// The real components: DINOv2 meta-architecture, data loader with mask collation, official
 /// schedules. One process, CUDA when present.
-pub fn build_components(training: &TrainingConfig, _out: &Path) -> Result<Components<Model, Data, optim::Schedules>, TrainError> {
+pub fn build_components(
+    training: &TrainingConfig,
+    _out: &Path,
+) -> Result<Components<Model, Data, optim::Schedules>, TrainError> {
     let permanent = |e: &dyn std::fmt::Display| TrainError::Permanent(e.to_string());
     let device = Device::cuda_if_available();
     let world_size = 1;
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
-    let (patch, global) = (arch_cfg.student.patch_size as usize, training.crops.global_crops_size as usize);
+    let (patch, global) = (
+        arch_cfg.student.patch_size as usize,
+        training.crops.global_crops_size as usize,
+    );
     // The same seed for init on every rank, as the official `fix_random_seeds`.
     tch::manual_seed(seed as i64);
-    let arch = MetaArch::new(arch_cfg, device).map_err(|e| permanent(&format!("training.model: {e}")))?;
-    let schedules = optim::Schedules::new(&config::schedules_config(training, world_size)).map_err(|e| permanent(&format!("training.optim: {e}")))?;
+    let arch =
+        MetaArch::new(arch_cfg, device).map_err(|e| permanent(&format!("training.model: {e}")))?;
+    let schedules = optim::Schedules::new(&config::schedules_config(training, world_size))
+        .map_err(|e| permanent(&format!("training.optim: {e}")))?;
 
     let path = Path::new(&training.data.path);
     let dataset = open_dataset(&config::dataset_kind(training), path).map_err(data_error)?;
@@ -258,6 +309,19 @@ pub fn build_components(training: &TrainingConfig, _out: &Path) -> Result<Compon
         ..LoaderConfig::default()
     };
     let masks = MaskGenerator::for_global_crops(global, patch).map_err(|e| permanent(&e))?;
-    let data = Data::new(dataset, loader, masks, config::mask_collate_config(training), device).map_err(data_error)?;
-    Ok(Components { model: Model::single(arch, seed), data, schedules, flops_per_image: None, num_classes })
+    let data = Data::new(
+        dataset,
+        loader,
+        masks,
+        config::mask_collate_config(training),
+        device,
+    )
+    .map_err(data_error)?;
+    Ok(Components {
+        model: Model::single(arch, seed),
+        data,
+        schedules,
+        flops_per_image: None,
+        num_classes,
+    })
 }

@@ -203,43 +203,6 @@ fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unwritable_output_directory_is_a_permanent_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("not-a-dir");
-        std::fs::write(&file, b"x").unwrap();
-        let err = prepare_output_dir(&file.join("out")).unwrap_err();
-        assert_eq!(err.exit_code(), PERMANENT_FAILURE);
-        assert!(err.to_string().contains("--output-dir"), "{err}");
-    }
-
-    #[test]
-    fn exit_codes_follow_the_contract() {
-        let nan = TrainError::Loop(LoopError::NonFiniteLoss {
-            iteration: 3,
-            terms: String::new(),
-            last_iteration: 2,
-            last_finite: String::new(),
-        });
-        assert_eq!(nan.exit_code(), NON_FINITE_LOSS);
-        let refused = TrainError::Resume(CheckpointError::Incompatible {
-            path: "/c".into(),
-            diffs: vec![],
-        });
-        assert_eq!(refused.exit_code(), PERMANENT_FAILURE);
-        assert_eq!(TrainError::Transient("peer lost".into()).exit_code(), 1);
-        assert_eq!(
-            Outcome::Stopped { iteration: 4 }.exit_code(),
-            STOPPED_BY_SIGNAL
-        );
-        assert_eq!(Outcome::Finished { iteration: 4 }.exit_code(), 0);
-    }
-}
-
 /// The binary's entry, to become `main.rs` once `dinoflow_api::load` is merged: validate
 /// prints the resolved config or exits 78 naming the YAML path; train maps outcomes and
 /// errors to the exit-code contract.
@@ -324,4 +287,41 @@ pub fn build_components(
         flops_per_image: None,
         num_classes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritable_output_directory_is_a_permanent_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = prepare_output_dir(&file.join("out")).unwrap_err();
+        assert_eq!(err.exit_code(), PERMANENT_FAILURE);
+        assert!(err.to_string().contains("--output-dir"), "{err}");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let nan = TrainError::Loop(LoopError::NonFiniteLoss {
+            iteration: 3,
+            terms: String::new(),
+            last_iteration: 2,
+            last_finite: String::new(),
+        });
+        assert_eq!(nan.exit_code(), NON_FINITE_LOSS);
+        let refused = TrainError::Resume(CheckpointError::Incompatible {
+            path: "/c".into(),
+            diffs: vec![],
+        });
+        assert_eq!(refused.exit_code(), PERMANENT_FAILURE);
+        assert_eq!(TrainError::Transient("peer lost".into()).exit_code(), 1);
+        assert_eq!(
+            Outcome::Stopped { iteration: 4 }.exit_code(),
+            STOPPED_BY_SIGNAL
+        );
+        assert_eq!(Outcome::Finished { iteration: 4 }.exit_code(), 0);
+    }
 }

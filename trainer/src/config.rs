@@ -3,9 +3,26 @@
 use std::collections::BTreeMap;
 
 use dinoflow_api::TrainingConfig;
+use dinoflow_api::training::{Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule};
 
 use crate::checkpoint::manifest::hash_bytes;
+use crate::data::augment::{ColorJitterConfig, CropExtras};
+use crate::data::{DatasetKind, MultiCropConfig};
 use crate::eval::{EvalConfig, KnnConfig, LinearConfig};
+use crate::loss::CenteringMode;
+use crate::masking::MaskCollateConfig;
+use crate::meta_arch::MetaArchConfig;
+use crate::model::{DinoHeadConfig, FfnLayer, VitConfig};
+use crate::optim::{AdamWConfig, LrScalingRule, ParamGroupConfig, SchedulesConfig, scaled_lr};
+use crate::precision::Precision;
+
+/// A config value the trainer modules cannot take, at its YAML path.
+#[derive(Debug, thiserror::Error)]
+#[error("training.{field}: {message}")]
+pub struct MappingError {
+    pub field: &'static str,
+    pub message: String,
+}
 
 /// sha256 of the canonical JSON of the resolved config (serde_json orders map keys, so equal
 /// configs hash equal whatever the YAML's key order).
@@ -21,7 +38,10 @@ pub fn guarded_fields(training: &TrainingConfig) -> BTreeMap<String, String> {
     out.insert("training.model".into(), json(&training.model));
     out.insert("training.dino".into(), json(&training.dino));
     out.insert("training.ibot".into(), json(&training.ibot));
-    out.insert("training.train.batchSizePerGpu".into(), training.train.batch_size_per_gpu.to_string());
+    out.insert(
+        "training.train.batchSizePerGpu".into(),
+        training.train.batch_size_per_gpu.to_string(),
+    );
     out.insert("training.data.kind".into(), json(&training.data.kind));
     out.insert("training.data.path".into(), training.data.path.clone());
     out
@@ -40,7 +60,11 @@ pub fn eval_config(training: &TrainingConfig, num_classes: i64) -> Option<EvalCo
     Some(EvalConfig {
         num_classes,
         knn: KnnConfig {
-            ks: if e.knn.enabled { e.knn.k.iter().map(|&k| k as usize).collect() } else { Vec::new() },
+            ks: if e.knn.enabled {
+                e.knn.k.iter().map(|&k| k as usize).collect()
+            } else {
+                Vec::new()
+            },
             temperature: e.knn.temperature,
             ..KnnConfig::default()
         },
@@ -52,6 +76,211 @@ pub fn eval_config(training: &TrainingConfig, num_classes: i64) -> Option<EvalCo
             ..LinearConfig::default()
         }),
     })
+}
+
+/// The student backbone (`training.model`); `img_size` is the global crop size, as the
+/// official `build_model` does.
+pub fn vit_config(t: &TrainingConfig) -> Result<VitConfig, MappingError> {
+    let m = &t.model;
+    let (embed_dim, depth, num_heads) = match (m.arch.dims(), m.embed_dim, m.depth, m.num_heads) {
+        (Some(d), ..) if m.arch != Arch::Custom => d,
+        (_, Some(e), Some(d), Some(h)) => (e, d, h),
+        _ => {
+            return Err(MappingError {
+                field: "model",
+                message: "arch custom needs embedDim, depth and numHeads".into(),
+            });
+        }
+    };
+    Ok(VitConfig {
+        img_size: i64::from(t.crops.global_crops_size),
+        patch_size: i64::from(m.patch_size),
+        // The loader always yields RGB (grayscale images are replicated over 3 channels).
+        in_chans: 3,
+        embed_dim: i64::from(embed_dim),
+        depth: i64::from(depth),
+        num_heads: i64::from(num_heads),
+        mlp_ratio: 4.0,
+        qkv_bias: m.qkv_bias,
+        proj_bias: m.proj_bias,
+        ffn_bias: m.ffn_bias,
+        drop_path_rate: m.drop_path_rate,
+        drop_path_uniform: m.drop_path_uniform,
+        layerscale: (m.layerscale > 0.0).then_some(m.layerscale),
+        ffn_layer: match m.ffn_layer {
+            ApiFfn::Mlp => FfnLayer::Mlp,
+            ApiFfn::Swiglu | ApiFfn::Swiglufused => FfnLayer::SwiGluFused,
+            ApiFfn::Identity => FfnLayer::Identity,
+        },
+        num_register_tokens: i64::from(m.num_register_tokens),
+        interpolate_antialias: m.interpolate_antialias,
+        interpolate_offset: m.interpolate_offset,
+    })
+}
+
+/// The whole meta-architecture: backbone, heads, loss weights, optimizer and precision.
+pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingError> {
+    let student = vit_config(t)?;
+    let head = |n: u32, hidden: u32, bottleneck: u32, layers: u32| DinoHeadConfig {
+        in_dim: student.embed_dim,
+        out_dim: i64::from(n),
+        hidden_dim: i64::from(hidden),
+        bottleneck_dim: i64::from(bottleneck),
+        nlayers: i64::from(layers),
+        ..DinoHeadConfig::official(student.embed_dim)
+    };
+    let (d, i) = (&t.dino, &t.ibot);
+    let dino_head = head(
+        d.head_n_prototypes,
+        d.head_hidden_dim,
+        d.head_bottleneck_dim,
+        d.head_nlayers,
+    );
+    let ibot_head = i.separate_head.then(|| {
+        head(
+            i.head_n_prototypes,
+            i.head_hidden_dim,
+            i.head_bottleneck_dim,
+            i.head_nlayers,
+        )
+    });
+    Ok(MetaArchConfig {
+        dino_head,
+        ibot_head,
+        dino_loss_weight: d.loss_weight,
+        koleo_loss_weight: d.koleo_loss_weight,
+        ibot_loss_weight: i.loss_weight,
+        centering: match t.loss.centering {
+            Centering::Centering => CenteringMode::Centering,
+            Centering::SinkhornKnopp => CenteringMode::SinkhornKnopp,
+        },
+        n_local_crops: i64::from(t.crops.local_crops_number),
+        clip_grad: t.optim.clip_grad,
+        student_temp: t.loss.student_temp,
+        center_momentum: t.loss.center_momentum,
+        param_groups: ParamGroupConfig {
+            layerwise_decay: t.optim.layerwise_decay,
+            patch_embed_lr_mult: t.optim.patch_embed_lr_mult,
+        },
+        adamw: AdamWConfig::default(),
+        precision: match t.precision.student.backbone.param_dtype {
+            Dtype::Fp32 => Precision::Fp32,
+            Dtype::Bf16 => Precision::Bf16,
+            Dtype::Fp16 => Precision::Fp16,
+        },
+        student,
+    })
+}
+
+/// The peak learning rate after the scaling rule (official `optim.lr`, 0 = derive it).
+pub fn peak_lr(t: &TrainingConfig, world_size: usize) -> f64 {
+    if t.optim.lr > 0.0 {
+        return t.optim.lr;
+    }
+    match t.optim.scaling_rule {
+        ScalingRule::SqrtWrt1024 => scaled_lr(
+            LrScalingRule::SqrtWrt1024,
+            t.optim.base_lr,
+            t.train.batch_size_per_gpu as usize,
+            world_size,
+        ),
+        ScalingRule::None => t.optim.base_lr,
+    }
+}
+
+pub fn schedules_config(t: &TrainingConfig, world_size: usize) -> SchedulesConfig {
+    let (o, te) = (&t.optim, &t.teacher);
+    SchedulesConfig {
+        lr: peak_lr(t, world_size),
+        min_lr: o.min_lr,
+        epochs: o.epochs as usize,
+        warmup_epochs: o.warmup_epochs as usize,
+        weight_decay: o.weight_decay,
+        weight_decay_end: o.weight_decay_end,
+        momentum_teacher: te.momentum_teacher,
+        final_momentum_teacher: te.final_momentum_teacher,
+        warmup_teacher_temp: te.warmup_teacher_temp,
+        teacher_temp: te.teacher_temp,
+        warmup_teacher_temp_epochs: te.warmup_teacher_temp_epochs as usize,
+        freeze_last_layer_epochs: o.freeze_last_layer_epochs as usize,
+        epoch_length: t.train.official_epoch_length as usize,
+    }
+}
+
+/// The multi-crop augmentation (`training.crops`).
+pub fn multi_crop_config(t: &TrainingConfig) -> Result<MultiCropConfig, MappingError> {
+    let c = &t.crops;
+    let a = &c.augmentation;
+    let defaults = MultiCropConfig::default();
+    Ok(MultiCropConfig {
+        global_crops_size: c.global_crops_size,
+        local_crops_size: c.local_crops_size,
+        local_crops_number: c.local_crops_number as usize,
+        global_crops_scale: (
+            c.global_crops_scale[0] as f32,
+            c.global_crops_scale[1] as f32,
+        ),
+        local_crops_scale: (c.local_crops_scale[0] as f32, c.local_crops_scale[1] as f32),
+        hflip_p: a.horizontal_flip_probability as f32,
+        color_jitter: ColorJitterConfig {
+            brightness: a.brightness as f32,
+            contrast: a.contrast as f32,
+            saturation: a.saturation as f32,
+            hue: a.hue as f32,
+            p: a.color_jitter_probability as f32,
+        },
+        grayscale_p: a.grayscale_probability as f32,
+        blur_sigma: (a.blur_sigma[0] as f32, a.blur_sigma[1] as f32),
+        global1: CropExtras {
+            blur_p: a.global1_blur_probability as f32,
+            solarize_p: 0.0,
+        },
+        global2: CropExtras {
+            blur_p: a.global2_blur_probability as f32,
+            solarize_p: a.global2_solarize_probability as f32,
+        },
+        local: CropExtras {
+            blur_p: a.local_blur_probability as f32,
+            solarize_p: 0.0,
+        },
+        mean: rgb(&a.normalize_mean, "crops.augmentation.normalizeMean")?,
+        std: rgb(&a.normalize_std, "crops.augmentation.normalizeStd")?,
+        ..defaults
+    })
+}
+
+/// One value (grayscale data) applies to all three channels; three are per channel.
+fn rgb(v: &[f64], field: &'static str) -> Result<[f32; 3], MappingError> {
+    match v {
+        [x] => Ok([*x as f32; 3]),
+        [r, g, b] => Ok([*r as f32, *g as f32, *b as f32]),
+        _ => Err(MappingError {
+            field,
+            message: format!(
+                "needs 1 or 3 values (the loader yields RGB), got {}",
+                v.len()
+            ),
+        }),
+    }
+}
+
+pub fn mask_collate_config(t: &TrainingConfig) -> MaskCollateConfig {
+    MaskCollateConfig {
+        mask_ratio_min_max: (t.ibot.mask_ratio_min_max[0], t.ibot.mask_ratio_min_max[1]),
+        mask_sample_probability: t.ibot.mask_sample_probability,
+    }
+}
+
+/// The dataset reader for `training.data.kind`.
+pub fn dataset_kind(t: &TrainingConfig) -> DatasetKind {
+    use dinoflow_api::training::DatasetKind as K;
+    match t.data.kind {
+        K::Idx => DatasetKind::Idx {
+            split: "train".into(),
+        },
+        K::Webdataset => DatasetKind::Tar,
+        K::Imagefolder | K::Imagenet | K::Imagenet22k => DatasetKind::ImageFolder,
+    }
 }
 
 #[cfg(test)]
@@ -76,8 +305,32 @@ mod tests {
         b.train.batch_size_per_gpu += 1;
         b.data.path = "/other".into();
         let (ga, gb) = (guarded_fields(&a), guarded_fields(&b));
-        assert_ne!(ga["training.train.batchSizePerGpu"], gb["training.train.batchSizePerGpu"]);
+        assert_ne!(
+            ga["training.train.batchSizePerGpu"],
+            gb["training.train.batchSizePerGpu"]
+        );
         assert_ne!(ga["training.data.path"], gb["training.data.path"]);
+    }
+
+    #[test]
+    fn the_tiny_example_maps_onto_a_small_vit_with_grayscale_statistics_broadcast() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/examples/tiny-cpu-fashion-mnist.yaml"
+        );
+        let t = dinoflow_api::load_training_config(path).unwrap().training;
+        let m = meta_arch_config(&t).unwrap();
+        assert_eq!(
+            (m.student.embed_dim, m.student.depth, m.student.patch_size),
+            (64, 4, 7)
+        );
+        assert_eq!(m.student.img_size, 28);
+        assert_eq!(m.dino_head.out_dim, 256);
+        assert_eq!(m.n_local_crops, 2);
+        let crops = multi_crop_config(&t).unwrap();
+        assert_eq!(crops.mean, [0.286; 3]);
+        // sqrt rule: 0.004 * sqrt(16 / 1024).
+        assert!((peak_lr(&t, 1) - 0.0005).abs() < 1e-12);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod dist;
 pub mod eval;
@@ -13,9 +14,6 @@ pub mod model;
 pub mod optim;
 pub mod precision;
 pub mod train_loop;
-// config.rs and train_loop/run.rs are written against dinoflow_api::{load, exit_codes}
-// (api branch, not yet committed): enable `pub mod config;` and `pub mod run;` after merging it.
-// pub mod config;
 pub mod weights;
 
 #[cfg(test)]

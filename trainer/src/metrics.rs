@@ -316,7 +316,7 @@ impl Progress {
         lr: f64,
     ) -> Option<ProgressLine> {
         self.window_images += images;
-        if iteration % self.every != 0 && iteration != self.total {
+        if !iteration.is_multiple_of(self.every) && iteration != self.total {
             return None;
         }
         let elapsed = self.window_start.elapsed().as_secs_f64().max(1e-9);

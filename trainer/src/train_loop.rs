@@ -248,13 +248,13 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             last_finite = Some((iteration, losses));
             // Evaluation.
             let eval_due =
-                self.settings.eval_every > 0 && iteration % self.settings.eval_every == 0;
+                self.settings.eval_every > 0 && iteration.is_multiple_of(self.settings.eval_every);
             if eval_due || (iteration == total && self.settings.eval_at_end) {
                 self.evaluate(iteration)?;
             }
             // Checkpoint.
             let ckpt_due = self.settings.checkpoint_every > 0
-                && iteration % self.settings.checkpoint_every == 0;
+                && iteration.is_multiple_of(self.settings.checkpoint_every);
             if ckpt_due || iteration == total {
                 self.checkpoint(iteration)?;
                 last_checkpoint = Instant::now();
@@ -385,6 +385,7 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-// pub mod run;
+pub mod components;
+pub mod run;
 #[cfg(test)]
 mod tests;

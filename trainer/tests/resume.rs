@@ -87,7 +87,6 @@ fn ckpt(out: &Path, it: u64) -> PathBuf {
 }
 
 #[test]
-#[ignore = "needs the binary's train command wired to core-model's meta_arch and api's loader"]
 fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
     if !Path::new(FASHION).exists() {
         eprintln!("skipping: {FASHION} missing (apt install dataset-fashion-mnist)");
@@ -149,7 +148,6 @@ fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
 }
 
 #[test]
-#[ignore = "needs the binary's train command wired to core-model's meta_arch and api's loader"]
 fn resume_auto_picks_the_newest_verified_checkpoint_and_skips_a_torn_one() {
     if !Path::new(FASHION).exists() {
         return;

@@ -312,7 +312,7 @@ fn update_one(cfg: &AdamWConfig, s: &mut Slot, grad: &Tensor) {
     let _ = st.exp_avg_sq.addcmul_(&(grad * (1.0 - cfg.beta2)), grad);
     let bias_correction1 = 1.0 - cfg.beta1.powf(step);
     let bias_correction2 = 1.0 - cfg.beta2.powf(step);
-    let step_size = (s.lr / bias_correction1) * -1.0;
+    let step_size = -(s.lr / bias_correction1);
     let bias_correction2_sqrt = bias_correction2.powf(0.5);
     let denom = st.exp_avg_sq.sqrt() / bias_correction2_sqrt + cfg.eps;
     // addcdiv(p, m, d, value=c) computes p + (c·m)/d; same trick as above.

@@ -1,0 +1,392 @@
+//! The real components behind the loop's traits: [`MetaArch`] as [`Trainable`], the data
+//! [`Loader`] plus iBOT mask collation as [`BatchSource`], the official cosine schedules as
+//! [`Schedules`].
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Trainable};
+use crate::data::sampler::sample_rng;
+use crate::data::{DataError, Dataset, Loader, LoaderConfig};
+use crate::dist::{Collective, Single};
+use crate::loss::{CenterState, TeacherCenter};
+use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
+use crate::meta_arch::{LossValues, MetaArch, MetaArchError, SslBatch};
+use crate::optim::{self, AdamWParamState};
+use crate::precision::{DynamicLossScaler, LossScalerConfig, LossScalerState};
+
+/// One iteration's input: the collated crops and masks, and the iteration they belong to
+/// (it seeds the step's stochastic depth).
+#[derive(Debug)]
+pub struct TrainBatch {
+    pub iteration: u64,
+    pub ssl: SslBatch,
+}
+
+/// The DINOv2 meta-architecture with the seed that makes its randomness a function of the
+/// iteration.
+pub struct Model {
+    pub arch: MetaArch,
+    pub seed: u64,
+    pub rank: usize,
+    pub collective: Box<dyn Collective>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("seed", &self.seed)
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+impl Model {
+    pub fn single(arch: MetaArch, seed: u64) -> Self {
+        Self {
+            arch,
+            seed,
+            rank: 0,
+            collective: Box::new(Single),
+        }
+    }
+}
+
+fn terms(l: &LossValues) -> LossTerms {
+    let mut out = vec![("total_loss".to_string(), l.objective)];
+    for (name, v) in [
+        ("dino_local_crops_loss", l.dino_local_crops_loss),
+        ("dino_global_crops_loss", l.dino_global_crops_loss),
+        ("koleo_loss", l.koleo_loss),
+        ("ibot_loss", l.ibot_loss),
+    ] {
+        if let Some(v) = v {
+            out.push((name.to_string(), v));
+        }
+    }
+    out
+}
+
+/// Derives a torch seed from (seed, rank, iteration): drop-path masks then repeat exactly
+/// after a resume, whatever the process did before.
+fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
+    use rand::RngCore;
+    // usize::MAX marks "not an image of the batch" so the stream differs from the loader's.
+    (sample_rng(seed, rank, iteration, usize::MAX).next_u64() >> 1) as i64
+}
+
+fn step_err(e: impl std::fmt::Display) -> StepError {
+    StepError(e.to_string())
+}
+
+impl Trainable for Model {
+    type Batch = TrainBatch;
+
+    fn train_step(
+        &mut self,
+        batch: &TrainBatch,
+        v: &ScheduleValues,
+    ) -> Result<LossTerms, StepError> {
+        tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
+        let hyper = optim::ScheduleValues {
+            lr: v.lr,
+            wd: v.weight_decay,
+            momentum: v.teacher_momentum,
+            teacher_temp: v.teacher_temperature,
+            last_layer_lr: v.last_layer_lr,
+        };
+        match self
+            .arch
+            .train_step(&batch.ssl, &hyper, self.collective.as_ref())
+        {
+            Ok(outcome) => Ok(terms(&outcome.losses)),
+            // The loop turns a non-finite term into exit code 79 with the last finite values.
+            Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
+            Err(e) => Err(step_err(e)),
+        }
+    }
+
+    /// `MetaArch::train_step` already applied the EMA in the official order (after the
+    /// optimizer step, same momentum), so a second update here would double it.
+    fn update_teacher(&mut self, _momentum: f64) {}
+
+    fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
+        let mut out = BTreeMap::new();
+        out.insert(
+            "student".into(),
+            self.arch
+                .student
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect(),
+        );
+        out.insert(
+            "teacher".into(),
+            self.arch
+                .teacher
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect(),
+        );
+        let mut opt = Vec::new();
+        for (name, st) in self.arch.optimizer.state_dict() {
+            opt.push((format!("{name}.exp_avg"), st.exp_avg));
+            opt.push((format!("{name}.exp_avg_sq"), st.exp_avg_sq));
+            opt.push((
+                format!("{name}.step"),
+                Tensor::from_slice(&[st.step as i64]),
+            ));
+        }
+        out.insert("optimizer".into(), opt);
+        let mut loss = Vec::new();
+        push_center(&mut loss, "dino_loss", self.arch.dino_loss.center().state());
+        if let Some(ibot) = &self.arch.ibot_loss {
+            push_center(&mut loss, "ibot_loss", ibot.center().state());
+        }
+        out.insert("loss_state".into(), loss);
+        out
+    }
+
+    fn load_state(
+        &mut self,
+        mut state: BTreeMap<String, Vec<(String, Tensor)>>,
+    ) -> Result<(), StepError> {
+        let mut group = |name: &str| {
+            state
+                .remove(name)
+                .map(|v| v.into_iter().collect::<BTreeMap<_, _>>())
+                .ok_or_else(|| StepError(format!("the checkpoint has no {name} tensors")))
+        };
+        let (student, teacher, mut opt, mut loss) = (
+            group("student")?,
+            group("teacher")?,
+            group("optimizer")?,
+            group("loss_state")?,
+        );
+        load_vars(&self.arch.student.vs, &student, "student")?;
+        load_vars(&self.arch.teacher.vs, &teacher, "teacher")?;
+
+        let names: Vec<String> = self.arch.optimizer.names().map(str::to_string).collect();
+        let mut states = Vec::new();
+        for name in names {
+            let (Some(m), Some(v), Some(step)) = (
+                opt.remove(&format!("{name}.exp_avg")),
+                opt.remove(&format!("{name}.exp_avg_sq")),
+                opt.remove(&format!("{name}.step")),
+            ) else {
+                continue; // never stepped (e.g. a frozen last layer before its first update)
+            };
+            states.push((
+                name,
+                AdamWParamState {
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    step: step.int64_value(&[0]) as u64,
+                },
+            ));
+        }
+        self.arch
+            .optimizer
+            .load_state_dict(states)
+            .map_err(step_err)?;
+
+        let momentum = self.arch.config.center_momentum;
+        let device = self.arch.student.vs.device();
+        *self.arch.dino_loss.center_mut() = take_center(&mut loss, "dino_loss", momentum, device)?;
+        if let Some(ibot) = &mut self.arch.ibot_loss {
+            *ibot.center_mut() = take_center(&mut loss, "ibot_loss", momentum, device)?;
+        }
+        Ok(())
+    }
+
+    fn json_state(&self) -> serde_json::Value {
+        serde_json::json!({ "loss_scaler": self.arch.loss_scaler.as_ref().map(DynamicLossScaler::state) })
+    }
+
+    fn load_json_state(&mut self, state: &serde_json::Value) -> Result<(), StepError> {
+        let saved: Option<LossScalerState> =
+            serde_json::from_value(state["loss_scaler"].clone()).map_err(step_err)?;
+        if let (Some(scaler), Some(saved)) = (&mut self.arch.loss_scaler, saved) {
+            *scaler = DynamicLossScaler::from_state(LossScalerConfig::default(), saved)
+                .map_err(step_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// A center and its pending (recorded, not yet applied) batch statistic: the official loss
+/// applies it lazily at the next step, so a checkpoint between the two must keep it.
+fn push_center(out: &mut Vec<(String, Tensor)>, prefix: &str, s: CenterState) {
+    out.push((format!("{prefix}.center"), s.center));
+    if let Some((sum, divisor)) = s.pending {
+        out.push((format!("{prefix}.pending_sum"), sum));
+        out.push((
+            format!("{prefix}.pending_divisor"),
+            Tensor::from_slice(&[divisor]),
+        ));
+    }
+}
+
+fn take_center(
+    loss: &mut BTreeMap<String, Tensor>,
+    prefix: &str,
+    momentum: f64,
+    device: Device,
+) -> Result<TeacherCenter, StepError> {
+    let center = loss
+        .remove(&format!("{prefix}.center"))
+        .ok_or_else(|| StepError(format!("the checkpoint has no {prefix}.center")))?
+        .to_device(device);
+    let pending = match (
+        loss.remove(&format!("{prefix}.pending_sum")),
+        loss.remove(&format!("{prefix}.pending_divisor")),
+    ) {
+        (Some(sum), Some(div)) => Some((sum.to_device(device), div.int64_value(&[0]))),
+        _ => None,
+    };
+    TeacherCenter::from_state(CenterState { center, pending }, momentum).map_err(step_err)
+}
+
+fn load_vars(
+    vs: &tch::nn::VarStore,
+    saved: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<(), StepError> {
+    let vars = vs.variables();
+    if vars.len() != saved.len() {
+        return Err(StepError(format!(
+            "{what}: checkpoint has {} tensors, the model {}",
+            saved.len(),
+            vars.len()
+        )));
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            let src = saved
+                .get(&name)
+                .ok_or_else(|| StepError(format!("{what}: checkpoint lacks {name}")))?;
+            if src.size() != var.size() {
+                return Err(StepError(format!(
+                    "{what}.{name}: checkpoint shape {:?}, model {:?}",
+                    src.size(),
+                    var.size()
+                )));
+            }
+            var.copy_(src);
+        }
+        Ok(())
+    })
+}
+
+/// The data loader plus the iBOT mask collation of the official `collate_data_and_cast`.
+/// Masks draw from a generator keyed by (seed, rank, iteration), like the crops.
+pub struct Data {
+    dataset: Arc<dyn Dataset>,
+    cfg: LoaderConfig,
+    loader: Loader,
+    masks: MaskGenerator,
+    collate: MaskCollateConfig,
+    device: Device,
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Data")
+            .field("loader", &self.loader)
+            .finish()
+    }
+}
+
+impl Data {
+    pub fn new(
+        dataset: Arc<dyn Dataset>,
+        cfg: LoaderConfig,
+        masks: MaskGenerator,
+        collate: MaskCollateConfig,
+        device: Device,
+    ) -> Result<Self, DataError> {
+        let loader = Loader::new(Arc::clone(&dataset), cfg.clone())?;
+        Ok(Self {
+            dataset,
+            cfg,
+            loader,
+            masks,
+            collate,
+            device,
+        })
+    }
+}
+
+impl BatchSource for Data {
+    type Batch = TrainBatch;
+
+    fn next_batch(&mut self) -> Result<TrainBatch, StepError> {
+        let b = self.loader.next_batch().map_err(step_err)?;
+        let n_images = b.global_shape[0];
+        let mut rng = sample_rng(self.cfg.seed, self.cfg.rank, b.iteration, usize::MAX - 1);
+        let m = collate_masks(n_images, &self.masks, &self.collate, &mut rng).map_err(step_err)?;
+        let d = self.device;
+        let ssl = SslBatch {
+            global_crops: b.global_tensor().to_device(d),
+            local_crops: b.local_tensor().to_device(d),
+            masks: m.masks.to_device(d),
+            mask_indices_list: m.mask_indices_list.to_device(d),
+            masks_weight: m.masks_weight.to_kind(Kind::Float).to_device(d),
+            n_masked_patches: m.n_masked_patches,
+            upperbound: m.upperbound,
+        };
+        Ok(TrainBatch {
+            iteration: b.iteration,
+            ssl,
+        })
+    }
+
+    fn images_per_batch(&self) -> u64 {
+        self.cfg.batch_size as u64
+    }
+
+    fn position(&self) -> serde_json::Value {
+        serde_json::json!({ "iteration": self.loader.position() })
+    }
+
+    /// Restarts the workers at the saved iteration: batches are a function of the iteration,
+    /// so nothing else needs restoring.
+    fn seek(&mut self, position: &serde_json::Value) -> Result<(), StepError> {
+        let it = position["iteration"]
+            .as_u64()
+            .ok_or_else(|| StepError(format!("data position {position} has no iteration")))?;
+        if it == self.loader.position() {
+            return Ok(());
+        }
+        let cfg = LoaderConfig {
+            start_iteration: it,
+            ..self.cfg.clone()
+        };
+        self.loader = Loader::new(Arc::clone(&self.dataset), cfg).map_err(step_err)?;
+        Ok(())
+    }
+
+    fn skipped_images(&self) -> u64 {
+        self.loader
+            .skipped_counter()
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Schedules for optim::Schedules {
+    fn at(&self, iteration: u64) -> ScheduleValues {
+        let v = optim::Schedules::at(self, iteration as usize);
+        ScheduleValues {
+            lr: v.lr,
+            weight_decay: v.wd,
+            teacher_momentum: v.momentum,
+            teacher_temperature: v.teacher_temp,
+            last_layer_lr: v.last_layer_lr,
+        }
+    }
+}

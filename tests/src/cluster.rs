@@ -137,14 +137,24 @@ impl TestCluster {
                 file,
             ])?
             .ok()?;
-            self.kubectl([
-                OsStr::new("wait"),
-                OsStr::new("--for=condition=Established"),
-                OsStr::new("--timeout=60s"),
-                OsStr::new("-f"),
-                file,
-            ])?
-            .ok()?;
+            // Right after the apply the CRD can still have no status at all, which `kubectl
+            // wait` reports as an error instead of waiting: try again a few times.
+            let mut attempts = 0;
+            loop {
+                let out = self.kubectl([
+                    OsStr::new("wait"),
+                    OsStr::new("--for=condition=Established"),
+                    OsStr::new("--timeout=60s"),
+                    OsStr::new("-f"),
+                    file,
+                ])?;
+                attempts += 1;
+                if out.success() || attempts == 10 {
+                    out.ok()?;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
         }
         Ok(())
     }

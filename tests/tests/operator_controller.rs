@@ -147,7 +147,7 @@ impl Env {
             "apiVersion": "dinoflow.dev/v1alpha1",
             "kind": "PretrainJob",
             "metadata": { "name": name },
-            "spec": { "training": {}, "cluster": cluster },
+            "spec": { "training": { "data": { "path": "/data/train" } }, "cluster": cluster },
         }))
         .expect("valid PretrainJob");
         self.pretrain()
@@ -441,7 +441,7 @@ async fn distill_job_waits_for_its_teacher_then_gets_its_checkpoint() {
     let student: DistillJob = serde_json::from_value(json!({
         "apiVersion": "dinoflow.dev/v1alpha1", "kind": "DistillJob",
         "metadata": { "name": "small" },
-        "spec": { "teacher": { "pretrainJob": "big" }, "training": {}, "cluster": { "nodes": 1, "gpusPerNode": 0 } },
+        "spec": { "teacher": { "pretrainJob": "big" }, "training": { "data": { "path": "/data/train" } }, "cluster": { "nodes": 1, "gpusPerNode": 0 } },
     }))
     .expect("valid DistillJob");
     distill

@@ -411,7 +411,7 @@ mod tests {
 #[cfg(test)]
 mod parity {
     use super::*;
-    use crate::loss::fixtures::Fixture;
+    use crate::parity_fixture::Fixture;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use serde_json::Value;

@@ -72,6 +72,4 @@ pub(crate) fn expect_positive(field: &'static str, v: f64) -> Result<(), LossErr
 }
 
 #[cfg(test)]
-pub(crate) mod fixtures;
-#[cfg(test)]
 mod parity;

@@ -4,9 +4,9 @@
 use tch::{Kind, Tensor};
 
 use super::centering::{CenterState, CenteringMode, TeacherCenter};
-use super::fixtures::{Fixture, assert_close, assert_scalar_close};
 use super::{DinoLoss, DinoLossConfig, IbotLoss, IbotLossConfig, koleo_loss, koleo_per_crop_sum};
 use crate::dist::Single;
+use crate::parity_fixture::{Fixture, assert_close, assert_scalar_close};
 
 /// Forward outputs (targets, centers) agree to this relative error (fixture README).
 const FORWARD_TOL: f64 = 1e-5;

@@ -12,7 +12,7 @@ use super::{
     SchedulesConfig, clip_grad_norm, ema_update, fuse_param_groups, scaled_lr,
     student_param_multipliers,
 };
-use crate::loss::fixtures::{
+use crate::parity_fixture::{
     Fixture, OrderedObject, assert_f64_exact, assert_scalar_close, fixture_json_text, rel_err,
 };
 

@@ -44,7 +44,7 @@ TRAINER="$CARGO_TARGET_DIR/debug/dinoflow-trainer"
 log "validating ${EXAMPLE#"$ROOT"/} with the trainer"
 "$TRAINER" validate --config "$EXAMPLE" >/dev/null
 log "training ${EXAMPLE#"$ROOT"/} on CPU into ${OUT#"$ROOT"/} (resumes from its last checkpoint)"
-"$TRAINER" train --config "$EXAMPLE" --output-dir "$OUT"
+"$TRAINER" train --config "$EXAMPLE" --output-dir "$OUT" --max-iterations 20
 log "checkpoints: $(find "$OUT/checkpoints" -mindepth 1 -maxdepth 1 -name 'ckpt-*' -printf '%f ' 2>/dev/null)"
 echo
 log "cluster still up. To use it: export KUBECONFIG=$KUBECONFIG"

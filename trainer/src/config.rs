@@ -271,12 +271,21 @@ pub fn mask_collate_config(t: &TrainingConfig) -> MaskCollateConfig {
     }
 }
 
-/// The dataset reader for `training.data.kind`.
+/// The dataset reader for `training.data.kind` (training split).
 pub fn dataset_kind(t: &TrainingConfig) -> DatasetKind {
+    dataset_kind_for_split(t, "train")
+}
+
+/// The reader for `training.data.valPath`: same kind; an IDX folder gives its `t10k` files.
+pub fn val_dataset_kind(t: &TrainingConfig) -> DatasetKind {
+    dataset_kind_for_split(t, "t10k")
+}
+
+fn dataset_kind_for_split(t: &TrainingConfig, idx_split: &str) -> DatasetKind {
     use dinoflow_api::training::DatasetKind as K;
     match t.data.kind {
         K::Idx => DatasetKind::Idx {
-            split: "train".into(),
+            split: idx_split.into(),
         },
         K::Webdataset => DatasetKind::Tar,
         K::Imagefolder | K::Imagenet | K::Imagenet22k => DatasetKind::ImageFolder,

@@ -71,6 +71,12 @@ pub struct EvaluationConfig {
     pub knn: KnnConfig,
     /// Linear probe.
     pub linear_probe: LinearProbeConfig,
+    /// Use at most this many training images (evenly strided) as the k-NN reference set and
+    /// the linear probe's training set. Unset uses the whole training split, the official
+    /// protocol; a cap keeps frequent evaluations of small CPU runs cheap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_train_images: Option<u32>,
 }
 
 impl Default for EvaluationConfig {
@@ -79,6 +85,7 @@ impl Default for EvaluationConfig {
             period_iterations: 12500,
             knn: KnnConfig::default(),
             linear_probe: LinearProbeConfig::default(),
+            max_train_images: None,
         }
     }
 }

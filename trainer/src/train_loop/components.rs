@@ -10,6 +10,7 @@ use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Traina
 use crate::data::sampler::sample_rng;
 use crate::data::{DataError, Dataset, Loader, LoaderConfig};
 use crate::dist::{Collective, Single};
+use crate::eval::{EvalConfig, EvalError, EvalInputs, EvalReport, evaluate_backbone};
 use crate::loss::{CenterState, TeacherCenter};
 use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
 use crate::meta_arch::{LossValues, MetaArch, MetaArchError, SslBatch};
@@ -31,6 +32,8 @@ pub struct Model {
     pub seed: u64,
     pub rank: usize,
     pub collective: Box<dyn Collective>,
+    /// Labelled splits for the evaluation hooks; None skips evaluation.
+    pub eval: Option<EvalInputs>,
 }
 
 impl std::fmt::Debug for Model {
@@ -49,6 +52,7 @@ impl Model {
             seed,
             rank: 0,
             collective: Box::new(Single),
+            eval: None,
         }
     }
 }
@@ -202,6 +206,15 @@ impl Trainable for Model {
             *ibot.center_mut() = take_center(&mut loss, "ibot_loss", momentum, device)?;
         }
         Ok(())
+    }
+
+    /// k-NN and the linear probe on the teacher backbone, as the official evaluation does.
+    fn evaluate(&mut self, config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
+        let Some(inputs) = &self.eval else {
+            return Ok(None);
+        };
+        let kind = self.arch.config.precision.compute_kind();
+        evaluate_backbone(&self.arch.teacher.backbone, kind, inputs, config).map(Some)
     }
 
     fn json_state(&self) -> serde_json::Value {

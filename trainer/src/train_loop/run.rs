@@ -14,7 +14,8 @@ use super::{BatchSource, LoopError, LoopSettings, Outcome, Schedules, TrainLoop,
 use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
 use crate::cli::TrainArgs;
 use crate::config;
-use crate::data::{DataError, LoaderConfig, open_dataset};
+use crate::data::{DataError, Dataset, LoaderConfig, open_dataset};
+use crate::eval::{EvalInputs, EvalTransform, LabelledSplit};
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
@@ -272,6 +273,7 @@ pub fn build_components(
         ..LoaderConfig::default()
     };
     let masks = MaskGenerator::for_global_crops(global, patch).map_err(|e| permanent(&e))?;
+    let eval = eval_inputs(training, &dataset)?;
     let data = Data::new(
         dataset,
         loader,
@@ -280,13 +282,65 @@ pub fn build_components(
         device,
     )
     .map_err(data_error)?;
+    let mut model = Model::single(arch, seed);
+    model.eval = eval;
     Ok(Components {
-        model: Model::single(arch, seed),
+        model,
         data,
         schedules,
         flops_per_image: None,
         num_classes,
     })
+}
+
+/// Images per evaluation forward (official k-NN `batch_size`).
+const EVAL_BATCH_SIZE: usize = 256;
+
+/// The labelled splits of the evaluation hooks: the training dataset as the k-NN reference
+/// (official protocol) and `training.data.valPath` as the reported split. None when both hooks
+/// are off or no `valPath` is set (the schema documents that evaluation is then skipped).
+fn eval_inputs(
+    training: &TrainingConfig,
+    train: &Arc<dyn Dataset>,
+) -> Result<Option<EvalInputs>, TrainError> {
+    if config::eval_config(training, 0).is_none() {
+        return Ok(None);
+    }
+    let Some(val_path) = &training.data.val_path else {
+        tracing::info!("evaluation skipped: training.data.valPath is not set");
+        return Ok(None);
+    };
+    let val = open_dataset(&config::val_dataset_kind(training), Path::new(val_path))
+        .map_err(|e| TrainError::Permanent(format!("training.data.valPath: {e}")))?;
+    let labelled = |name, dataset, field: &str| {
+        LabelledSplit::new(name, dataset).map_err(|e| {
+            TrainError::Permanent(format!(
+                "{field}: {e}. Point it at labelled data, or turn evaluation off with \
+                 training.evaluation.knn.enabled: false and linearProbe.enabled: false"
+            ))
+        })
+    };
+    let crops =
+        config::multi_crop_config(training).map_err(|e| TrainError::Permanent(e.to_string()))?;
+    let mut reference = labelled("train", Arc::clone(train), "training.data.path")?;
+    if let Some(max) = training.evaluation.max_train_images {
+        if max == 0 {
+            return Err(TrainError::Permanent(
+                "training.evaluation.maxTrainImages: must be >= 1; remove it to use the whole \
+                 training split"
+                    .into(),
+            ));
+        }
+        reference = reference.subsample(max as usize);
+    }
+    Ok(Some(EvalInputs {
+        train: reference,
+        test: labelled("validation", val, "training.data.valPath")?,
+        transform: EvalTransform::official(crops.global_crops_size, crops.mean, crops.std),
+        batch_size: EVAL_BATCH_SIZE,
+        threads: (training.data.num_workers as usize).max(1),
+        n_last_blocks: 4,
+    }))
 }
 
 #[cfg(test)]

@@ -219,6 +219,7 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
                 e.exit_code()
             }
         },
+        Command::Launch(args) => crate::launch::run(&args),
         Command::Train(args) => match train_with(&args, build_components) {
             Ok(outcome) => outcome.exit_code(),
             Err(e) => {

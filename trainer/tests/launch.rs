@@ -1,0 +1,219 @@
+//! `dinoflow-trainer launch` end to end through the binary, with the env contract the
+//! operator's pods carry (operator/src/desired/pods.rs) and a tiny Fashion-MNIST config.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const FASHION: &str = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
+
+fn have_data() -> bool {
+    let ok = Path::new(FASHION).exists();
+    if !ok {
+        eprintln!("skipping: {FASHION} missing (apt install dataset-fashion-mnist)");
+    }
+    ok
+}
+
+/// A 2-block ViT on 28px crops; `epochs` × 3 iterations, checkpoints every `ckpt_every`.
+fn config(dir: &Path, epochs: u32, ckpt_every: u32) -> PathBuf {
+    let yaml = format!(
+        r#"training:
+  model: {{arch: custom, embedDim: 32, depth: 2, numHeads: 2, patchSize: 7, dropPathRate: 0.1}}
+  dino: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
+  ibot: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
+  crops:
+    globalCropsSize: 28
+    localCropsSize: 14
+    localCropsNumber: 2
+    augmentation: {{normalizeMean: [0.286], normalizeStd: [0.353]}}
+  optim: {{epochs: {epochs}, warmupEpochs: 1, freezeLastLayerEpochs: 0, baseLr: 0.004}}
+  teacher: {{warmupTeacherTempEpochs: 1}}
+  train: {{batchSizePerGpu: 4, officialEpochLength: 3, seed: 5}}
+  data: {{kind: idx, path: {FASHION}, numWorkers: 1}}
+  precision:
+    gradScaler: false
+    student:
+      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+    teacher:
+      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+  sharding:
+    student: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
+    teacher: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
+  evaluation: {{knn: {{enabled: false}}, linearProbe: {{enabled: false}}}}
+  checkpoint: {{periodIterations: {ckpt_every}, keepLast: 5}}
+  output: {{dir: {out}}}
+  logging: {{everyIterations: 1, metricsPort: 0}}
+"#,
+        out = dir.join("unused").display()
+    );
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The env of a one-node pod with `nproc` processes, as the operator writes it.
+fn launch(mode: &str, config: &Path, out: &Path, nproc: u32, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"));
+    cmd.args(["launch", mode, "--config"])
+        .arg(config)
+        .arg("--output-dir")
+        .arg(out)
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env(
+            "LD_LIBRARY_PATH",
+            std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default(),
+        )
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("NNODES", "1")
+        .env("NODE_RANK", "0")
+        .env(
+            "NPROC_PER_NODE",
+            if nproc == 1 { 0 } else { nproc }.to_string(),
+        )
+        .env("WORLD_SIZE", nproc.to_string())
+        .env("DINOFLOW_JOB", "tiny")
+        .env("DINOFLOW_NAMESPACE", "ml")
+        .env("DINOFLOW_RUN_ATTEMPT", "0")
+        .env("DINOFLOW_CONFIG", config)
+        // Reproducible reductions and a 2-core machine shared with other tests.
+        .env("DINOFLOW_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn ok(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+fn train_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "train")
+        .collect()
+}
+
+fn ckpt(out: &Path, it: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("ckpt-{it:09}"))
+}
+
+#[test]
+fn a_cpu_pod_launches_one_worker_that_trains_and_exits_zero() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 2);
+    let out = dir.path().join("out");
+    let res = launch("train", &cfg, &out, 1, &["--max-iterations", "2"])
+        .output()
+        .unwrap();
+    ok(&res);
+    let lines = train_lines(&out);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(ckpt(&out, 2).join("manifest.json").exists());
+}
+
+#[test]
+fn a_pod_missing_a_contract_variable_exits_78_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 2);
+    for var in ["WORLD_SIZE", "MASTER_PORT", "NODE_RANK"] {
+        let res = launch("train", &cfg, &dir.path().join("out"), 1, &[])
+            .env_remove(var)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(78), "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+    let res = launch("train", &cfg, &dir.path().join("out"), 2, &[])
+        .env("WORLD_SIZE", "3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("WORLD_SIZE"), "{stderr}");
+}
+
+#[test]
+fn distill_fails_permanently_saying_it_is_not_implemented() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 2);
+    let res = launch("distill", &cfg, &dir.path().join("out"), 1, &[])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("not implemented"), "{stderr}");
+}
+
+#[test]
+fn a_bad_config_in_the_worker_reaches_the_operator_as_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "training:\n  optim: {baseLr: -1}\n").unwrap();
+    let res = launch("train", &cfg, &dir.path().join("out"), 1, &[])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("baseLr"), "{stderr}");
+}
+
+#[test]
+fn sigterm_to_the_launcher_checkpoints_the_worker_and_exits_143() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 300 iterations: far more than the test waits for.
+    let cfg = config(dir.path(), 100, 1000);
+    let out = dir.path().join("out");
+    let mut child = launch("train", &cfg, &out, 1, &[]).spawn().unwrap();
+    let started = Instant::now();
+    while train_lines_if_any(&out) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("launcher exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let res = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(143), "{stderr}");
+    let done = train_lines(&out).len() as u64;
+    assert!(
+        ckpt(&out, done).join("manifest.json").exists(),
+        "no checkpoint at the stop iteration {done}: {stderr}"
+    );
+}
+
+fn train_lines_if_any(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| l.contains("\"train\"")).count())
+        .unwrap_or(0)
+}

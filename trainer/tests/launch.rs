@@ -217,3 +217,80 @@ fn train_lines_if_any(out: &Path) -> usize {
         .map(|t| t.lines().filter(|l| l.contains("\"train\"")).count())
         .unwrap_or(0)
 }
+
+/// Removes ANSI colour sequences (the log formatter colours field names).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_escape = false;
+    for c in s.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// `rank -> student_sha256` from the ranks' "final student weights" log lines.
+fn final_digests(stderr: &str) -> std::collections::BTreeMap<u64, String> {
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_string)
+    };
+    strip_ansi(stderr)
+        .lines()
+        .filter(|l| l.contains("final student weights"))
+        .filter_map(|l| {
+            Some((
+                field(l, "rank=")?.parse().ok()?,
+                field(l, "student_sha256=")?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn two_ranks_on_one_node_end_bitwise_identical_and_resume_together() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 3);
+    let out = dir.path().join("out");
+
+    let first = ok(&launch("train", &cfg, &out, 2, &["--max-iterations", "3"])
+        .output()
+        .unwrap());
+    let digests = final_digests(&first);
+    assert_eq!(digests.len(), 2, "{first}");
+    assert_eq!(digests[&0], digests[&1], "replicas diverged");
+    // One writer: rank 0's lines only, and one checkpoint that records the world size.
+    assert_eq!(train_lines(&out).len(), 3);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt(&out, 3).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["worldSize"], 2, "{manifest}");
+
+    // Both ranks resume from rank 0's checkpoint and stay together to the end.
+    let second = ok(&launch("train", &cfg, &out, 2, &[]).output().unwrap());
+    let resumed = final_digests(&second);
+    assert_eq!(resumed.len(), 2, "{second}");
+    assert_eq!(resumed[&0], resumed[&1], "replicas diverged after resume");
+    assert_ne!(resumed[&0], digests[&0], "the resumed run did not train");
+    let lines = train_lines(&out);
+    let iterations: Vec<u64> = lines
+        .iter()
+        .map(|l| l["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(iterations, [1, 2, 3, 4, 5, 6]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["losses"]["total_loss"].as_f64().unwrap().is_finite())
+    );
+    assert!(ckpt(&out, 6).join("manifest.json").exists());
+}

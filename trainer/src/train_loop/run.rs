@@ -10,11 +10,14 @@ use dinoflow_api::{ConfigError, TrainingConfig};
 use tch::Device;
 
 use super::components::{Data, Model};
-use super::{BatchSource, LoopError, LoopSettings, Outcome, Schedules, TrainLoop, Trainable};
+use super::{
+    BatchSource, LoopError, LoopSettings, NoProgress, Outcome, Schedules, TrainLoop, Trainable,
+};
 use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
 use crate::cli::TrainArgs;
 use crate::config;
 use crate::data::{DataError, LoaderConfig, open_dataset};
+use crate::dist::{self, Collective, DistEnv};
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
@@ -89,7 +92,11 @@ where
     M: Trainable,
     D: BatchSource<Batch = M::Batch>,
     S: Schedules,
-    B: FnOnce(&TrainingConfig, &Path) -> Result<Components<M, D, S>, TrainError>,
+    B: FnOnce(
+        &TrainingConfig,
+        &Path,
+        &Arc<dyn Collective>,
+    ) -> Result<Components<M, D, S>, TrainError>,
 {
     let resolved = dinoflow_api::load_training_config(&args.config)?;
     let mut training = resolved.training;
@@ -105,8 +112,18 @@ where
         tch::set_num_threads(threads);
     }
 
+    // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from `launch`; unset: one process.
+    let dist_env = DistEnv::from_lookup(&crate::launch::env::process_env())
+        .map_err(|e| TrainError::Permanent(e.to_string()))?;
+    let local_rank = dist_env.as_ref().map_or(0, |d| d.local_rank);
+    let collective = dist::init(dist_env.as_ref())
+        .map_err(|e| TrainError::Transient(format!("distributed setup: {e}")))?;
+    let rank = collective.rank();
+
     let metrics = TrainerMetrics::new()?;
+    // One scrape target per pod: the node's first process serves the metrics.
     let _server = match training.logging.metrics_port {
+        _ if local_rank != 0 => None,
         0 => None,
         port => Some(MetricsServer::start(
             ([0, 0, 0, 0], port as u16).into(),
@@ -114,6 +131,10 @@ where
         )?),
     };
     let mut jsonl = JsonlLog::open(&out.join("metrics.jsonl"))?;
+    // Opening removes unfinished checkpoints: rank 0 does it before the others look.
+    if rank != 0 {
+        dist::barrier(collective.as_ref());
+    }
     let checkpoints = CheckpointManager::open(
         out.join("checkpoints"),
         training.checkpoint.keep_last as usize,
@@ -122,6 +143,9 @@ where
         path: out.join("checkpoints"),
         reason: e.to_string(),
     })?;
+    if rank == 0 {
+        dist::barrier(collective.as_ref());
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -136,7 +160,7 @@ where
         schedules,
         flops_per_image,
         num_classes,
-    } = build(&training, &out)?;
+    } = build(&training, &out, &collective)?;
     let total = training.total_iterations();
     let settings = LoopSettings {
         total_iterations: args.max_iterations.map_or(total, |m| m.min(total)),
@@ -147,8 +171,13 @@ where
         eval_every: u64::from(training.evaluation.period_iterations),
         eval_at_start: true,
         eval_at_end: true,
-        eval: config::eval_config(&training, num_classes),
-        world_size: 1,
+        // Rank 0 evaluates; the others wait for it at the next collective.
+        eval: if rank == 0 {
+            config::eval_config(&training, num_classes)
+        } else {
+            None
+        },
+        world_size: collective.world_size(),
         config_hash: config::config_hash(&training),
         guarded: config::guarded_fields(&training),
         flops_per_image,
@@ -168,6 +197,7 @@ where
             tracing::warn!("resuming with --force despite a changed config: {warning}");
         }
     }
+    let mut progress = NoProgress;
     let mut lp = TrainLoop {
         model: &mut model,
         data: &mut data,
@@ -177,6 +207,8 @@ where
         metrics: &metrics,
         jsonl: &mut jsonl,
         stop,
+        collective: collective.as_ref(),
+        progress: &mut progress,
     };
     let start = match &resume_from {
         Some(ckpt) => {
@@ -186,8 +218,52 @@ where
         }
         None => 0,
     };
+    agree_on_start(collective.as_ref(), start)?;
     tracing::info!(start, total = lp.settings.total_iterations, output = %out.display(), "training");
-    Ok(lp.run(start)?)
+    let outcome = lp.run(start)?;
+    if collective.world_size() > 1 {
+        // Replicas must end identical; the digest lets a test or a human compare ranks.
+        tracing::info!(
+            rank,
+            student_sha256 = %state_digest(&model.state(), "student"),
+            "final student weights"
+        );
+    }
+    Ok(outcome)
+}
+
+/// Every rank must continue from the same iteration; a rank that cannot see rank 0's
+/// checkpoint directory would otherwise train a different model in lockstep.
+fn agree_on_start(collective: &dyn Collective, start: u64) -> Result<(), TrainError> {
+    let mut t = tch::Tensor::from_slice(&[start as i64]);
+    collective.broadcast_from_root(&mut t);
+    let root = t.int64_value(&[0]) as u64;
+    if root != start {
+        return Err(TrainError::Permanent(format!(
+            "rank {} would start at iteration {start} but rank 0 at {root}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods",
+            collective.rank()
+        )));
+    }
+    Ok(())
+}
+
+/// SHA-256 over the named tensors of one state group, in name order.
+pub fn state_digest(
+    state: &std::collections::BTreeMap<String, Vec<(String, tch::Tensor)>>,
+    group: &str,
+) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut tensors: Vec<&(String, tch::Tensor)> = state.get(group).into_iter().flatten().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in tensors {
+        let c = t.to_device(Device::Cpu).contiguous();
+        let mut buf = vec![0u8; c.numel() * c.kind().elt_size_in_bytes()];
+        c.copy_data_u8(&mut buf, c.numel());
+        hasher.update(name.as_bytes());
+        hasher.update(&buf);
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Creates the output directory and proves it writable before any work is done.
@@ -230,6 +306,18 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
     }
 }
 
+/// CUDA device of this process (`LOCAL_RANK` picks among the node's GPUs), else the CPU.
+fn local_device() -> Device {
+    if !tch::Cuda::is_available() {
+        return Device::Cpu;
+    }
+    let local: usize = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    Device::Cuda(local % tch::Cuda::device_count().max(1) as usize)
+}
+
 fn data_error(e: DataError) -> TrainError {
     if e.is_permanent() {
         TrainError::Permanent(format!("training.data: {e}"))
@@ -243,10 +331,11 @@ fn data_error(e: DataError) -> TrainError {
 pub fn build_components(
     training: &TrainingConfig,
     _out: &Path,
+    collective: &Arc<dyn Collective>,
 ) -> Result<Components<Model, Data, optim::Schedules>, TrainError> {
     let permanent = |e: &dyn std::fmt::Display| TrainError::Permanent(e.to_string());
-    let device = Device::cuda_if_available();
-    let world_size = 1;
+    let device = local_device();
+    let (rank, world_size) = (collective.rank(), collective.world_size());
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
     let (patch, global) = (
@@ -257,6 +346,14 @@ pub fn build_components(
     tch::manual_seed(seed as i64);
     let arch =
         MetaArch::new(arch_cfg, device).map_err(|e| permanent(&format!("training.model: {e}")))?;
+    // Start every replica from rank 0's weights (DDP's initial broadcast): the same seed
+    // gives the same init only on identical hardware and libraries.
+    for vs in [&arch.student.vs, &arch.teacher.vs] {
+        // Name order: the buckets must line up on every rank (a HashMap's order does not).
+        let sorted: std::collections::BTreeMap<_, _> = vs.variables().into_iter().collect();
+        let mut vars: Vec<tch::Tensor> = sorted.into_values().collect();
+        dist::broadcast_parameters(collective.as_ref(), &mut vars);
+    }
     let schedules = optim::Schedules::new(&config::schedules_config(training, world_size))
         .map_err(|e| permanent(&format!("training.optim: {e}")))?;
 
@@ -267,7 +364,7 @@ pub fn build_components(
         batch_size: training.train.batch_size_per_gpu as usize,
         num_workers: training.data.num_workers as usize,
         seed,
-        rank: 0,
+        rank,
         world_size,
         crops: config::multi_crop_config(training).map_err(|e| permanent(&e))?,
         ..LoaderConfig::default()
@@ -282,7 +379,12 @@ pub fn build_components(
     )
     .map_err(data_error)?;
     Ok(Components {
-        model: Model::single(arch, seed),
+        model: Model {
+            arch,
+            seed,
+            rank,
+            collective: Box::new(Arc::clone(collective)),
+        },
         data,
         schedules,
         flops_per_image: None,

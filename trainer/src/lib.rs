@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod progress_client;
 pub mod train_loop;
 pub mod weights;
 

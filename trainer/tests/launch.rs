@@ -294,3 +294,114 @@ fn two_ranks_on_one_node_end_bitwise_identical_and_resume_together() {
     );
     assert!(ckpt(&out, 6).join("manifest.json").exists());
 }
+
+mod operator_stand_in {
+    use std::sync::{Arc, Mutex};
+
+    use dinoflow_api::progress::progress_server::{Progress, ProgressServer};
+    use dinoflow_api::progress::{ProgressReport, ReportAck};
+    use tokio_stream::StreamExt;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// One stream: its authorization header and its reports.
+    pub type Stream = (String, Vec<ProgressReport>);
+
+    /// Records every stream.
+    #[derive(Clone, Default)]
+    pub struct Recorder {
+        pub streams: Arc<Mutex<Vec<Stream>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Progress for Recorder {
+        async fn report(
+            &self,
+            request: Request<Streaming<ProgressReport>>,
+        ) -> Result<Response<ReportAck>, Status> {
+            let auth = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let index = {
+                let mut s = self.streams.lock().unwrap();
+                s.push((auth, Vec::new()));
+                s.len() - 1
+            };
+            let mut stream = request.into_inner();
+            let mut accepted = 0;
+            while let Some(r) = stream.next().await {
+                self.streams.lock().unwrap()[index].1.push(r?);
+                accepted += 1;
+            }
+            Ok(Response::new(ReportAck { accepted }))
+        }
+    }
+
+    pub fn serve(recorder: Recorder) -> (u16, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(ProgressServer::new(recorder))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (port, rt)
+    }
+}
+
+#[test]
+fn rank_zero_alone_streams_progress_to_the_operator_with_the_jobs_token() {
+    use dinoflow_api::progress::progress_report::Event;
+    if !have_data() {
+        return;
+    }
+    let recorder = operator_stand_in::Recorder::default();
+    let (port, _server) = operator_stand_in::serve(recorder.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 3);
+    let out = dir.path().join("out");
+    ok(&launch("train", &cfg, &out, 2, &[])
+        .env(
+            "DINOFLOW_PROGRESS_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("DINOFLOW_PROGRESS_TOKEN", "job-token")
+        .env("DINOFLOW_JOB_KIND", "PretrainJob")
+        .env("DINOFLOW_RUN_ATTEMPT", "4")
+        .output()
+        .unwrap());
+    let streams = recorder.streams.lock().unwrap().clone();
+    assert_eq!(streams.len(), 1, "only rank 0 reports");
+    let (auth, reports) = &streams[0];
+    assert_eq!(auth, "Bearer job-token");
+    assert!(reports.iter().all(|r| r.namespace == "ml"
+        && r.job == "tiny"
+        && r.kind == "PretrainJob"
+        && r.run_attempt == 4));
+    let last_iteration = reports
+        .iter()
+        .rev()
+        .filter_map(|r| match &r.event {
+            Some(Event::Iteration(it)) => Some(it.clone()),
+            _ => None,
+        })
+        .next()
+        .expect("iteration reports");
+    assert_eq!(
+        (last_iteration.iteration, last_iteration.total_iterations),
+        (3, 3)
+    );
+    assert!(last_iteration.losses["total"].is_finite());
+    assert!(last_iteration.learning_rate > 0.0);
+    assert!(reports.iter().any(|r| matches!(&r.event,
+        Some(Event::Checkpoint(c)) if c.iteration == 3 && c.path.ends_with("ckpt-000000003"))));
+}

@@ -11,17 +11,20 @@ use tch::Device;
 
 use super::components::{Data, Model};
 use super::{
-    BatchSource, LoopError, LoopSettings, NoProgress, Outcome, Schedules, TrainLoop, Trainable,
+    BatchSource, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, Schedules, TrainLoop,
+    Trainable,
 };
 use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
 use crate::cli::TrainArgs;
 use crate::config;
 use crate::data::{DataError, LoaderConfig, open_dataset};
 use crate::dist::{self, Collective, DistEnv};
+use crate::launch::env::JobKind;
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
 use crate::optim;
+use crate::progress_client::ProgressReporter;
 
 /// Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint: 128 + 15, as
 /// a shell reports it. It is retryable by contract, so a stopped gang resumes.
@@ -116,6 +119,10 @@ where
     let dist_env = DistEnv::from_lookup(&crate::launch::env::process_env())
         .map_err(|e| TrainError::Permanent(e.to_string()))?;
     let local_rank = dist_env.as_ref().map_or(0, |d| d.local_rank);
+    // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
+    let (_, progress_target) =
+        crate::launch::env::job_and_progress(&crate::launch::env::process_env(), JobKind::Pretrain)
+            .map_err(|e| TrainError::Permanent(e.to_string()))?;
     let collective = dist::init(dist_env.as_ref())
         .map_err(|e| TrainError::Transient(format!("distributed setup: {e}")))?;
     let rank = collective.rank();
@@ -197,7 +204,17 @@ where
             tracing::warn!("resuming with --force despite a changed config: {warning}");
         }
     }
-    let mut progress = NoProgress;
+    let mut reporter = match progress_target {
+        Some(target) if rank == 0 => Some(ProgressReporter::start(target).map_err(|e| {
+            TrainError::Transient(format!("cannot start the progress reporter: {e}"))
+        })?),
+        _ => None,
+    };
+    let mut no_progress = NoProgress;
+    let progress: &mut dyn ProgressHook = match &mut reporter {
+        Some(r) => r,
+        None => &mut no_progress,
+    };
     let mut lp = TrainLoop {
         model: &mut model,
         data: &mut data,
@@ -208,7 +225,7 @@ where
         jsonl: &mut jsonl,
         stop,
         collective: collective.as_ref(),
-        progress: &mut progress,
+        progress,
     };
     let start = match &resume_from {
         Some(ckpt) => {

@@ -65,6 +65,7 @@ fn free_port() -> u16 {
 
 /// The env of a one-node pod with `nproc` processes, as the operator writes it.
 fn launch(mode: &str, config: &Path, out: &Path, nproc: u32, extra: &[&str]) -> Command {
+    let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"));
     cmd.args(["launch", mode, "--config"])
         .arg(config)
@@ -78,7 +79,7 @@ fn launch(mode: &str, config: &Path, out: &Path, nproc: u32, extra: &[&str]) -> 
             std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default(),
         )
         .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", free_port().to_string())
+        .env("MASTER_PORT", port.to_string())
         .env("NNODES", "1")
         .env("NODE_RANK", "0")
         .env(
@@ -86,7 +87,8 @@ fn launch(mode: &str, config: &Path, out: &Path, nproc: u32, extra: &[&str]) -> 
             if nproc == 1 { 0 } else { nproc }.to_string(),
         )
         .env("WORLD_SIZE", nproc.to_string())
-        .env("DINOFLOW_JOB", "tiny")
+        // A job name per run: ranks of concurrent tests can never join each other's gang.
+        .env("DINOFLOW_JOB", format!("tiny-{port}"))
         .env("DINOFLOW_NAMESPACE", "ml")
         .env("DINOFLOW_RUN_ATTEMPT", "0")
         .env("DINOFLOW_CONFIG", config)
@@ -384,7 +386,7 @@ fn rank_zero_alone_streams_progress_to_the_operator_with_the_jobs_token() {
     let (auth, reports) = &streams[0];
     assert_eq!(auth, "Bearer job-token");
     assert!(reports.iter().all(|r| r.namespace == "ml"
-        && r.job == "tiny"
+        && r.job.starts_with("tiny-")
         && r.kind == "PretrainJob"
         && r.run_attempt == 4));
     let last_iteration = reports

@@ -232,6 +232,45 @@ pub fn mean_over_ranks(collective: &dyn Collective, values: &mut [f64]) {
     }
 }
 
+/// Checks that `value` is the same on every rank; the error names this rank's and rank 0's.
+pub fn ensure_same_on_every_rank(
+    collective: &dyn Collective,
+    value: u64,
+    what: &str,
+) -> Result<(), String> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let mut t = Tensor::from_slice(&[value as i64]);
+    collective.broadcast_from_root(&mut t);
+    let root = t.int64_value(&[0]) as u64;
+    if root == value {
+        Ok(())
+    } else {
+        Err(format!(
+            "rank {} has {what} {value} but rank 0 has {root}",
+            collective.rank()
+        ))
+    }
+}
+
+/// SHA-256 over named tensors in name order: equal digests on two ranks mean bitwise equal
+/// replicas.
+pub fn digest<'t>(tensors: impl IntoIterator<Item = &'t (String, Tensor)>) -> String {
+    use sha2::Digest;
+    let mut sorted: Vec<&(String, Tensor)> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = sha2::Sha256::new();
+    for (name, t) in sorted {
+        let c = t.to_device(tch::Device::Cpu).contiguous();
+        let mut buf = vec![0u8; c.numel() * c.kind().elt_size_in_bytes()];
+        c.copy_data_u8(&mut buf, c.numel());
+        hasher.update(name.as_bytes());
+        hasher.update(&buf);
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// Returns once every rank has called it.
 pub fn barrier(collective: &dyn Collective) {
     any_rank(collective, false);
@@ -380,6 +419,31 @@ pub(crate) mod tests {
             DistEnv::from_lookup(&lookup(&bad)).unwrap_err().name(),
             "RANK"
         );
+    }
+
+    #[test]
+    fn ranks_that_disagree_on_a_value_are_told_so() {
+        let group = tcp::tests::local_group(2);
+        let out = tcp::tests::on_every_rank(&group, |rank, c| {
+            let same = ensure_same_on_every_rank(c, 5, "start iteration");
+            let differ = ensure_same_on_every_rank(c, 5 + rank as u64, "start iteration");
+            (same, differ)
+        });
+        assert!(out.iter().all(|(same, _)| same.is_ok()));
+        assert!(out[0].1.is_ok());
+        assert_eq!(
+            out[1].1.as_ref().unwrap_err(),
+            "rank 1 has start iteration 6 but rank 0 has 5"
+        );
+    }
+
+    #[test]
+    fn the_digest_depends_on_names_and_bits_not_on_order() {
+        let a = ("a".to_string(), Tensor::from_slice(&[1.0f32, 2.0]));
+        let b = ("b".to_string(), Tensor::from_slice(&[0.0f32]));
+        let b_neg = ("b".to_string(), Tensor::from_slice(&[-0.0f32]));
+        assert_eq!(digest([&a, &b]), digest([&b, &a]));
+        assert_ne!(digest([&a, &b]), digest([&a, &b_neg]));
     }
 
     #[test]

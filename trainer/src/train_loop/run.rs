@@ -235,52 +235,25 @@ where
         }
         None => 0,
     };
-    agree_on_start(collective.as_ref(), start)?;
+    // A rank that cannot see rank 0's checkpoints would train another model in lockstep.
+    dist::ensure_same_on_every_rank(collective.as_ref(), start, "start iteration").map_err(
+        |e| {
+            TrainError::Permanent(format!(
+                "{e}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods"
+            ))
+        },
+    )?;
     tracing::info!(start, total = lp.settings.total_iterations, output = %out.display(), "training");
     let outcome = lp.run(start)?;
     if collective.world_size() > 1 {
         // Replicas must end identical; the digest lets a test or a human compare ranks.
         tracing::info!(
             rank,
-            student_sha256 = %state_digest(&model.state(), "student"),
+            student_sha256 = %dist::digest(model.state().get("student").into_iter().flatten()),
             "final student weights"
         );
     }
     Ok(outcome)
-}
-
-/// Every rank must continue from the same iteration; a rank that cannot see rank 0's
-/// checkpoint directory would otherwise train a different model in lockstep.
-fn agree_on_start(collective: &dyn Collective, start: u64) -> Result<(), TrainError> {
-    let mut t = tch::Tensor::from_slice(&[start as i64]);
-    collective.broadcast_from_root(&mut t);
-    let root = t.int64_value(&[0]) as u64;
-    if root != start {
-        return Err(TrainError::Permanent(format!(
-            "rank {} would start at iteration {start} but rank 0 at {root}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods",
-            collective.rank()
-        )));
-    }
-    Ok(())
-}
-
-/// SHA-256 over the named tensors of one state group, in name order.
-pub fn state_digest(
-    state: &std::collections::BTreeMap<String, Vec<(String, tch::Tensor)>>,
-    group: &str,
-) -> String {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    let mut tensors: Vec<&(String, tch::Tensor)> = state.get(group).into_iter().flatten().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in tensors {
-        let c = t.to_device(Device::Cpu).contiguous();
-        let mut buf = vec![0u8; c.numel() * c.kind().elt_size_in_bytes()];
-        c.copy_data_u8(&mut buf, c.numel());
-        hasher.update(name.as_bytes());
-        hasher.update(&buf);
-    }
-    hex::encode(hasher.finalize())
 }
 
 /// Creates the output directory and proves it writable before any work is done.

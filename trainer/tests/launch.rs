@@ -407,3 +407,82 @@ fn rank_zero_alone_streams_progress_to_the_operator_with_the_jobs_token() {
     assert!(reports.iter().any(|r| matches!(&r.event,
         Some(Event::Checkpoint(c)) if c.iteration == 3 && c.path.ends_with("ckpt-000000003"))));
 }
+
+/// One pod of a `nodes`-node CPU gang (one process per pod) on `port`, in its own process
+/// group so the test can kill the whole "pod" like a node loss would.
+fn pod(config: &Path, out: &Path, port: u16, nodes: u32, node_rank: u32) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = launch("train", config, out, 1, &[]);
+    cmd.env("MASTER_PORT", port.to_string())
+        .env("DINOFLOW_JOB", format!("tiny-{port}"))
+        .env("NNODES", nodes.to_string())
+        .env("NODE_RANK", node_rank.to_string())
+        .env("WORLD_SIZE", nodes.to_string())
+        // Fail fast if the test is wrong, rather than after torchrun's 15 minutes.
+        .env("DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS", "120")
+        .process_group(0);
+    cmd
+}
+
+#[test]
+fn two_single_process_pods_train_as_one_gang_through_rank_zeros_port() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 3);
+    // The checkpoint directory is shared storage, as a job's volume would be.
+    let out = dir.path().join("out");
+    let port = free_port();
+    // Rank 1's pod starts first: it must wait for rank 0 instead of failing.
+    let second = pod(&cfg, &out, port, 2, 1).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let first = pod(&cfg, &out, port, 2, 0).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (a, b) = (ok(&first), ok(&second));
+    let (da, db) = (final_digests(&a), final_digests(&b));
+    assert_eq!(da.keys().collect::<Vec<_>>(), [&0], "{a}");
+    assert_eq!(db.keys().collect::<Vec<_>>(), [&1], "{b}");
+    assert_eq!(da[&0], db[&1], "replicas on two pods diverged");
+    assert!(ckpt(&out, 3).join("manifest.json").exists());
+}
+
+#[test]
+fn when_one_pod_dies_the_other_exits_retryably_instead_of_hanging() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 100, 1000);
+    let out = dir.path().join("out");
+    let port = free_port();
+    let mut survivor = pod(&cfg, &out, port, 2, 0).spawn().unwrap();
+    let mut victim = pod(&cfg, &out, port, 2, 1).spawn().unwrap();
+    let started = Instant::now();
+    while train_lines_if_any(&out) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no progress");
+        assert!(
+            survivor.try_wait().unwrap().is_none(),
+            "rank 0 exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node loss: the launcher and its worker die at once.
+    let group = rustix::process::Pid::from_raw(victim.id() as i32).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
+    victim.wait().unwrap();
+    let died = Instant::now();
+    let res = survivor.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        died.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        died.elapsed()
+    );
+    let code = res.status.code().unwrap();
+    assert!(
+        ![0, 78, 79].contains(&code),
+        "a lost peer must be retryable, got {code}: {stderr}"
+    );
+    assert!(stderr.contains("rank 1"), "{stderr}");
+}

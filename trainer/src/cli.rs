@@ -26,6 +26,30 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// What the operator's pods run: read the pod's environment contract (MASTER_ADDR,
+    /// NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE, ...), fork one worker per local
+    /// process like torchrun, forward SIGTERM to them and exit with the gang's code.
+    Launch(LaunchArgs),
+}
+
+/// What `launch` runs in each worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LaunchMode {
+    /// DINOv2 pretraining (`PretrainJob`).
+    Train,
+    /// Distillation from a frozen teacher (`DistillJob`).
+    Distill,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    #[arg(value_enum)]
+    pub mode: LaunchMode,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// After one worker fails, how long the others get to exit after SIGTERM before SIGKILL.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub grace_period_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +106,36 @@ mod tests {
             panic!("expected train")
         };
         assert_eq!(args.resume, ResumeMode::Auto);
+    }
+
+    #[test]
+    fn launch_takes_the_mode_then_the_train_arguments() {
+        let cli = Cli::try_parse_from([
+            "dinoflow-trainer",
+            "launch",
+            "train",
+            "--config",
+            "/etc/dinoflow/config.yaml",
+            "--resume",
+            "never",
+        ])
+        .unwrap();
+        let Command::Launch(args) = cli.command else {
+            panic!("expected launch")
+        };
+        assert_eq!(args.mode, LaunchMode::Train);
+        assert_eq!(
+            args.train.config,
+            PathBuf::from("/etc/dinoflow/config.yaml")
+        );
+        assert_eq!(args.train.resume, ResumeMode::Never);
+        assert_eq!(args.grace_period_seconds, 30);
+        let cli = Cli::try_parse_from(["dinoflow-trainer", "launch", "distill", "--config", "c"])
+            .unwrap();
+        assert!(matches!(cli.command, Command::Launch(a) if a.mode == LaunchMode::Distill));
+        assert!(
+            Cli::try_parse_from(["dinoflow-trainer", "launch", "eval", "--config", "c"]).is_err()
+        );
     }
 
     #[test]

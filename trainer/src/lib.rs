@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod launch;
 pub mod loss;
 pub mod masking;
 pub mod meta_arch;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod progress_client;
 pub mod train_loop;
 pub mod weights;
 

@@ -420,6 +420,28 @@ pub struct LossValues {
     pub objective: f64,
 }
 
+impl LossValues {
+    /// Averages the values over the ranks, as the official trainer reduces its `loss_dict`
+    /// before logging and before its NaN check: every rank then takes the same decision.
+    fn mean_over_ranks(&mut self, collective: &dyn Collective) {
+        let mut slots: Vec<&mut f64> = [
+            self.dino_local_crops_loss.as_mut(),
+            self.dino_global_crops_loss.as_mut(),
+            self.koleo_loss.as_mut(),
+            self.ibot_loss.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain([&mut self.objective])
+        .collect();
+        let mut values: Vec<f64> = slots.iter().map(|v| **v).collect();
+        crate::dist::mean_over_ranks(collective, &mut values);
+        for (slot, v) in slots.iter_mut().zip(values) {
+            **slot = v;
+        }
+    }
+}
+
 /// Result of [`MetaArch::train_step`].
 #[derive(Debug, Clone)]
 pub struct StepOutcome {
@@ -592,6 +614,7 @@ impl MetaArch {
             });
         };
         values.objective = objective.double_value(&[]);
+        values.mean_over_ranks(collective);
         if !values.objective.is_finite() {
             return Err(MetaArchError::NonFiniteLoss(values));
         }
@@ -624,6 +647,15 @@ impl MetaArch {
             .apply_schedule(hyper.lr, hyper.wd, hyper.last_layer_lr);
         self.optimizer.zero_grad();
         let losses = self.forward_backward(batch, hyper.teacher_temp, collective)?;
+        if collective.world_size() > 1 {
+            // Data parallelism: average before unscaling and clipping, as DDP/FSDP do, so
+            // every rank applies the same update.
+            let mut grads: Vec<Tensor> = SUBMODULES
+                .iter()
+                .flat_map(|m| self.submodule_grads(m))
+                .collect();
+            crate::dist::average_gradients(collective, &mut grads);
+        }
 
         let mut found_non_finite = false;
         if let Some(scaler) = &self.loss_scaler {

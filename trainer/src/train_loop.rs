@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::checkpoint::{CheckpointError, CheckpointManager, Snapshot, VerifiedCheckpoint};
+use crate::dist::{self, Collective};
 use crate::eval::{EvalConfig, EvalError, EvalReport};
 use crate::metrics::{JsonlLog, MetricsError, Progress, TrainerMetrics};
 
@@ -146,6 +147,31 @@ pub struct LoopSettings {
     pub peak_flops: Option<f64>,
 }
 
+/// One finished iteration, as progress reports carry it.
+#[derive(Debug, Clone, Copy)]
+pub struct IterationReport<'r> {
+    pub iteration: u64,
+    pub total_iterations: u64,
+    pub losses: &'r LossTerms,
+    pub lr: f64,
+    /// Set on logging iterations (the throughput window ends there).
+    pub images_per_second: Option<f64>,
+}
+
+/// Where progress goes besides metrics.jsonl and Prometheus: the operator's gRPC stream on
+/// rank 0 (`progress_client`). Implementations must return at once, never block the loop.
+pub trait ProgressHook {
+    fn iteration(&mut self, _report: &IterationReport<'_>) {}
+    fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path) {}
+    fn evaluation(&mut self, _iteration: u64, _metrics: &[(String, f64)]) {}
+}
+
+/// No progress reporting (tests, runs without an operator, ranks other than 0).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressHook for NoProgress {}
+
 pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> {
     pub model: &'a mut M,
     pub data: &'a mut D,
@@ -156,6 +182,10 @@ pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Sche
     pub jsonl: &'a mut JsonlLog,
     /// Set by the SIGTERM/SIGINT handler.
     pub stop: Arc<AtomicBool>,
+    /// The ranks of the run. They agree on when to stop; only rank 0 writes metrics.jsonl and
+    /// checkpoints, since data parallelism keeps every replica identical (`dist`).
+    pub collective: &'a dyn Collective,
+    pub progress: &'a mut dyn ProgressHook,
 }
 
 impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> std::fmt::Debug
@@ -206,7 +236,8 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         }
         let mut iteration = start;
         while iteration < total {
-            if self.stop.load(Ordering::SeqCst) {
+            // Agreed across ranks: a signal may reach one rank an iteration before another.
+            if dist::any_rank(self.collective, self.stop.load(Ordering::SeqCst)) {
                 self.checkpoint(iteration)?;
                 tracing::warn!(
                     iteration,
@@ -294,7 +325,15 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temperature,
         });
-        if let Some(p) = progress.on_iteration(iteration, images, losses, values.lr) {
+        let p = progress.on_iteration(iteration, images, losses, values.lr);
+        self.progress.iteration(&IterationReport {
+            iteration,
+            total_iterations: self.settings.total_iterations,
+            losses,
+            lr: values.lr,
+            images_per_second: p.as_ref().map(|p| p.images_per_second),
+        });
+        if let Some(p) = p {
             tracing::info!("{}", p.text);
             m.images_per_second.set(p.images_per_second);
             line["images_per_second"] = p.images_per_second.into();
@@ -310,7 +349,14 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 m.memory_bytes.set(rss as f64);
             }
         }
-        self.jsonl.record(&line)?;
+        self.write_line(&line)
+    }
+
+    /// Appends to metrics.jsonl on rank 0 (the losses are already averaged over the ranks).
+    fn write_line(&mut self, line: &serde_json::Value) -> Result<(), LoopError> {
+        if self.collective.rank() == 0 {
+            self.jsonl.record(line)?;
+        }
         Ok(())
     }
 
@@ -338,13 +384,22 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        self.jsonl.record(&serde_json::json!({
+        self.progress.evaluation(iteration, &flat);
+        self.write_line(&serde_json::json!({
             "type": "eval", "iteration": iteration, "time": unix_now(), "report": report,
         }))?;
         Ok(())
     }
 
     fn checkpoint(&mut self, iteration: u64) -> Result<(), LoopError> {
+        if self.collective.rank() != 0 {
+            // Wait until rank 0 has written it: a rank that exits first would be mistaken
+            // for a failure and its peers stopped mid-write.
+            dist::barrier(self.collective);
+            self.metrics.checkpoint_iteration.set(iteration as i64);
+            self.metrics.checkpoint_age_seconds.set(0.0);
+            return Ok(());
+        }
         let started = Instant::now();
         let mut json = BTreeMap::new();
         json.insert("data_position".to_string(), self.data.position());
@@ -361,9 +416,11 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.metrics.checkpoint_iteration.set(iteration as i64);
         self.metrics.checkpoint_age_seconds.set(0.0);
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
-        self.jsonl.record(&serde_json::json!({
+        self.progress.checkpoint(iteration, &saved.path);
+        self.write_line(&serde_json::json!({
             "type": "checkpoint", "iteration": iteration, "time": unix_now(), "path": saved.path,
         }))?;
+        dist::barrier(self.collective);
         Ok(())
     }
 }

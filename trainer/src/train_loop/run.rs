@@ -10,16 +10,22 @@ use dinoflow_api::{ConfigError, TrainingConfig};
 use tch::Device;
 
 use super::components::{Data, Model};
-use super::{BatchSource, LoopError, LoopSettings, Outcome, Schedules, TrainLoop, Trainable};
+use super::{
+    BatchSource, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, Schedules, TrainLoop,
+    Trainable,
+};
 use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
 use crate::cli::TrainArgs;
 use crate::config;
 use crate::data::{DataError, Dataset, LoaderConfig, open_dataset};
+use crate::dist::{self, Collective, DistEnv};
 use crate::eval::{EvalInputs, EvalTransform, LabelledSplit};
+use crate::launch::env::JobKind;
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
 use crate::optim;
+use crate::progress_client::ProgressReporter;
 
 /// Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint: 128 + 15, as
 /// a shell reports it. It is retryable by contract, so a stopped gang resumes.
@@ -90,7 +96,11 @@ where
     M: Trainable,
     D: BatchSource<Batch = M::Batch>,
     S: Schedules,
-    B: FnOnce(&TrainingConfig, &Path) -> Result<Components<M, D, S>, TrainError>,
+    B: FnOnce(
+        &TrainingConfig,
+        &Path,
+        &Arc<dyn Collective>,
+    ) -> Result<Components<M, D, S>, TrainError>,
 {
     let resolved = dinoflow_api::load_training_config(&args.config)?;
     let mut training = resolved.training;
@@ -106,8 +116,22 @@ where
         tch::set_num_threads(threads);
     }
 
+    // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from `launch`; unset: one process.
+    let dist_env = DistEnv::from_lookup(&crate::launch::env::process_env())
+        .map_err(|e| TrainError::Permanent(e.to_string()))?;
+    let local_rank = dist_env.as_ref().map_or(0, |d| d.local_rank);
+    // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
+    let (_, progress_target) =
+        crate::launch::env::job_and_progress(&crate::launch::env::process_env(), JobKind::Pretrain)
+            .map_err(|e| TrainError::Permanent(e.to_string()))?;
+    let collective = dist::init(dist_env.as_ref())
+        .map_err(|e| TrainError::Transient(format!("distributed setup: {e}")))?;
+    let rank = collective.rank();
+
     let metrics = TrainerMetrics::new()?;
+    // One scrape target per pod: the node's first process serves the metrics.
     let _server = match training.logging.metrics_port {
+        _ if local_rank != 0 => None,
         0 => None,
         port => Some(MetricsServer::start(
             ([0, 0, 0, 0], port as u16).into(),
@@ -115,6 +139,10 @@ where
         )?),
     };
     let mut jsonl = JsonlLog::open(&out.join("metrics.jsonl"))?;
+    // Opening removes unfinished checkpoints: rank 0 does it before the others look.
+    if rank != 0 {
+        dist::barrier(collective.as_ref());
+    }
     let checkpoints = CheckpointManager::open(
         out.join("checkpoints"),
         training.checkpoint.keep_last as usize,
@@ -123,6 +151,9 @@ where
         path: out.join("checkpoints"),
         reason: e.to_string(),
     })?;
+    if rank == 0 {
+        dist::barrier(collective.as_ref());
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -137,7 +168,7 @@ where
         schedules,
         flops_per_image,
         num_classes,
-    } = build(&training, &out)?;
+    } = build(&training, &out, &collective)?;
     let total = training.total_iterations();
     let settings = LoopSettings {
         total_iterations: args.max_iterations.map_or(total, |m| m.min(total)),
@@ -148,8 +179,13 @@ where
         eval_every: u64::from(training.evaluation.period_iterations),
         eval_at_start: true,
         eval_at_end: true,
-        eval: config::eval_config(&training, num_classes),
-        world_size: 1,
+        // Rank 0 evaluates; the others wait for it at the next collective.
+        eval: if rank == 0 {
+            config::eval_config(&training, num_classes)
+        } else {
+            None
+        },
+        world_size: collective.world_size(),
         config_hash: config::config_hash(&training),
         guarded: config::guarded_fields(&training),
         flops_per_image,
@@ -169,6 +205,17 @@ where
             tracing::warn!("resuming with --force despite a changed config: {warning}");
         }
     }
+    let mut reporter = match progress_target {
+        Some(target) if rank == 0 => Some(ProgressReporter::start(target).map_err(|e| {
+            TrainError::Transient(format!("cannot start the progress reporter: {e}"))
+        })?),
+        _ => None,
+    };
+    let mut no_progress = NoProgress;
+    let progress: &mut dyn ProgressHook = match &mut reporter {
+        Some(r) => r,
+        None => &mut no_progress,
+    };
     let mut lp = TrainLoop {
         model: &mut model,
         data: &mut data,
@@ -178,6 +225,8 @@ where
         metrics: &metrics,
         jsonl: &mut jsonl,
         stop,
+        collective: collective.as_ref(),
+        progress,
     };
     let start = match &resume_from {
         Some(ckpt) => {
@@ -187,8 +236,25 @@ where
         }
         None => 0,
     };
+    // A rank that cannot see rank 0's checkpoints would train another model in lockstep.
+    dist::ensure_same_on_every_rank(collective.as_ref(), start, "start iteration").map_err(
+        |e| {
+            TrainError::Permanent(format!(
+                "{e}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods"
+            ))
+        },
+    )?;
     tracing::info!(start, total = lp.settings.total_iterations, output = %out.display(), "training");
-    Ok(lp.run(start)?)
+    let outcome = lp.run(start)?;
+    if collective.world_size() > 1 {
+        // Replicas must end identical; the digest lets a test or a human compare ranks.
+        tracing::info!(
+            rank,
+            student_sha256 = %dist::digest(model.state().get("student").into_iter().flatten()),
+            "final student weights"
+        );
+    }
+    Ok(outcome)
 }
 
 /// Creates the output directory and proves it writable before any work is done.
@@ -220,6 +286,7 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
                 e.exit_code()
             }
         },
+        Command::Launch(args) => crate::launch::run(&args),
         Command::Train(args) => match train_with(&args, build_components) {
             Ok(outcome) => outcome.exit_code(),
             Err(e) => {
@@ -228,6 +295,18 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
             }
         },
     }
+}
+
+/// CUDA device of this process (`LOCAL_RANK` picks among the node's GPUs), else the CPU.
+fn local_device() -> Device {
+    if !tch::Cuda::is_available() {
+        return Device::Cpu;
+    }
+    let local: usize = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    Device::Cuda(local % tch::Cuda::device_count().max(1) as usize)
 }
 
 fn data_error(e: DataError) -> TrainError {
@@ -243,10 +322,11 @@ fn data_error(e: DataError) -> TrainError {
 pub fn build_components(
     training: &TrainingConfig,
     _out: &Path,
+    collective: &Arc<dyn Collective>,
 ) -> Result<Components<Model, Data, optim::Schedules>, TrainError> {
     let permanent = |e: &dyn std::fmt::Display| TrainError::Permanent(e.to_string());
-    let device = Device::cuda_if_available();
-    let world_size = 1;
+    let device = local_device();
+    let (rank, world_size) = (collective.rank(), collective.world_size());
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
     let (patch, global) = (
@@ -257,6 +337,14 @@ pub fn build_components(
     tch::manual_seed(seed as i64);
     let arch =
         MetaArch::new(arch_cfg, device).map_err(|e| permanent(&format!("training.model: {e}")))?;
+    // Start every replica from rank 0's weights (DDP's initial broadcast): the same seed
+    // gives the same init only on identical hardware and libraries.
+    for vs in [&arch.student.vs, &arch.teacher.vs] {
+        // Name order: the buckets must line up on every rank (a HashMap's order does not).
+        let sorted: std::collections::BTreeMap<_, _> = vs.variables().into_iter().collect();
+        let mut vars: Vec<tch::Tensor> = sorted.into_values().collect();
+        dist::broadcast_parameters(collective.as_ref(), &mut vars);
+    }
     let schedules = optim::Schedules::new(&config::schedules_config(training, world_size))
         .map_err(|e| permanent(&format!("training.optim: {e}")))?;
 
@@ -267,13 +355,18 @@ pub fn build_components(
         batch_size: training.train.batch_size_per_gpu as usize,
         num_workers: training.data.num_workers as usize,
         seed,
-        rank: 0,
+        rank,
         world_size,
         crops: config::multi_crop_config(training).map_err(|e| permanent(&e))?,
         ..LoaderConfig::default()
     };
     let masks = MaskGenerator::for_global_crops(global, patch).map_err(|e| permanent(&e))?;
-    let eval = eval_inputs(training, &dataset)?;
+    // Only rank 0 evaluates (the replicas are identical), so only it opens the val split.
+    let eval = if rank == 0 {
+        eval_inputs(training, &dataset)?
+    } else {
+        None
+    };
     let data = Data::new(
         dataset,
         loader,
@@ -282,10 +375,14 @@ pub fn build_components(
         device,
     )
     .map_err(data_error)?;
-    let mut model = Model::single(arch, seed);
-    model.eval = eval;
     Ok(Components {
-        model,
+        model: Model {
+            arch,
+            seed,
+            rank,
+            collective: Box::new(Arc::clone(collective)),
+            eval,
+        },
         data,
         schedules,
         flops_per_image: None,

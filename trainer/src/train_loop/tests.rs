@@ -162,6 +162,8 @@ fn run(dir: &std::path::Path, total: u64, model: Toy, resume: bool, stop: bool) 
         metrics: &metrics,
         jsonl: &mut jsonl,
         stop: Arc::new(AtomicBool::new(stop)),
+        collective: &crate::dist::Single,
+        progress: &mut super::NoProgress,
     };
     let start = if resume {
         lp.restore(&ckpts.latest_verified().unwrap().unwrap())

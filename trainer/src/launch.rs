@@ -1,0 +1,194 @@
+//! `dinoflow-trainer launch <train|distill>`: the process the operator's pods run, a local
+//! agent in the manner of torchrun. It reads the pod's environment contract, forks one
+//! `train` worker per local rank with `RANK`, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` set, forwards
+//! SIGTERM/SIGINT to them, and exits with the gang's code (see [`gang::gang_exit_code`]).
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use dinoflow_api::exit_codes::PERMANENT_FAILURE;
+
+use crate::checkpoint::ResumeMode;
+use crate::cli::{LaunchArgs, LaunchMode, TrainArgs};
+
+pub mod env;
+pub mod gang;
+
+pub use env::{EnvError, JobIdentity, JobKind, LaunchEnv, ProgressTarget};
+
+/// Exit code when the launcher itself cannot run (no executable path, fork failed):
+/// retryable, a fresh pod may do better.
+const LAUNCH_FAILED: i32 = 1;
+
+/// Runs the launcher; returns the process exit code.
+pub fn run(args: &LaunchArgs) -> i32 {
+    if args.mode == LaunchMode::Distill {
+        // The operator creates DistillJob pods; failing permanently with the reason beats
+        // restarting a gang that cannot work, or pretending to distill.
+        eprintln!(
+            "error: distillation training is not implemented in this trainer yet (there is no \
+             frozen-teacher distillation step); run the job as a PretrainJob, or use a trainer \
+             image that supports `distill`"
+        );
+        return PERMANENT_FAILURE;
+    }
+    let env = match env::launch_env(&env::process_env(), JobKind::Pretrain) {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return PERMANENT_FAILURE;
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find the trainer executable to fork workers: {e}");
+            return LAUNCH_FAILED;
+        }
+    };
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize) {
+            eprintln!("error: cannot install the signal handler: {e}");
+            return LAUNCH_FAILED;
+        }
+    }
+    tracing::info!(
+        node_rank = env.node_rank,
+        nnodes = env.nnodes,
+        nproc_per_node = env.nproc_per_node,
+        world_size = env.world_size,
+        master = %format!("{}:{}", env.rendezvous.master_addr, env.rendezvous.master_port),
+        "launching workers"
+    );
+    let gang = match gang::Gang::spawn(worker_commands(&exe, &args.train, &env)) {
+        Ok(gang) => gang,
+        Err(e) => {
+            eprintln!("error: cannot start a worker process: {e}");
+            return LAUNCH_FAILED;
+        }
+    };
+    let code = gang.supervise(&signal, Duration::from_secs(args.grace_period_seconds));
+    tracing::info!(code, "workers done");
+    code
+}
+
+/// `train` argument list equivalent to `args`.
+pub fn train_argv(args: &TrainArgs) -> Vec<String> {
+    let mut argv = vec![
+        "train".to_string(),
+        "--config".into(),
+        args.config.display().to_string(),
+    ];
+    if let Some(dir) = &args.output_dir {
+        argv.extend(["--output-dir".into(), dir.display().to_string()]);
+    }
+    let resume = match &args.resume {
+        ResumeMode::Auto => "auto".to_string(),
+        ResumeMode::Never => "never".to_string(),
+        ResumeMode::Path(p) => p.display().to_string(),
+    };
+    argv.extend(["--resume".into(), resume]);
+    if args.force {
+        argv.push("--force".into());
+    }
+    if let Some(n) = args.max_iterations {
+        argv.extend(["--max-iterations".into(), n.to_string()]);
+    }
+    argv
+}
+
+/// One command per local rank: this binary's `train` with the per-process variables.
+pub fn worker_commands(exe: &Path, args: &TrainArgs, env: &LaunchEnv) -> Vec<Command> {
+    let argv = train_argv(args);
+    let nproc = env.nproc_per_node;
+    // Several CPU processes on one node would each start a thread per core; split the cores
+    // as torchrun does, unless the user chose.
+    let threads = (nproc > 1 && std::env::var_os("OMP_NUM_THREADS").is_none()).then(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / nproc as usize).max(1)
+    });
+    (0..nproc)
+        .map(|local| {
+            let mut cmd = Command::new(exe);
+            cmd.args(&argv)
+                .env("RANK", env.global_rank(local).to_string())
+                .env("LOCAL_RANK", local.to_string())
+                .env("LOCAL_WORLD_SIZE", nproc.to_string())
+                .env("WORLD_SIZE", env.world_size.to_string())
+                .env("NPROC_PER_NODE", nproc.to_string())
+                .env("MASTER_ADDR", &env.rendezvous.master_addr)
+                .env("MASTER_PORT", env.rendezvous.master_port.to_string());
+            if let Some(t) = threads {
+                cmd.env("OMP_NUM_THREADS", t.to_string());
+            }
+            cmd
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn envs(cmd: &Command) -> BTreeMap<String, String> {
+        cmd.get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn workers_get_torchrun_ranks_from_the_node_rank() {
+        let env = env::launch_env(
+            &env::tests::lookup(&[
+                ("MASTER_ADDR", "job-a0-0.job.ns.svc"),
+                ("MASTER_PORT", "29500"),
+                ("NNODES", "3"),
+                ("NODE_RANK", "2"),
+                ("NPROC_PER_NODE", "4"),
+                ("WORLD_SIZE", "12"),
+            ]),
+            JobKind::Pretrain,
+        )
+        .unwrap();
+        let args = TrainArgs {
+            config: PathBuf::from("/etc/dinoflow/config.yaml"),
+            output_dir: Some("/ckpt".into()),
+            resume: ResumeMode::Auto,
+            force: false,
+            max_iterations: Some(5),
+        };
+        let cmds = worker_commands(Path::new("/bin/dinoflow-trainer"), &args, &env);
+        assert_eq!(cmds.len(), 4);
+        let e = envs(&cmds[3]);
+        assert_eq!(e["RANK"], "11");
+        assert_eq!(e["LOCAL_RANK"], "3");
+        assert_eq!(e["LOCAL_WORLD_SIZE"], "4");
+        assert_eq!(e["WORLD_SIZE"], "12");
+        assert_eq!(e["MASTER_ADDR"], "job-a0-0.job.ns.svc");
+        assert_eq!(envs(&cmds[0])["RANK"], "8");
+        let argv: Vec<_> = cmds[0]
+            .get_args()
+            .map(|a| a.to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            argv,
+            [
+                "train",
+                "--config",
+                "/etc/dinoflow/config.yaml",
+                "--output-dir",
+                "/ckpt",
+                "--resume",
+                "auto",
+                "--max-iterations",
+                "5"
+            ]
+        );
+    }
+}

@@ -1,0 +1,623 @@
+//! Rank 0's progress stream to the operator (`crds/proto/progress.proto`): iterations with
+//! losses, learning rate and images/s, checkpoints written, evaluations done.
+//!
+//! Training never waits for the operator. The loop's calls only touch a small shared buffer:
+//! iteration reports coalesce into the latest one (sent at most once a second), checkpoint and
+//! evaluation events queue up to [`MAX_QUEUED`] and the oldest are dropped beyond that. A
+//! background thread with its own tokio runtime owns the gRPC stream, reconnects with
+//! exponential backoff and warns once per outage.
+//!
+//! There is no timer heartbeat: the operator's hang detection counts from the last report, and
+//! a heartbeat sent while the loop is wedged would hide the hang. Each stream opens with a
+//! heartbeat (the operator checks the token at once), and a running loop reports every
+//! iteration.
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dinoflow_api::progress::progress_client::ProgressClient;
+use dinoflow_api::progress::progress_report::Event;
+use dinoflow_api::progress::{
+    AUTHORIZATION_METADATA, CheckpointWritten, EvaluationDone, Heartbeat, IterationDone,
+    ProgressReport,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::launch::env::ProgressTarget;
+use crate::train_loop::{IterationReport, ProgressHook};
+
+/// Checkpoint and evaluation events kept while the operator is slow or away.
+pub const MAX_QUEUED: usize = 64;
+/// Iteration reports are coalesced to at most one per this interval (the operator writes
+/// status at most once a second anyway).
+const ITERATION_INTERVAL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Buffer {
+    latest_iteration: Option<IterationDone>,
+    events: VecDeque<Event>,
+    dropped: u64,
+    closed: bool,
+    /// `finish` gave up waiting: the sender stops retrying.
+    abandoned: bool,
+}
+
+struct Shared {
+    buffer: Mutex<Buffer>,
+    wake: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The rank-0 reporter; a [`ProgressHook`] for the training loop.
+pub struct ProgressReporter {
+    shared: Arc<Shared>,
+    done: Option<std_mpsc::Receiver<()>>,
+    images_per_second: f64,
+    /// How long dropping the reporter waits to deliver what is buffered.
+    pub flush_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProgressReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressReporter").finish_non_exhaustive()
+    }
+}
+
+impl ProgressReporter {
+    /// Starts the background sender for `target`; returns at once (no connection yet).
+    pub fn start(target: ProgressTarget) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            buffer: Mutex::new(Buffer::default()),
+            wake: Notify::new(),
+        });
+        let (done_tx, done_rx) = std_mpsc::channel();
+        let bg = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("progress".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run(bg, target)),
+                    Err(e) => tracing::warn!("progress reports disabled: no runtime: {e}"),
+                }
+                let _ = done_tx.send(());
+            })?;
+        Ok(Self {
+            shared,
+            done: Some(done_rx),
+            images_per_second: 0.0,
+            flush_timeout: Duration::from_secs(5),
+        })
+    }
+
+    /// Reports dropped so far because the operator could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.shared.lock().dropped
+    }
+
+    /// Delivers what is buffered, waiting at most `timeout`; true when everything was sent
+    /// and the operator answered.
+    pub fn finish(&mut self, timeout: Duration) -> bool {
+        let Some(done) = self.done.take() else {
+            return true;
+        };
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        match done.recv_timeout(timeout) {
+            Ok(()) => true,
+            Err(_) => {
+                let left = {
+                    let mut b = self.shared.lock();
+                    b.abandoned = true;
+                    b.events.len() + usize::from(b.latest_iteration.is_some())
+                };
+                tracing::warn!(
+                    undelivered = left,
+                    "progress endpoint did not take the last reports within {timeout:?}; exiting anyway"
+                );
+                false
+            }
+        }
+    }
+
+    fn push(&self, event: Event) {
+        let mut b = self.shared.lock();
+        if b.events.len() >= MAX_QUEUED {
+            b.events.pop_front();
+            b.dropped += 1;
+            if b.dropped == 1 {
+                tracing::warn!(
+                    "progress endpoint is not keeping up: dropping the oldest reports (training goes on)"
+                );
+            }
+        }
+        b.events.push_back(event);
+        drop(b);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for ProgressReporter {
+    fn drop(&mut self) {
+        self.finish(self.flush_timeout);
+    }
+}
+
+/// `total_loss` -> `total`: the proto's loss names.
+fn loss_name(term: &str) -> String {
+    term.strip_suffix("_loss").unwrap_or(term).to_string()
+}
+
+/// `knn_top1_k20` -> (`knn`, `top1_k20`): one evaluation per method, as the job status
+/// lists them.
+fn group_evaluations(metrics: &[(String, f64)]) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for (name, v) in metrics {
+        let (group, metric) = name.split_once('_').unwrap_or(("eval", name.as_str()));
+        out.entry(group.to_string())
+            .or_default()
+            .insert(metric.to_string(), *v);
+    }
+    out
+}
+
+impl ProgressHook for ProgressReporter {
+    fn iteration(&mut self, r: &IterationReport<'_>) {
+        if let Some(ips) = r.images_per_second {
+            self.images_per_second = ips;
+        }
+        let report = IterationDone {
+            iteration: r.iteration,
+            total_iterations: r.total_iterations,
+            curriculum_phase: String::new(),
+            losses: r.losses.iter().map(|(k, v)| (loss_name(k), *v)).collect(),
+            learning_rate: r.lr,
+            images_per_second: self.images_per_second,
+        };
+        self.shared.lock().latest_iteration = Some(report);
+        self.shared.wake.notify_one();
+    }
+
+    fn checkpoint(&mut self, iteration: u64, path: &Path) {
+        self.push(Event::Checkpoint(CheckpointWritten {
+            iteration,
+            path: path.display().to_string(),
+        }));
+    }
+
+    fn evaluation(&mut self, iteration: u64, metrics: &[(String, f64)]) {
+        for (name, metrics) in group_evaluations(metrics) {
+            self.push(Event::Evaluation(EvaluationDone {
+                iteration,
+                name,
+                metrics: metrics.into_iter().collect(),
+            }));
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn report(target: &ProgressTarget, event: Event) -> ProgressReport {
+    ProgressReport {
+        namespace: target.job.namespace.clone(),
+        job: target.job.name.clone(),
+        kind: target.job.kind.as_str().to_string(),
+        run_attempt: target.job.run_attempt,
+        unix_time: unix_now(),
+        event: Some(event),
+    }
+}
+
+/// What ended one stream.
+enum StreamEnd {
+    /// The reporter was finished and everything was delivered.
+    Finished,
+    /// Connection or stream failure; retry.
+    Lost(String),
+}
+
+/// The sender thread: one stream at a time, reconnecting with backoff until finished.
+async fn run(shared: Arc<Shared>, target: ProgressTarget) {
+    let mut backoff = Duration::from_secs(1);
+    let mut outage_logged = false;
+    // Resent first on a new stream, so an operator that restarted learns the state at once.
+    let mut last_checkpoint: Option<Event> = None;
+    loop {
+        let (end, delivered) = stream_once(&shared, &target, &mut last_checkpoint).await;
+        match end {
+            StreamEnd::Finished => return,
+            StreamEnd::Lost(why) => {
+                if delivered {
+                    backoff = Duration::from_secs(1);
+                    outage_logged = false;
+                }
+                if !outage_logged {
+                    tracing::warn!(
+                        endpoint = %target.endpoint,
+                        "progress reports paused: {why}; training goes on, reconnecting with backoff"
+                    );
+                    outage_logged = true;
+                } else {
+                    tracing::debug!("progress endpoint still unavailable: {why}");
+                }
+            }
+        }
+        let (closed, abandoned) = {
+            let b = shared.lock();
+            (b.closed, b.abandoned)
+        };
+        if abandoned {
+            return;
+        }
+        if closed {
+            // Shutting down: keep trying until `finish` gives up, without spinning.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // New reports wait out the backoff; only shutdown cuts it short.
+        let deadline = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                () = shared.wake.notified() => if shared.lock().closed { break },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Next report to send: queued events first, then the latest iteration once it is due
+/// (always when closing). `Err(Some(t))`: an iteration waits until `t`; `Err(None)`: idle.
+fn next_report(
+    shared: &Shared,
+    last_iteration_sent: Option<Instant>,
+) -> Result<Event, Option<Instant>> {
+    let mut b = shared.lock();
+    if let Some(e) = b.events.pop_front() {
+        return Ok(e);
+    }
+    if b.latest_iteration.is_some() {
+        let due = last_iteration_sent.map_or_else(Instant::now, |t| t + ITERATION_INTERVAL);
+        if b.closed || Instant::now() >= due {
+            let it = b.latest_iteration.take().expect("checked above");
+            return Ok(Event::Iteration(it));
+        }
+        return Err(Some(due));
+    }
+    Err(None)
+}
+
+async fn stream_once(
+    shared: &Shared,
+    target: &ProgressTarget,
+    last_checkpoint: &mut Option<Event>,
+) -> (StreamEnd, bool) {
+    let lost = |why: String| (StreamEnd::Lost(why), false);
+    let endpoint = match tonic::transport::Endpoint::from_shared(target.endpoint.clone()) {
+        Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
+        Err(e) => return lost(format!("bad endpoint {:?}: {e}", target.endpoint)),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return lost(format!("cannot connect to {}: {e}", target.endpoint)),
+    };
+    let mut client = ProgressClient::new(channel);
+    let (tx, rx) = mpsc::channel::<ProgressReport>(8);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    match format!("Bearer {}", target.token).parse() {
+        Ok(v) => {
+            request.metadata_mut().insert(AUTHORIZATION_METADATA, v);
+        }
+        Err(_) => {
+            return lost("DINOFLOW_PROGRESS_TOKEN is not a valid header value".into());
+        }
+    }
+    let mut call = tokio::spawn(async move { client.report(request).await });
+
+    let mut opening = vec![Event::Heartbeat(Heartbeat {})];
+    opening.extend(last_checkpoint.clone());
+    let mut delivered = false;
+    let mut last_iteration_sent: Option<Instant> = None;
+    let mut pending: VecDeque<Event> = opening.into();
+    loop {
+        let next = match pending.pop_front() {
+            Some(e) => Ok(e),
+            None => next_report(shared, last_iteration_sent),
+        };
+        match next {
+            Ok(event) => {
+                if matches!(event, Event::Iteration(_)) {
+                    last_iteration_sent = Some(Instant::now());
+                }
+                if matches!(event, Event::Checkpoint(_)) {
+                    *last_checkpoint = Some(event.clone());
+                }
+                tokio::select! {
+                    sent = tx.send(report(target, event)) => {
+                        if sent.is_err() {
+                            return (StreamEnd::Lost(ended(&mut call).await), delivered);
+                        }
+                        delivered = true;
+                    }
+                    result = &mut call => return (StreamEnd::Lost(describe(result)), delivered),
+                }
+            }
+            Err(wait_until) => {
+                if shared.lock().closed {
+                    drop(tx);
+                    return match (&mut call).await {
+                        Ok(Ok(_ack)) => (StreamEnd::Finished, delivered),
+                        other => (StreamEnd::Lost(describe(other)), delivered),
+                    };
+                }
+                let sleep = async {
+                    match wait_until {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = shared.wake.notified() => {}
+                    () = sleep => {}
+                    result = &mut call => return (StreamEnd::Lost(describe(result)), delivered),
+                }
+            }
+        }
+    }
+}
+
+/// Outcome of the client-streaming call.
+type Rpc = Result<tonic::Response<dinoflow_api::progress::ReportAck>, tonic::Status>;
+
+async fn ended(call: &mut tokio::task::JoinHandle<Rpc>) -> String {
+    describe(call.await)
+}
+
+fn describe(result: Result<Rpc, tokio::task::JoinError>) -> String {
+    match result {
+        Ok(Ok(_)) => "the operator closed the stream".into(),
+        Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
+        Err(e) => format!("stream task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use dinoflow_api::progress::ReportAck;
+    use dinoflow_api::progress::progress_server::{Progress, ProgressServer};
+    use tokio_stream::StreamExt;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::launch::env::{JobIdentity, JobKind};
+
+    /// An operator stand-in: checks the token like operator/src/progress.rs and records.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        reports: Arc<StdMutex<Vec<ProgressReport>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Progress for Recorder {
+        async fn report(
+            &self,
+            request: Request<Streaming<ProgressReport>>,
+        ) -> Result<Response<ReportAck>, Status> {
+            let auth = request
+                .metadata()
+                .get(AUTHORIZATION_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if auth.as_deref() != Some("Bearer t0ken") {
+                return Err(Status::unauthenticated("bad token"));
+            }
+            let mut stream = request.into_inner();
+            let mut accepted = 0;
+            while let Some(r) = stream.next().await {
+                self.reports.lock().unwrap().push(r?);
+                accepted += 1;
+            }
+            Ok(Response::new(ReportAck { accepted }))
+        }
+    }
+
+    /// Serves `recorder` on `port` (0: any) in a background runtime; returns the port and a
+    /// handle whose drop stops the server.
+    fn serve(recorder: Recorder, port: u16) -> (u16, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(ProgressServer::new(recorder))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (port, rt)
+    }
+
+    fn target(port: u16) -> ProgressTarget {
+        ProgressTarget {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            token: "t0ken".into(),
+            job: JobIdentity {
+                namespace: "ml".into(),
+                name: "tiny".into(),
+                kind: JobKind::Pretrain,
+                run_attempt: 2,
+            },
+        }
+    }
+
+    fn losses(i: u64) -> Vec<(String, f64)> {
+        vec![
+            ("total_loss".into(), 10.0 - i as f64 * 0.01),
+            ("koleo_loss".into(), -0.5),
+        ]
+    }
+
+    fn iterate(r: &mut ProgressReporter, range: std::ops::RangeInclusive<u64>) {
+        for i in range {
+            let l = losses(i);
+            r.iteration(&IterationReport {
+                iteration: i,
+                total_iterations: 500,
+                losses: &l,
+                lr: 1e-3,
+                images_per_second: (i % 10 == 0).then_some(123.0),
+            });
+        }
+    }
+
+    fn iterations(reports: &[ProgressReport]) -> Vec<&IterationDone> {
+        reports
+            .iter()
+            .filter_map(|r| match &r.event {
+                Some(Event::Iteration(it)) => Some(it),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reports_reach_the_operator_with_the_token_coalesced_and_named_as_the_proto_says() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve(recorder.clone(), 0);
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        iterate(&mut r, 1..=300);
+        r.checkpoint(300, Path::new("/ckpt/ckpt-000000300"));
+        r.evaluation(
+            300,
+            &[
+                ("knn_top1_k20".into(), 0.7),
+                ("knn_top5_k20".into(), 0.9),
+                ("linear_top1".into(), 0.8),
+            ],
+        );
+        assert!(r.finish(Duration::from_secs(20)), "not delivered");
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert!(matches!(reports[0].event, Some(Event::Heartbeat(_))));
+        assert!(reports.iter().all(|r| {
+            r.namespace == "ml" && r.job == "tiny" && r.kind == "PretrainJob" && r.run_attempt == 2
+        }));
+        let its = iterations(&reports);
+        // Coalesced: 300 calls in well under a second give a handful of reports, the last
+        // of which is the newest.
+        assert!(its.len() < 20, "{} iteration reports", its.len());
+        let last = its.last().unwrap();
+        assert_eq!((last.iteration, last.total_iterations), (300, 500));
+        assert_eq!(last.losses["total"], 7.0);
+        assert_eq!(last.losses["koleo"], -0.5);
+        assert_eq!(last.images_per_second, 123.0);
+        assert!(reports.iter().any(|r| matches!(&r.event,
+            Some(Event::Checkpoint(c)) if c.iteration == 300 && c.path.ends_with("300"))));
+        let evals: BTreeMap<String, EvaluationDone> = reports
+            .iter()
+            .filter_map(|r| match &r.event {
+                Some(Event::Evaluation(e)) => Some((e.name.clone(), e.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(evals["knn"].metrics["top1_k20"], 0.7);
+        assert_eq!(evals["linear"].metrics["top1"], 0.8);
+    }
+
+    #[test]
+    fn an_absent_operator_never_slows_the_loop() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        let started = Instant::now();
+        iterate(&mut r, 1..=20_000);
+        for i in 0..1000 {
+            r.checkpoint(i, Path::new("/ckpt"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.dropped(), 1000 - MAX_QUEUED as u64);
+        let finishing = Instant::now();
+        assert!(!r.finish(Duration::from_millis(300)));
+        assert!(finishing.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_reporter_reconnects_when_the_operator_comes_back() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        r.checkpoint(10, Path::new("/ckpt/ckpt-000000010"));
+        iterate(&mut r, 1..=10);
+        // The operator starts late (a restart, a slow rollout).
+        std::thread::sleep(Duration::from_millis(1500));
+        let recorder = Recorder::default();
+        let (_, _server) = serve(recorder.clone(), port);
+        // Delivered by the backoff retries alone, before any shutdown flush.
+        let waiting = Instant::now();
+        while iterations(&recorder.reports.lock().unwrap()).is_empty() {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(20),
+                "never reconnected"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        iterate(&mut r, 11..=12);
+        assert!(
+            r.finish(Duration::from_secs(30)),
+            "not delivered after reconnecting"
+        );
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert_eq!(iterations(&reports).last().unwrap().iteration, 12);
+        assert!(
+            reports
+                .iter()
+                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 10))
+        );
+    }
+
+    #[test]
+    fn evaluation_metrics_group_by_method() {
+        let g = group_evaluations(&[
+            ("knn_top1_k10".into(), 0.5),
+            ("linear_best_lr".into(), 0.01),
+            ("score".into(), 1.0),
+        ]);
+        assert_eq!(g["knn"]["top1_k10"], 0.5);
+        assert_eq!(g["linear"]["best_lr"], 0.01);
+        assert_eq!(g["eval"]["score"], 1.0);
+        assert_eq!(loss_name("dino_local_crops_loss"), "dino_local_crops");
+    }
+}

@@ -293,6 +293,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "wd": values.weight_decay,
             "momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temperature,
+            "skipped_images": self.data.skipped_images(),
         });
         if let Some(p) = progress.on_iteration(iteration, images, losses, values.lr) {
             tracing::info!("{}", p.text);

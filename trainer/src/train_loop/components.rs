@@ -286,7 +286,6 @@ fn load_vars(
 /// The data loader plus the iBOT mask collation of the official `collate_data_and_cast`.
 /// Masks draw from a generator keyed by (seed, rank, iteration), like the crops.
 pub struct Data {
-    dataset: Arc<dyn Dataset>,
     cfg: LoaderConfig,
     loader: Loader,
     masks: MaskGenerator,
@@ -310,9 +309,8 @@ impl Data {
         collate: MaskCollateConfig,
         device: Device,
     ) -> Result<Self, DataError> {
-        let loader = Loader::new(Arc::clone(&dataset), cfg.clone())?;
+        let loader = Loader::new(dataset, cfg.clone())?;
         Ok(Self {
-            dataset,
             cfg,
             loader,
             masks,
@@ -363,12 +361,7 @@ impl BatchSource for Data {
         if it == self.loader.position() {
             return Ok(());
         }
-        let cfg = LoaderConfig {
-            start_iteration: it,
-            ..self.cfg.clone()
-        };
-        self.loader = Loader::new(Arc::clone(&self.dataset), cfg).map_err(step_err)?;
-        Ok(())
+        self.loader.seek(it).map_err(step_err)
     }
 
     fn skipped_images(&self) -> u64 {

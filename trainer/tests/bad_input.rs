@@ -198,7 +198,7 @@ fn skipped_images(out: &Path) -> u64 {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["type"] == "train")
-        .last()
+        .next_back()
         .and_then(|v| v["skipped_images"].as_u64())
         .expect("train lines carry skipped_images")
 }
@@ -261,12 +261,14 @@ enum Expect {
     Finishes { logged_once: String, skipped: u64 },
 }
 
+type BreakInput = Box<dyn Fn(&Path) -> Option<String>>;
+
 struct Case {
     name: &'static str,
     kind: &'static str,
     /// Breaks the input (the data folder starts good). Returns another output directory when
     /// the case is about the output directory; otherwise the copy of the earlier run is used.
-    break_it: Box<dyn Fn(&Path) -> Option<String>>,
+    break_it: BreakInput,
     expect: Expect,
 }
 

@@ -14,7 +14,7 @@ use crate::loss::{CenterState, TeacherCenter};
 use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
 use crate::meta_arch::{LossValues, MetaArch, MetaArchError, SslBatch};
 use crate::optim::{self, AdamWParamState};
-use crate::precision::{DynamicLossScaler, LossScalerConfig, LossScalerState};
+use crate::precision::{DynamicLossScaler, LossScalerState};
 
 /// One iteration's input: the collated crops and masks, and the iteration they belong to
 /// (it seeds the step's stochastic depth).
@@ -212,8 +212,8 @@ impl Trainable for Model {
         let saved: Option<LossScalerState> =
             serde_json::from_value(state["loss_scaler"].clone()).map_err(step_err)?;
         if let (Some(scaler), Some(saved)) = (&mut self.arch.loss_scaler, saved) {
-            *scaler = DynamicLossScaler::from_state(LossScalerConfig::default(), saved)
-                .map_err(step_err)?;
+            // The configured factors, the checkpointed scale and growth tracker.
+            scaler.restore(saved).map_err(step_err)?;
         }
         Ok(())
     }

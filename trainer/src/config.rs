@@ -179,6 +179,17 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
     })
 }
 
+/// Training FLOPs per image of one step, for the MFU estimate.
+pub fn flops_per_image(t: &TrainingConfig, arch: &MetaArchConfig) -> f64 {
+    let shape = crate::flops::StepShape {
+        batch_size: t.train.batch_size_per_gpu as usize,
+        global_crops_size: i64::from(t.crops.global_crops_size),
+        local_crops_size: i64::from(t.crops.local_crops_size),
+        masks: mask_collate_config(t),
+    };
+    crate::flops::training_flops_per_image(arch, &shape)
+}
+
 /// The fp16 dynamic loss scaler's settings (`precision.lossScale`); used only when the
 /// student computes in fp16.
 pub fn loss_scaler_config(t: &TrainingConfig) -> LossScalerConfig {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod flops;
 pub mod loss;
 pub mod masking;
 pub mod meta_arch;

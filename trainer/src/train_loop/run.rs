@@ -248,6 +248,7 @@ pub fn build_components(
     let world_size = 1;
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
+    let flops_per_image = Some(config::flops_per_image(training, &arch_cfg));
     let (patch, global) = (
         arch_cfg.student.patch_size as usize,
         training.crops.global_crops_size as usize,
@@ -284,7 +285,7 @@ pub fn build_components(
         model: Model::single(arch, seed),
         data,
         schedules,
-        flops_per_image: None,
+        flops_per_image,
         num_classes,
     })
 }

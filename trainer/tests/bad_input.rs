@@ -197,8 +197,7 @@ fn skipped_images(out: &Path) -> u64 {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "train")
-        .next_back()
+        .rfind(|v| v["type"] == "train")
         .and_then(|v| v["skipped_images"].as_u64())
         .expect("train lines carry skipped_images")
 }

@@ -5,6 +5,7 @@
 #   N=400 BATCHES=20 bench/loader/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/env.sh
 source scripts/env.sh
 N="${N:-160}"; BATCH="${BATCH:-16}"; BATCHES="${BATCHES:-10}"; LOCAL="${LOCAL:-8}"
 PY="${DINOFLOW_VENV}/bin/python"

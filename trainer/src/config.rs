@@ -14,6 +14,7 @@ use crate::masking::MaskCollateConfig;
 use crate::meta_arch::MetaArchConfig;
 use crate::model::{DinoHeadConfig, FfnLayer, VitConfig};
 use crate::optim::{AdamWConfig, LrScalingRule, ParamGroupConfig, SchedulesConfig, scaled_lr};
+use crate::precision::LossScalerConfig;
 use crate::precision::Precision;
 
 /// A config value the trainer modules cannot take, at its YAML path.
@@ -162,7 +163,13 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
             layerwise_decay: t.optim.layerwise_decay,
             patch_embed_lr_mult: t.optim.patch_embed_lr_mult,
         },
-        adamw: AdamWConfig::default(),
+        adamw: AdamWConfig {
+            beta1: t.optim.adamw_beta1,
+            beta2: t.optim.adamw_beta2,
+            // The config has no eps: the official code leaves PyTorch's default.
+            ..AdamWConfig::default()
+        },
+        loss_scaler: loss_scaler_config(t),
         precision: match t.precision.student.backbone.param_dtype {
             Dtype::Fp32 => Precision::Fp32,
             Dtype::Bf16 => Precision::Bf16,
@@ -170,6 +177,29 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
         },
         student,
     })
+}
+
+/// Training FLOPs per image of one step, for the MFU estimate.
+pub fn flops_per_image(t: &TrainingConfig, arch: &MetaArchConfig) -> f64 {
+    let shape = crate::flops::StepShape {
+        batch_size: t.train.batch_size_per_gpu as usize,
+        global_crops_size: i64::from(t.crops.global_crops_size),
+        local_crops_size: i64::from(t.crops.local_crops_size),
+        masks: mask_collate_config(t),
+    };
+    crate::flops::training_flops_per_image(arch, &shape)
+}
+
+/// The fp16 dynamic loss scaler's settings (`precision.lossScale`); used only when the
+/// student computes in fp16.
+pub fn loss_scaler_config(t: &TrainingConfig) -> LossScalerConfig {
+    let s = &t.precision.loss_scale;
+    LossScalerConfig {
+        init_scale: s.init_scale,
+        growth_factor: s.growth_factor,
+        backoff_factor: s.backoff_factor,
+        growth_interval: s.growth_interval,
+    }
 }
 
 /// The peak learning rate after the scaling rule (official `optim.lr`, 0 = derive it).
@@ -295,6 +325,30 @@ fn dataset_kind_for_split(t: &TrainingConfig, idx_split: &str) -> DatasetKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adamw_betas_and_loss_scale_of_the_config_reach_the_meta_arch() {
+        let mut t = TrainingConfig::default();
+        t.optim.adamw_beta1 = 0.8;
+        t.optim.adamw_beta2 = 0.95;
+        let s = &mut t.precision.loss_scale;
+        s.init_scale = 1024.0;
+        s.growth_factor = 4.0;
+        s.backoff_factor = 0.125;
+        s.growth_interval = 7;
+        let c = meta_arch_config(&t).unwrap();
+        assert_eq!((c.adamw.beta1, c.adamw.beta2), (0.8, 0.95));
+        assert_eq!(c.adamw.eps, 1e-8, "PyTorch's default, as the official code");
+        assert_eq!(
+            c.loss_scaler,
+            LossScalerConfig {
+                init_scale: 1024.0,
+                growth_factor: 4.0,
+                backoff_factor: 0.125,
+                growth_interval: 7,
+            }
+        );
+    }
 
     #[test]
     fn equal_configs_hash_equal_and_a_changed_lr_changes_the_hash() {

@@ -332,6 +332,8 @@ pub struct MetaArchConfig {
     pub center_momentum: f64,
     pub param_groups: ParamGroupConfig,
     pub adamw: AdamWConfig,
+    /// `precision.lossScale`: the fp16 loss scaler's settings (used only in fp16).
+    pub loss_scaler: LossScalerConfig,
     pub precision: Precision,
 }
 
@@ -353,6 +355,7 @@ impl MetaArchConfig {
             center_momentum: 0.9,
             param_groups: ParamGroupConfig::default(),
             adamw: AdamWConfig::default(),
+            loss_scaler: LossScalerConfig::default(),
             precision: Precision::Fp32,
         }
     }
@@ -515,7 +518,7 @@ impl MetaArch {
         let loss_scaler = config
             .precision
             .needs_loss_scaling()
-            .then(|| DynamicLossScaler::new(LossScalerConfig::default()))
+            .then(|| DynamicLossScaler::new(config.loss_scaler))
             .transpose()?;
         Ok(Self {
             config,
@@ -793,6 +796,25 @@ mod tests {
         }
         // Shared iBOT head: no ibot_head parameters.
         assert!(arch.student.submodule_variables("ibot_head").is_empty());
+    }
+
+    #[test]
+    fn an_fp16_arch_scales_the_loss_with_the_configured_scaler() {
+        let scaler = LossScalerConfig {
+            init_scale: 512.0,
+            growth_interval: 9,
+            ..LossScalerConfig::default()
+        };
+        let cfg = MetaArchConfig {
+            loss_scaler: scaler,
+            precision: Precision::Fp16,
+            ..tiny_config()
+        };
+        let arch = MetaArch::new(cfg, Device::Cpu).unwrap();
+        let s = arch.loss_scaler.as_ref().expect("fp16 scales the loss");
+        assert_eq!((s.scale(), s.config()), (512.0, scaler));
+        let fp32 = MetaArch::new(tiny_config(), Device::Cpu).unwrap();
+        assert!(fp32.loss_scaler.is_none());
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub struct TrainerMetrics {
     pub teacher_momentum: Gauge,
     pub teacher_temperature: Gauge,
     pub images_per_second: Gauge,
-    pub mfu: Gauge,
+    /// Without labels, and a vector only so that the series is absent (not 0) until
+    /// [`set_mfu`](Self::set_mfu) is called: unknown peak FLOP/s means no estimate.
+    pub mfu: GaugeVec,
     pub memory_bytes: Gauge,
     pub data_wait_seconds_total: prometheus::Counter,
     pub checkpoint_age_seconds: Gauge,
@@ -74,10 +76,13 @@ impl TrainerMetrics {
                 "images_per_second",
                 "Training throughput over the last logging window (all ranks)",
             ))?,
-            mfu: Gauge::with_opts(opts(
-                "mfu",
-                "Estimated model FLOPs utilisation (0..1); unset when peak FLOPs are unknown",
-            ))?,
+            mfu: GaugeVec::new(
+                opts(
+                    "mfu",
+                    "Estimated model FLOPs utilisation (0..1); absent when peak FLOP/s are unknown",
+                ),
+                &[],
+            )?,
             memory_bytes: Gauge::with_opts(opts(
                 "memory_bytes",
                 "Resident memory of the trainer process",
@@ -129,6 +134,11 @@ impl TrainerMetrics {
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 
+    /// Sets the MFU estimate (the series exists from then on).
+    pub fn set_mfu(&self, mfu: f64) {
+        self.mfu.with_label_values::<&str>(&[]).set(mfu);
+    }
+
     /// Raises the skipped-images counter to the loader's running total.
     pub fn set_skipped_images(&self, total: u64) {
         let seen = self.skipped_images_total.get();
@@ -144,29 +154,6 @@ pub fn resident_memory_bytes() -> Option<u64> {
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // Every Linux target we run on uses 4 KiB pages; reading the real value needs libc.
     Some(pages * 4096)
-}
-
-/// Approximate training FLOPs per image for a ViT: forward FLOPs of the student on every
-/// crop times 3 (forward + backward), plus the teacher's forward on the global crops.
-/// `crops` lists (count, tokens) pairs, e.g. [(2, 197), (8, 37)].
-pub fn vit_train_flops_per_image(
-    depth: usize,
-    dim: usize,
-    mlp_ratio: f64,
-    crops: &[(usize, usize)],
-    global_crops: (usize, usize),
-) -> f64 {
-    let per_token_block = |tokens: f64| {
-        let d = dim as f64;
-        // qkv + proj: 4 d^2; MLP: 2 * ratio * d^2 (multiply-adds, x2 for FLOPs);
-        // attention scores and weighted sum: 2 * tokens * d.
-        2.0 * (4.0 * d * d + 2.0 * mlp_ratio * d * d + 2.0 * tokens * d)
-    };
-    let forward = |count: usize, tokens: usize| {
-        count as f64 * tokens as f64 * per_token_block(tokens as f64) * depth as f64
-    };
-    let student: f64 = crops.iter().map(|&(n, t)| forward(n, t)).sum();
-    3.0 * student + forward(global_crops.0, global_crops.1)
 }
 
 /// A tiny HTTP endpoint serving `/metrics`. tiny_http keeps this to one thread without an
@@ -370,6 +357,13 @@ mod tests {
         m.set_skipped_images(3);
         m.set_skipped_images(2);
         let text = m.render();
+        assert!(
+            !text.contains("dinoflow_trainer_mfu"),
+            "no peak FLOP/s, no MFU: {text}"
+        );
+        m.set_mfu(0.25);
+        let text = m.render();
+        assert!(text.contains("dinoflow_trainer_mfu 0.25"), "{text}");
         assert!(text.contains("dinoflow_trainer_iteration 12"));
         assert!(text.contains("dinoflow_trainer_loss{term=\"dino_global_crops_loss\"} 1.5"));
         assert!(text.contains("dinoflow_trainer_skipped_images_total 3"));
@@ -463,15 +457,5 @@ mod tests {
     fn durations_format_as_hours_minutes_seconds() {
         assert_eq!(format_duration(59.4), "0m59s");
         assert_eq!(format_duration(3723.0), "1h02m03s");
-    }
-
-    #[test]
-    fn vit_flops_grow_with_depth_and_tokens() {
-        let small = vit_train_flops_per_image(12, 384, 4.0, &[(2, 197)], (2, 197));
-        let deeper = vit_train_flops_per_image(24, 384, 4.0, &[(2, 197)], (2, 197));
-        assert!((deeper / small - 2.0).abs() < 1e-9);
-        // ViT-S/16 forward is ~4.6 G multiply-adds per 224px image, i.e. ~9.2 GFLOPs.
-        let fwd = vit_train_flops_per_image(12, 384, 4.0, &[], (1, 197));
-        assert!((8.5e9..9.5e9).contains(&fwd), "{fwd}");
     }
 }

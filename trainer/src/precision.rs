@@ -179,6 +179,17 @@ impl DynamicLossScaler {
         Ok(s)
     }
 
+    /// Continues from a checkpointed state with this scaler's own (configured) factors.
+    pub fn restore(&mut self, state: LossScalerState) -> Result<(), LossScalerError> {
+        *self = Self::from_state(self.cfg, state)?;
+        Ok(())
+    }
+
+    /// The settings this scaler runs with.
+    pub fn config(&self) -> LossScalerConfig {
+        self.cfg
+    }
+
     /// Current state (for checkpoints and metrics).
     pub fn state(&self) -> LossScalerState {
         self.state
@@ -316,6 +327,28 @@ mod tests {
         assert_eq!(s.scale(), 65536.0);
         s.update(false);
         assert_eq!(s.scale(), 131072.0);
+    }
+
+    #[test]
+    fn a_restored_scaler_keeps_its_configured_factors() {
+        let cfg = LossScalerConfig {
+            init_scale: 1024.0,
+            growth_factor: 3.0,
+            backoff_factor: 0.25,
+            growth_interval: 2,
+        };
+        let mut s = DynamicLossScaler::new(cfg).unwrap();
+        s.restore(LossScalerState {
+            scale: 8.0,
+            growth_tracker: 1,
+        })
+        .unwrap();
+        assert_eq!(s.config(), cfg);
+        // One more finite step completes the configured interval of 2 and grows by 3.
+        s.update(false);
+        assert_eq!(s.scale(), 24.0);
+        s.update(true);
+        assert_eq!(s.scale(), 6.0);
     }
 
     #[test]

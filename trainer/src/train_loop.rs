@@ -324,6 +324,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "wd": values.weight_decay,
             "momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temperature,
+            "skipped_images": self.data.skipped_images(),
         });
         let p = progress.on_iteration(iteration, images, losses, values.lr);
         self.progress.iteration(&IterationReport {
@@ -342,7 +343,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 (self.settings.flops_per_image, self.settings.peak_flops)
             {
                 let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
-                m.mfu.set(mfu);
+                m.set_mfu(mfu);
                 line["mfu"] = mfu.into();
             }
             if let Some(rss) = crate::metrics::resident_memory_bytes() {

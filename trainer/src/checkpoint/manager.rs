@@ -85,11 +85,34 @@ impl CheckpointManager {
 
     /// Writes `snapshot` as `ckpt-<iteration>`: files into a temporary directory, each
     /// fsynced, the manifest last, then an atomic rename and an fsync of the parent.
+    ///
+    /// On failure the temporary directory is removed at once (on a full disk it only holds
+    /// space the next attempt needs) and the checkpoints written before are untouched.
     pub fn save(&self, snapshot: &Snapshot) -> Result<VerifiedCheckpoint, CheckpointError> {
-        let final_dir = self.dir_for(snapshot.iteration);
         let tmp = self
             .root
             .join(format!("{TMP_PREFIX}{:09}", snapshot.iteration));
+        self.save_via(snapshot, &tmp).map_err(|e| {
+            let _ = fs::remove_dir_all(&tmp);
+            if e.is_storage_full() {
+                CheckpointError::NoSpace {
+                    iteration: snapshot.iteration,
+                    path: self.root.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        })
+    }
+
+    fn save_via(
+        &self,
+        snapshot: &Snapshot,
+        tmp: &Path,
+    ) -> Result<VerifiedCheckpoint, CheckpointError> {
+        let final_dir = self.dir_for(snapshot.iteration);
+        let tmp = tmp.to_path_buf();
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
         }
@@ -314,6 +337,37 @@ mod tests {
             )]
             .into(),
         }
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temporary_directory_and_keeps_the_previous_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 3).unwrap();
+        mgr.save(&snapshot(3)).unwrap();
+        let mut bad = snapshot(6);
+        // A document name with a missing sub-directory makes the write fail half-way.
+        bad.json.insert("missing/dir".into(), serde_json::json!({}));
+        assert!(mgr.save(&bad).is_err());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["ckpt-000000003"]);
+        let latest = mgr.latest_verified().unwrap().unwrap();
+        assert_eq!(latest.manifest.iteration, 3);
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_in_io_and_tensor_errors() {
+        let full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(CheckpointError::io(Path::new("/c"), full()).is_storage_full());
+        let tensor = CheckpointError::Tensor {
+            path: "/c/student.safetensors".into(),
+            source: tch::TchError::FileFormat(format!("write: {:?}", full())),
+        };
+        assert!(tensor.is_storage_full());
+        let other = CheckpointError::io(Path::new("/c"), std::io::Error::other("EIO"));
+        assert!(!other.is_storage_full());
     }
 
     #[test]

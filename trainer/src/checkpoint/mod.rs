@@ -27,6 +27,17 @@ pub enum CheckpointError {
         #[source]
         source: tch::TchError,
     },
+    /// Retryable (the operator resumes from the last verified checkpoint), but a restart
+    /// only helps once there is room.
+    #[error(
+        "{path}: No space left on device for the checkpoint of iteration {iteration} ({source}). Free space on that volume or point training.output.dir (--output-dir) at a larger one; the checkpoints written before are kept and a restart resumes from the newest"
+    )]
+    NoSpace {
+        iteration: u64,
+        path: PathBuf,
+        #[source]
+        source: Box<CheckpointError>,
+    },
     #[error("{path}: no verified checkpoint there")]
     NotFound { path: PathBuf },
     #[error(
@@ -37,6 +48,25 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// ENOSPC (or a quota) somewhere in a write. tch flattens the safetensors I/O error into
+    /// text, so for tensor files the kind is read back from its debug form.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            }
+            Self::Tensor { source, .. } => {
+                let text = source.to_string();
+                text.contains("StorageFull") || text.contains("QuotaExceeded")
+            }
+            Self::NoSpace { .. } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),

@@ -12,7 +12,9 @@ pub enum DataError {
         "data.path: dataset path {path} does not exist; point data.path at an existing folder, tar shard or IDX file"
     )]
     NotFound { path: PathBuf },
-    #[error("data.path: dataset {path} yields no images ({detail})")]
+    #[error(
+        "data.path: dataset {path} yields no images ({detail}); add images there or point data.path at a dataset that has them"
+    )]
     Empty { path: PathBuf, detail: String },
     #[error("{field}: {message}")]
     InvalidConfig {
@@ -31,7 +33,7 @@ pub enum DataError {
     #[error("corrupt or unreadable image {what}: {reason}")]
     Corrupt { what: String, reason: String },
     #[error(
-        "data.path: every image of dataset {path} is corrupt or unreadable ({skipped} skipped)"
+        "data.path: every image of dataset {path} is corrupt or unreadable ({skipped} skipped); the log names each one: replace them or point data.path at a readable dataset"
     )]
     NothingReadable { path: String, skipped: u64 },
     #[error("data loader worker failed: {0}")]

@@ -137,6 +137,26 @@ impl std::fmt::Debug for Loader {
 
 impl Loader {
     pub fn new(dataset: Arc<dyn Dataset>, cfg: LoaderConfig) -> Result<Self, DataError> {
+        Self::start(dataset, cfg, Arc::new(SkippedImages::new()))
+    }
+
+    /// Restarts the loader at `iteration` (a resume). The record of unreadable images is kept,
+    /// so each one is still logged and counted once per run.
+    pub fn seek(&mut self, iteration: u64) -> Result<(), DataError> {
+        let cfg = LoaderConfig {
+            start_iteration: iteration,
+            ..self.shared.cfg.clone()
+        };
+        let skipped = Arc::clone(&self.shared.skipped);
+        *self = Self::start(Arc::clone(&self.shared.dataset), cfg, skipped)?;
+        Ok(())
+    }
+
+    fn start(
+        dataset: Arc<dyn Dataset>,
+        cfg: LoaderConfig,
+        skipped: Arc<SkippedImages>,
+    ) -> Result<Self, DataError> {
         let bad = |field, message: String| Err(DataError::InvalidConfig { field, message });
         if cfg.batch_size == 0 {
             return bad("train.batchSizePerGpu", "must be >= 1, got 0".into());
@@ -170,7 +190,7 @@ impl Loader {
             dataset,
             sampler,
             augment,
-            skipped: Arc::new(SkippedImages::new()),
+            skipped,
             cfg,
         });
         let workers = (0..shared.cfg.num_workers)
@@ -446,6 +466,23 @@ mod tests {
         );
         let again = take(&mut Loader::new(ds, small(0, 1)).unwrap(), 6);
         assert_eq!(again, batches);
+    }
+
+    #[test]
+    fn a_seek_keeps_the_record_of_unreadable_images() {
+        let ds: Arc<dyn Dataset> = Arc::new(Synthetic {
+            len: 9,
+            bad_every: Some(3),
+        });
+        let mut loader = Loader::new(Arc::clone(&ds), small(0, 1)).unwrap();
+        take(&mut loader, 6);
+        let counter = loader.skipped_counter();
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 3);
+        loader.seek(2).unwrap();
+        take(&mut loader, 6);
+        // The same three images, not counted (nor logged) again after the restart.
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(loader.position(), 8);
     }
 
     #[test]

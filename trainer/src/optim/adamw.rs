@@ -355,6 +355,33 @@ mod tests {
     }
 
     #[test]
+    fn the_configured_betas_and_eps_shape_the_update() {
+        // β1 0.5, β2 0.75, eps 0.1 by hand, lr 1, no weight decay:
+        // step 1, g = 1:  m 0.5, v 0.25, m̂ 1, sqrt(v̂) 1       -> p = -1/1.1
+        // step 2, g = -1: m -0.25, v 0.4375, m̂ -1/3, sqrt(v̂) 1 -> p += (1/3)/1.1
+        // (the defaults 0.9/0.999/1e-8 give -1 and then -0.947).
+        let p = Tensor::from_slice(&[0.0f32]);
+        let cfg = AdamWConfig {
+            beta1: 0.5,
+            beta2: 0.75,
+            eps: 0.1,
+        };
+        let mut opt = AdamW::new(
+            cfg,
+            vec![("w".into(), p.shallow_clone(), mult(1.0, 0.0, false))],
+        )
+        .unwrap();
+        opt.apply_schedule(1.0, 0.0, 0.0);
+        opt.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32]))])
+            .unwrap();
+        assert!((values(&p)[0] + 1.0 / 1.1).abs() < 1e-6, "{:?}", values(&p));
+        opt.step_with_grads(&[Some(Tensor::from_slice(&[-1.0f32]))])
+            .unwrap();
+        let expect = -1.0 / 1.1 + (1.0 / 3.0) / 1.1;
+        assert!((values(&p)[0] - expect).abs() < 1e-6, "{:?}", values(&p));
+    }
+
+    #[test]
     fn decoupled_weight_decay_shrinks_weights_without_gradient_signal() {
         let p = Tensor::from_slice(&[2.0f32]);
         let mut opt = AdamW::new(

@@ -15,7 +15,7 @@ use crate::loss::{CenterState, TeacherCenter};
 use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
 use crate::meta_arch::{LossValues, MetaArch, MetaArchError, SslBatch};
 use crate::optim::{self, AdamWParamState};
-use crate::precision::{DynamicLossScaler, LossScalerConfig, LossScalerState};
+use crate::precision::{DynamicLossScaler, LossScalerState};
 
 /// One iteration's input: the collated crops and masks, and the iteration they belong to
 /// (it seeds the step's stochastic depth).
@@ -225,8 +225,8 @@ impl Trainable for Model {
         let saved: Option<LossScalerState> =
             serde_json::from_value(state["loss_scaler"].clone()).map_err(step_err)?;
         if let (Some(scaler), Some(saved)) = (&mut self.arch.loss_scaler, saved) {
-            *scaler = DynamicLossScaler::from_state(LossScalerConfig::default(), saved)
-                .map_err(step_err)?;
+            // The configured factors, the checkpointed scale and growth tracker.
+            scaler.restore(saved).map_err(step_err)?;
         }
         Ok(())
     }
@@ -299,7 +299,6 @@ fn load_vars(
 /// The data loader plus the iBOT mask collation of the official `collate_data_and_cast`.
 /// Masks draw from a generator keyed by (seed, rank, iteration), like the crops.
 pub struct Data {
-    dataset: Arc<dyn Dataset>,
     cfg: LoaderConfig,
     loader: Loader,
     masks: MaskGenerator,
@@ -323,9 +322,8 @@ impl Data {
         collate: MaskCollateConfig,
         device: Device,
     ) -> Result<Self, DataError> {
-        let loader = Loader::new(Arc::clone(&dataset), cfg.clone())?;
+        let loader = Loader::new(dataset, cfg.clone())?;
         Ok(Self {
-            dataset,
             cfg,
             loader,
             masks,
@@ -376,12 +374,7 @@ impl BatchSource for Data {
         if it == self.loader.position() {
             return Ok(());
         }
-        let cfg = LoaderConfig {
-            start_iteration: it,
-            ..self.cfg.clone()
-        };
-        self.loader = Loader::new(Arc::clone(&self.dataset), cfg).map_err(step_err)?;
-        Ok(())
+        self.loader.seek(it).map_err(step_err)
     }
 
     fn skipped_images(&self) -> u64 {

@@ -329,6 +329,7 @@ pub fn build_components(
     let (rank, world_size) = (collective.rank(), collective.world_size());
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training).map_err(|e| permanent(&e))?;
+    let flops_per_image = Some(config::flops_per_image(training, &arch_cfg));
     let (patch, global) = (
         arch_cfg.student.patch_size as usize,
         training.crops.global_crops_size as usize,
@@ -385,7 +386,7 @@ pub fn build_components(
         },
         data,
         schedules,
-        flops_per_image: None,
+        flops_per_image,
         num_classes,
     })
 }

@@ -392,8 +392,8 @@ mod tests {
         assert_eq!(m.n_local_crops, 2);
         let crops = multi_crop_config(&t).unwrap();
         assert_eq!(crops.mean, [0.286; 3]);
-        // sqrt rule: 0.004 * sqrt(16 / 1024).
-        assert!((peak_lr(&t, 1) - 0.0005).abs() < 1e-12);
+        // sqrt rule: 0.004 * sqrt(64 / 1024).
+        assert!((peak_lr(&t, 1) - 0.001).abs() < 1e-12);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! | 0 | done | job Succeeded |
 //! | 78 | permanent failure: bad config, missing or empty dataset, unusable output dir | job Failed at once, no restart |
 //! | 79 | loss became NaN/Inf | job Failed at once (a deterministic resume would hit it again) |
+//! | 70 | a collective failed (peer lost, ranks out of step) | restart the whole gang (retryable) |
+//! | 143 | stopped by SIGTERM/SIGINT after writing a checkpoint | restart when the job still wants to run (retryable) |
 //! | any other | transient failure (crash, OOM, lost peer, signal) | restart the whole gang from the last verified checkpoint |
 
 /// Training finished.
@@ -13,6 +15,13 @@ pub const SUCCESS: i32 = 0;
 pub const PERMANENT_FAILURE: i32 = 78;
 /// The loss became NaN or infinite.
 pub const NON_FINITE_LOSS: i32 = 79;
+
+/// A collective failed: a peer is gone or the ranks are out of step (sysexits
+/// `EX_SOFTWARE`). Retryable: the gang restarts together.
+pub const COLLECTIVE_FAILED: i32 = 70;
+/// Stopped by SIGTERM or SIGINT after writing a checkpoint: 128 + 15, as a shell reports it.
+/// Retryable, so a stopped gang resumes.
+pub const STOPPED_BY_SIGNAL: i32 = 143;
 
 /// What the operator does with a trainer's exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,6 +8,9 @@ use std::process::{Command, Output, Stdio};
 
 use image::{ImageFormat, Rgb, RgbImage};
 
+mod common;
+use common::TinyJob;
+
 /// Exit codes of the contract (`dinoflow_api::exit_codes`).
 const DONE: i32 = 0;
 const PERMANENT: i32 = 78;
@@ -15,39 +18,12 @@ const PERMANENT: i32 = 78;
 const RETRYABLE: i32 = 1;
 
 fn config(dir: &Path, kind: &str, data: &Path) -> PathBuf {
-    let yaml = format!(
-        r#"training:
-  model: {{arch: custom, embedDim: 32, depth: 2, numHeads: 2, patchSize: 7, dropPathRate: 0.1}}
-  dino: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  ibot: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  crops: {{globalCropsSize: 28, localCropsSize: 14, localCropsNumber: 2}}
-  optim: {{epochs: 2, warmupEpochs: 1, freezeLastLayerEpochs: 1, baseLr: 0.004}}
-  teacher: {{warmupTeacherTempEpochs: 1}}
-  train: {{batchSizePerGpu: 4, officialEpochLength: 3, seed: 5}}
-  data: {{kind: {kind}, path: {data}, numWorkers: 2}}
-  precision:
-    gradScaler: false
-    student:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-    teacher:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-  sharding:
-    student: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-    teacher: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-  evaluation: {{knn: {{enabled: false}}, linearProbe: {{enabled: false}}}}
-  checkpoint: {{periodIterations: 3, keepLast: 5}}
-  output: {{dir: /nonexistent/overridden-by-the-cli}}
-  logging: {{everyIterations: 1, metricsPort: 0}}
-"#,
-        data = data.display()
-    );
-    let path = dir.join(format!("{kind}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    path
+    TinyJob {
+        data_kind: kind.into(),
+        data_path: data.display().to_string(),
+        ..TinyJob::default()
+    }
+    .write(dir, &format!("{kind}.yaml"))
 }
 
 fn train(config: &Path, out: &Path, extra: &[&str]) -> Output {

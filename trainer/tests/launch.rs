@@ -4,56 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
-
-fn have_data() -> bool {
-    let ok = Path::new(FASHION).exists();
-    if !ok {
-        eprintln!("skipping: {FASHION} missing (apt install dataset-fashion-mnist)");
-    }
-    ok
-}
-
-/// A 2-block ViT on 28px crops; `epochs` × 3 iterations, checkpoints every `ckpt_every`.
-fn config(dir: &Path, epochs: u32, ckpt_every: u32) -> PathBuf {
-    let yaml = format!(
-        r#"training:
-  model: {{arch: custom, embedDim: 32, depth: 2, numHeads: 2, patchSize: 7, dropPathRate: 0.1}}
-  dino: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  ibot: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  crops:
-    globalCropsSize: 28
-    localCropsSize: 14
-    localCropsNumber: 2
-    augmentation: {{normalizeMean: [0.286], normalizeStd: [0.353]}}
-  optim: {{epochs: {epochs}, warmupEpochs: 1, freezeLastLayerEpochs: 0, baseLr: 0.004}}
-  teacher: {{warmupTeacherTempEpochs: 1}}
-  train: {{batchSizePerGpu: 4, officialEpochLength: 3, seed: 5}}
-  data: {{kind: idx, path: {FASHION}, numWorkers: 1}}
-  precision:
-    gradScaler: false
-    student:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-    teacher:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-  sharding:
-    student: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-    teacher: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-  evaluation: {{knn: {{enabled: false}}, linearProbe: {{enabled: false}}}}
-  checkpoint: {{periodIterations: {ckpt_every}, keepLast: 5}}
-  output: {{dir: {out}}}
-  logging: {{everyIterations: 1, metricsPort: 0}}
-"#,
-        out = dir.join("unused").display()
-    );
-    let path = dir.join("job.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
+mod common;
+use common::{TinyJob, have_data};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -61,6 +13,18 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The tiny job, `epochs` × 3 iterations, checkpoints every `checkpoint_every`.
+fn config(dir: &Path, epochs: u32, checkpoint_every: u32) -> PathBuf {
+    TinyJob {
+        epochs,
+        checkpoint_every,
+        freeze_last_layer_epochs: 0,
+        num_workers: 1,
+        ..TinyJob::default()
+    }
+    .write(dir, "job.yaml")
 }
 
 /// The env of a one-node pod with `nproc` processes, as the operator writes it.

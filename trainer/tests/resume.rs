@@ -5,47 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
-
-fn config(dir: &Path) -> PathBuf {
-    let yaml = format!(
-        r#"training:
-  model: {{arch: custom, embedDim: 32, depth: 2, numHeads: 2, patchSize: 7, dropPathRate: 0.1}}
-  dino: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  ibot: {{headNPrototypes: 64, headBottleneckDim: 16, headHiddenDim: 32}}
-  crops:
-    globalCropsSize: 28
-    localCropsSize: 14
-    localCropsNumber: 2
-    augmentation: {{normalizeMean: [0.286], normalizeStd: [0.353]}}
-  optim: {{epochs: 2, warmupEpochs: 1, freezeLastLayerEpochs: 1, baseLr: 0.004}}
-  teacher: {{warmupTeacherTempEpochs: 1}}
-  train: {{batchSizePerGpu: 4, officialEpochLength: 3, seed: 11}}
-  data: {{kind: idx, path: {FASHION}, numWorkers: 2}}
-  precision:
-    gradScaler: false
-    student:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-    teacher:
-      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
-  sharding:
-    student: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-    teacher: {{backbone: NO_SHARD, dinoHead: NO_SHARD, ibotHead: NO_SHARD}}
-  evaluation: {{knn: {{enabled: false}}, linearProbe: {{enabled: false}}}}
-  checkpoint: {{periodIterations: 3, keepLast: 5}}
-  output: {{dir: {out}}}
-  logging: {{everyIterations: 1, metricsPort: 0}}
-"#,
-        out = dir.join("unused").display()
-    );
-    let path = dir.join("job.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
+mod common;
+use common::{TinyJob, have_data};
 
 fn trainer(config: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"));
@@ -88,12 +49,15 @@ fn ckpt(out: &Path, it: u64) -> PathBuf {
 
 #[test]
 fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
-    if !Path::new(FASHION).exists() {
-        eprintln!("skipping: {FASHION} missing (apt install dataset-fashion-mnist)");
+    if !have_data() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
+    let cfg = TinyJob {
+        seed: 11,
+        ..TinyJob::default()
+    }
+    .write(dir.path(), "job.yaml");
 
     let straight = dir.path().join("straight");
     let out = trainer(&cfg, &straight, &[]).output().unwrap();
@@ -149,11 +113,15 @@ fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
 
 #[test]
 fn resume_auto_picks_the_newest_verified_checkpoint_and_skips_a_torn_one() {
-    if !Path::new(FASHION).exists() {
+    if !have_data() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
+    let cfg = TinyJob {
+        seed: 11,
+        ..TinyJob::default()
+    }
+    .write(dir.path(), "job.yaml");
     let out_dir = dir.path().join("run");
     let out = trainer(&cfg, &out_dir, &["--max-iterations", "3"])
         .output()

@@ -87,7 +87,7 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
 }
 
 /// Exit code of a rank whose collective failed: retryable (the operator restarts the gang).
-pub const COLLECTIVE_FAILED: i32 = 70;
+pub use dinoflow_api::exit_codes::COLLECTIVE_FAILED;
 
 /// Ends the process after a failed collective: the other ranks are blocked or gone, no local
 /// recovery exists, and unwinding through the training step would only delay the restart.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use dinoflow_api::exit_codes::{NON_FINITE_LOSS, PERMANENT_FAILURE};
+use dinoflow_api::exit_codes::{NON_FINITE_LOSS, PERMANENT_FAILURE, STOPPED_BY_SIGNAL};
 use dinoflow_api::{ConfigError, TrainingConfig};
 
 use tch::Device;
@@ -26,10 +26,6 @@ use crate::meta_arch::MetaArch;
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
 use crate::optim;
 use crate::progress_client::ProgressReporter;
-
-/// Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint: 128 + 15, as
-/// a shell reports it. It is retryable by contract, so a stopped gang resumes.
-pub const STOPPED_BY_SIGNAL: i32 = 143;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -61,6 +61,9 @@ impl EvalTransform {
     }
 }
 
+/// Pixels (CHW, image after image) and labels of consecutive images of a batch.
+type DecodedPart = (Vec<f32>, Vec<i64>);
+
 /// A labelled dataset (or an evenly strided subset of it) read in order for feature
 /// extraction.
 #[derive(Clone)]
@@ -147,7 +150,7 @@ impl LabelledSplit {
         let chunk = indices.len().div_ceil(threads.max(1)).max(1);
         // Each thread fills its own pixel buffer and label list; they are concatenated in
         // index order, so the batch does not depend on the thread count.
-        let parts: Vec<Result<(Vec<f32>, Vec<i64>), EvalError>> = std::thread::scope(|s| {
+        let parts: Vec<Result<DecodedPart, EvalError>> = std::thread::scope(|s| {
             let handles: Vec<_> = indices
                 .chunks(chunk)
                 .map(|ids| {

@@ -233,8 +233,10 @@ mod tests {
 
     #[test]
     fn serialising_and_reading_back_gives_the_same_config() {
-        let mut c = TrainingConfig::default();
-        c.preset = Some(Preset::Vitg14);
+        let mut c = TrainingConfig {
+            preset: Some(Preset::Vitg14),
+            ..TrainingConfig::default()
+        };
         c.curriculum.phases.push(CurriculumPhase {
             start_epoch: Some(3),
             global_crops_size: Some(448),

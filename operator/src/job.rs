@@ -12,39 +12,8 @@ use crate::{Error, Result};
 /// API group and version of the custom resources.
 pub const API_VERSION: &str = "dinoflow.dev/v1alpha1";
 
-/// The two kinds of job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum JobKind {
-    Pretrain,
-    Distill,
-}
-
-impl JobKind {
-    /// The Kubernetes kind.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pretrain => "PretrainJob",
-            Self::Distill => "DistillJob",
-        }
-    }
-
-    /// The trainer subcommand that runs this kind.
-    pub fn trainer_subcommand(self) -> &'static str {
-        match self {
-            Self::Pretrain => "train",
-            Self::Distill => "distill",
-        }
-    }
-
-    /// Parses a Kubernetes kind.
-    pub fn from_kind(kind: &str) -> Option<Self> {
-        match kind {
-            "PretrainJob" => Some(Self::Pretrain),
-            "DistillJob" => Some(Self::Distill),
-            _ => None,
-        }
-    }
-}
+/// The two kinds of job (shared with the trainer).
+pub use dinoflow_api::contract::JobKind;
 
 /// Identity of one job, as its children need it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,20 +4,7 @@
 use std::fmt;
 
 /// Kind of job a trainer runs for, as the operator names it (`DINOFLOW_JOB_KIND`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    Pretrain,
-    Distill,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pretrain => "PretrainJob",
-            Self::Distill => "DistillJob",
-        }
-    }
-}
+pub use dinoflow_api::contract::JobKind;
 
 /// A variable of the contract that is missing or does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -179,15 +166,8 @@ pub fn job_and_progress<F: Fn(&str) -> Option<String>>(
 ) -> Result<(Option<JobIdentity>, Option<ProgressTarget>), EnvError> {
     let kind = match env.get("DINOFLOW_JOB_KIND") {
         None => default_kind,
-        Some(k) if k == "PretrainJob" => JobKind::Pretrain,
-        Some(k) if k == "DistillJob" => JobKind::Distill,
-        Some(k) => {
-            return Err(invalid(
-                "DINOFLOW_JOB_KIND",
-                &k,
-                "must be PretrainJob or DistillJob",
-            ));
-        }
+        Some(k) => JobKind::from_kind(&k)
+            .ok_or_else(|| invalid("DINOFLOW_JOB_KIND", &k, "must be PretrainJob or DistillJob"))?,
     };
     let run_attempt = env
         .parsed("DINOFLOW_RUN_ATTEMPT", "a non-negative integer")?

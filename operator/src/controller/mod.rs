@@ -1,6 +1,7 @@
 //! The two controllers (PretrainJob, DistillJob) over one shared Pod watch.
 
 pub mod apply;
+mod expectations;
 mod reconcile;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+pub use expectations::Expectations;
 pub use reconcile::{error_policy, reconcile};
 
 use crate::desired::LABEL_JOB;
@@ -35,6 +37,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Every pod labelled `dinoflow.dev/job`, from the one shared watch.
     pub pods: Store<Pod>,
+    /// Pods created but not yet in `pods`.
+    pub expectations: Expectations,
 }
 
 /// How many reconciles run at once per controller.
@@ -95,6 +99,7 @@ pub async fn run<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
         metrics: metrics.clone(),
         leadership,
         pods: pods.clone(),
+        expectations: Expectations::default(),
     });
     let config = ControllerConfig::default().concurrency(CONCURRENCY);
 

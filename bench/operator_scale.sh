@@ -10,6 +10,7 @@
 # is reported (MISS) and does not change the exit status; only a harness failure (the cluster,
 # the build or the operator not coming up, metrics unreadable) exits non-zero.
 # Needs the control-plane binaries (scripts/setup.sh) and builds the operator in release mode.
+# The operator reads its settings from the environment (DINOFLOW_MAX_CONCURRENT_RECONCILES...).
 # DINOFLOW_BENCH_KEEP=1 keeps the work directory (operator log, apiserver metrics) afterwards;
 # DINOFLOW_BENCH_BIN_DIR=DIR uses release binaries built earlier (the shared target directory is
 # rebuilt by other worktrees, so a copy keeps repeated runs from recompiling).
@@ -218,6 +219,7 @@ V_RSS=$(verdict "$RSS_MIB < $TARGET_RSS_MIB")
 
 printf 'operator scale benchmark: %s jobs x %s nodes on %s cores; load average %s before, %s when the pods were in\n' \
   "$JOBS" "$NODES" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AT_END"
+printf '  operator               --max-concurrent-reconciles %s\n' "${DINOFLOW_MAX_CONCURRENT_RECONCILES:-16 (default)}"
 printf '  pods                   %s/%s (the jobs were applied by %s kubectl processes in %s s; the last pod came %s s later)\n' \
   "$HAVE" "$WANT" "$APPLIERS" "$(elapsed "$START" "$APPLIED")" "$(elapsed "$APPLIED" "$END")"
 printf '  time to all pods       %6s s    target < %s s     %s\n' "$ALL_PODS_S" "$TARGET_ALL_PODS_S" "$V_PODS"

@@ -36,6 +36,14 @@ pub async fn reconcile<K: TrainingJob>(job: Arc<K>, ctx: Arc<Context>) -> Result
         return Ok(Action::await_change());
     }
     let jr = job.job_ref()?;
+    if ctx
+        .own_writes
+        .predates_own_write(&jr.uid, job.meta().resource_version.as_deref())
+    {
+        // The watch has yet to deliver our own status write, and that event wakes the job
+        // again; the requeue is a safety net only.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let status = job.job_status().cloned().unwrap_or_default();
     let pods = owned_pods(&ctx, &jr);
     let teacher = match job.teacher() {
@@ -129,8 +137,15 @@ async fn act<K: TrainingJob>(
     // nothing a later reconcile cannot re-derive, and it saves a round trip per reconcile.
     let status_first = !decision.delete_pods.is_empty()
         || (status_changed && status_must_precede_children(before, &decision.status));
-    let write_status =
-        || applier.write_status::<K>(&decision.status, job.meta().resource_version.as_deref());
+    let rv = job.meta().resource_version.as_deref();
+    let (applier_ref, new_status) = (&applier, &decision.status);
+    let write_status = || async move {
+        applier_ref.write_status::<K>(new_status, rv).await?;
+        if let Some(rv) = rv {
+            ctx.own_writes.wrote_over(&jr.uid, rv, Instant::now());
+        }
+        Ok(())
+    };
     let mut pending_status_write = None;
     let mut pods_on_their_way = None;
     if status_first || (status_changed && !decision.ensure_gang) {
@@ -246,9 +261,10 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
     /// on their way to the cache, nothing is written (but `status_write` is still awaited);
     /// returns how long until pods on their way are given up on, if any are.
     ///
-    /// Two waves of concurrent writes: first the objects the pods refer to (with
-    /// `status_write`), then the pods, so a pod never exists without its ConfigMap, Secret and
-    /// PodGroup.
+    /// All of it is written at once (with `status_write`): the kubelet waits for a pod's
+    /// ConfigMap and Secret, so creating them alongside the pods is safe, and it makes
+    /// creating a gang one round trip. A PodGroup is the exception, written first: a gang
+    /// scheduler that sees a pod before its PodGroup rejects it and backs off for seconds.
     async fn ensure(
         &self,
         pods: &[PodObservation],
@@ -268,30 +284,18 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         let expectations = &self.ctx.expectations;
         let (missing, on_their_way) =
             expectations.to_create(&jr.uid, attempt, &missing, Instant::now());
-        let mut first_wave: Vec<BoxFuture<'a, Result<()>>> = Vec::new();
+        let mut writes: Vec<BoxFuture<'a, Result<()>>> = Vec::new();
         if let Some(write) = status_write {
-            first_wave.push(write.boxed());
+            writes.push(write.boxed());
         }
         if missing.is_empty() {
-            future::try_join_all(first_wave).await?;
+            future::try_join_all(writes).await?;
             return Ok(on_their_way);
         }
         let teacher = self.status.teacher_checkpoint.as_deref();
         let service = desired::service::service(jr, cluster.master_port);
         let config_map = desired::configmap::config_map(jr, &self.job.spec_value()?, teacher)?;
         let secret = desired::secret::secret(jr, &self.ctx.settings.progress_key);
-        first_wave.push(async move { applier.apply(&service).await }.boxed());
-        first_wave.push(async move { applier.apply(&config_map).await }.boxed());
-        first_wave.push(async move { applier.apply(&secret).await }.boxed());
-        let mode = cluster.gang_scheduling.mode;
-        if let (Some(pg), Some(ar)) = (
-            desired::podgroup::pod_group(jr, cluster),
-            desired::podgroup::api_resource(mode),
-        ) {
-            first_wave.push(async move { applier.apply_dynamic(&pg, &ar).await }.boxed());
-        }
-        future::try_join_all(first_wave).await?;
-
         let inputs = PodInputs {
             job: jr,
             cluster,
@@ -303,7 +307,20 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
             .iter()
             .map(|rank| desired::pods::pod(&inputs, *rank))
             .collect();
-        future::try_join_all(gang.iter().map(|pod| applier.apply(pod))).await?;
+        let mode = cluster.gang_scheduling.mode;
+        if let (Some(pg), Some(ar)) = (
+            desired::podgroup::pod_group(jr, cluster),
+            desired::podgroup::api_resource(mode),
+        ) {
+            applier.apply_dynamic(&pg, &ar).await?;
+        }
+        writes.push(async move { applier.apply(&service).await }.boxed());
+        writes.push(async move { applier.apply(&config_map).await }.boxed());
+        writes.push(async move { applier.apply(&secret).await }.boxed());
+        for pod in gang {
+            writes.push(async move { applier.apply(&pod).await }.boxed());
+        }
+        future::try_join_all(writes).await?;
         expectations.created(&jr.uid, attempt, &missing, Instant::now());
         // The pods' watch events wake the job when they arrive; no extra look needed.
         Ok(None)

@@ -219,7 +219,7 @@ V_RSS=$(verdict "$RSS_MIB < $TARGET_RSS_MIB")
 
 printf 'operator scale benchmark: %s jobs x %s nodes on %s cores; load average %s before, %s when the pods were in\n' \
   "$JOBS" "$NODES" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AT_END"
-printf '  operator               --max-concurrent-reconciles %s\n' "${DINOFLOW_MAX_CONCURRENT_RECONCILES:-16 (default)}"
+printf '  operator               --max-concurrent-reconciles %s\n' "${DINOFLOW_MAX_CONCURRENT_RECONCILES:-(the default)}"
 printf '  pods                   %s/%s (the jobs were applied by %s kubectl processes in %s s; the last pod came %s s later)\n' \
   "$HAVE" "$WANT" "$APPLIERS" "$(elapsed "$START" "$APPLIED")" "$(elapsed "$APPLIED" "$END")"
 printf '  time to all pods       %6s s    target < %s s     %s\n' "$ALL_PODS_S" "$TARGET_ALL_PODS_S" "$V_PODS"

@@ -140,8 +140,12 @@ async fn act<K: TrainingJob>(
     let rv = job.meta().resource_version.as_deref();
     let (applier_ref, new_status) = (&applier, &decision.status);
     let write_status = || async move {
-        applier_ref.write_status::<K>(new_status, rv).await?;
-        if let Some(rv) = rv {
+        let after = applier_ref.write_status::<K>(new_status, rv).await?;
+        // A write that changed nothing (a guard before deletions) leaves the version as it
+        // was; no newer view will come, so there is nothing to wait for.
+        if let (Some(rv), Some(after)) = (rv, after)
+            && rv != after
+        {
             ctx.own_writes.wrote_over(&jr.uid, rv, Instant::now());
         }
         Ok(())

@@ -71,6 +71,11 @@ struct Args {
     /// Watch only this namespace (a namespaced install); unset: the whole cluster.
     #[arg(long, env = "DINOFLOW_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Reconciles running at once per job kind. Each can make a gang's worth of concurrent
+    /// writes; lower it when the API server is small or shared.
+    #[arg(long, env = "DINOFLOW_MAX_CONCURRENT_RECONCILES", default_value_t = controller::DEFAULT_CONCURRENCY,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
     /// Log format.
     #[arg(long, env = "DINOFLOW_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -174,13 +179,20 @@ async fn main() -> Result<()> {
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
     };
-    controller::run::<dinoflow_api::PretrainJob, dinoflow_api::DistillJob>(
+    let parts = controller::Parts {
         client,
         settings,
         metrics,
         leadership,
-        readiness.clone(),
+        readiness: readiness.clone(),
         scope,
+    };
+    let tuning = controller::Tuning {
+        concurrency: args.max_concurrent_reconciles,
+    };
+    controller::run_tuned::<dinoflow_api::PretrainJob, dinoflow_api::DistillJob>(
+        parts,
+        tuning,
         shutdown.clone(),
     )
     .await;

@@ -73,11 +73,12 @@ impl Applier<'_> {
 
     /// Writes the controller's half of the status, guarded by the job's resourceVersion so a
     /// decision made on a stale view of the job is refused (409) instead of double-counting.
+    /// Returns the job's resourceVersion after the write (unchanged when nothing changed).
     pub async fn write_status<K>(
         &self,
         status: &JobStatus,
         resource_version: Option<&str>,
-    ) -> Result<()>
+    ) -> Result<Option<String>>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -94,9 +95,10 @@ impl Applier<'_> {
         if let Some(rv) = resource_version {
             patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
         }
-        api.patch_status(&self.job.name, &Self::params(), &Patch::Apply(&patch))
+        let written = api
+            .patch_status(&self.job.name, &Self::params(), &Patch::Apply(&patch))
             .await?;
-        Ok(())
+        Ok(written.meta().resource_version.clone())
     }
 
     /// Deletes the job itself (TTL after finishing); children follow by garbage collection.

@@ -1,6 +1,8 @@
 //! The two controllers (PretrainJob, DistillJob) over one shared Pod watch.
 
 pub mod apply;
+mod expectations;
+mod own_writes;
 mod reconcile;
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+pub use expectations::Expectations;
+pub use own_writes::OwnStatusWrites;
 pub use reconcile::{error_policy, reconcile};
 
 use crate::desired::LABEL_JOB;
@@ -35,10 +39,17 @@ pub struct Context {
     pub recorder: Recorder,
     /// Every pod labelled `dinoflow.dev/job`, from the one shared watch.
     pub pods: Store<Pod>,
+    /// Pods created but not yet in `pods`.
+    pub expectations: Expectations,
+    /// Job versions this replica's status writes replaced.
+    pub own_writes: OwnStatusWrites,
 }
 
-/// How many reconciles run at once per controller.
-const CONCURRENCY: u16 = 16;
+/// How many reconciles run at once per controller, unless [`Tuning`] says otherwise. Each
+/// reconcile that creates a gang makes nodes + 3 writes at once, so 4 keep some 30 writes in
+/// flight. More only queues them inside the API server: in bench/operator_scale.sh (200 jobs ×
+/// 4 nodes, 2 cores) 16 made each pod apply 5× slower and the whole burst slower, not faster.
+pub const DEFAULT_CONCURRENCY: u16 = 4;
 /// Buffer of the shared pod stream per subscriber.
 const SHARED_BUFFER: usize = 1024;
 
@@ -61,6 +72,22 @@ impl Scope {
     }
 }
 
+/// How hard the controllers drive the API server.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Reconciles running at once per controller (each makes up to a gang's worth of
+    /// concurrent writes).
+    pub concurrency: u16,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            concurrency: DEFAULT_CONCURRENCY,
+        }
+    }
+}
+
 /// Runs both controllers until `shutdown` is cancelled: `P` is the teacher-capable
 /// pretraining kind, `D` the distillation kind whose teachers are `P`s
 /// (`run::<PretrainJob, DistillJob>`).
@@ -73,6 +100,41 @@ pub async fn run<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
     scope: Scope,
     shutdown: CancellationToken,
 ) {
+    let parts = Parts {
+        client,
+        settings,
+        metrics,
+        leadership,
+        readiness,
+        scope,
+    };
+    run_tuned::<PretrainJob, DistillJob>(parts, Tuning::default(), shutdown).await;
+}
+
+/// What the controllers are built from.
+pub struct Parts {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub leadership: Leadership,
+    pub readiness: Readiness,
+    pub scope: Scope,
+}
+
+/// [`run`] with explicit [`Tuning`].
+pub async fn run_tuned<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
+    parts: Parts,
+    tuning: Tuning,
+    shutdown: CancellationToken,
+) {
+    let Parts {
+        client,
+        settings,
+        metrics,
+        leadership,
+        readiness,
+        scope,
+    } = parts;
     let (pods, writer) = reflector::store_shared::<Pod>(SHARED_BUFFER);
     let pretrain_pods = writer.subscribe().expect("shared store can be subscribed");
     let distill_pods = writer.subscribe().expect("shared store can be subscribed");
@@ -95,8 +157,10 @@ pub async fn run<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
         metrics: metrics.clone(),
         leadership,
         pods: pods.clone(),
+        expectations: Expectations::default(),
+        own_writes: OwnStatusWrites::default(),
     });
-    let config = ControllerConfig::default().concurrency(CONCURRENCY);
+    let config = ControllerConfig::default().concurrency(tuning.concurrency);
 
     let pretrain = Controller::new(
         scope.api::<PretrainJob>(&client),

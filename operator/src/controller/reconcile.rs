@@ -1,7 +1,7 @@
 //! `reconcile` and `error_policy` for both job kinds.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dinoflow_api::status::{JobPhase, JobStatus};
 use k8s_openapi::api::core::v1::Pod;
@@ -10,11 +10,15 @@ use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 
+use futures::FutureExt;
+use futures::future::{self, BoxFuture};
+
 use super::Context;
 use super::apply::{Applier, controller_fields};
-use crate::decide::{Decision, JobFacts, TeacherState, decide};
+use crate::decide::{Decision, JobEvent, JobFacts, TeacherState, decide};
 use crate::desired::{self, pods::PodInputs};
 use crate::job::{JobKind, JobRef, TeacherSource, TrainingJob};
+use crate::metrics::Metrics;
 use crate::observe::{PodObservation, observe};
 use crate::progress::job_api_resource;
 use crate::{Error, Result};
@@ -32,6 +36,14 @@ pub async fn reconcile<K: TrainingJob>(job: Arc<K>, ctx: Arc<Context>) -> Result
         return Ok(Action::await_change());
     }
     let jr = job.job_ref()?;
+    if ctx
+        .own_writes
+        .predates_own_write(&jr.uid, job.meta().resource_version.as_deref())
+    {
+        // The watch has yet to deliver our own status write, and that event wakes the job
+        // again; the requeue is a safety net only.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let status = job.job_status().cloned().unwrap_or_default();
     let pods = owned_pods(&ctx, &jr);
     let teacher = match job.teacher() {
@@ -115,126 +127,208 @@ async fn act<K: TrainingJob>(
         leadership: &ctx.leadership,
         job: jr,
     };
-    let kind = K::KIND.as_str();
+    let status_changed = controller_fields(&decision.status) != controller_fields(before);
 
-    // 1. Status first: restarts and the attempt number must be durable before pods change.
-    // Deleting pods on a stale view of the job could tear down a newer gang, so deletions are
-    // preceded by a resourceVersion-guarded write even when the status is unchanged.
-    if controller_fields(&decision.status) != controller_fields(before)
-        || !decision.delete_pods.is_empty()
-    {
-        applier
-            .write_status::<K>(&decision.status, job.meta().resource_version.as_deref())
-            .await?;
-        let counted = decision.status.restarts.unwrap_or(0) - before.restarts.unwrap_or(0);
-        let disruptions =
-            decision.status.disruptions.unwrap_or(0) - before.disruptions.unwrap_or(0);
-        if counted > 0 {
-            ctx.metrics
-                .restarts
-                .with_label_values(&[kind, "counted"])
-                .inc_by(counted as u64);
+    // 1. Status first when it carries what must be durable before pods change (the attempt,
+    // the restart counts, the teacher checkpoint). Deleting pods on a stale view of the job
+    // could tear down a newer gang, so deletions are preceded by a resourceVersion-guarded
+    // write even when the status is unchanged. Any other status change (pod counts, phase,
+    // conditions) is written alongside the gang's first objects: a crash in between leaves
+    // nothing a later reconcile cannot re-derive, and it saves a round trip per reconcile.
+    let status_first = !decision.delete_pods.is_empty()
+        || (status_changed && status_must_precede_children(before, &decision.status));
+    let rv = job.meta().resource_version.as_deref();
+    let (applier_ref, new_status) = (&applier, &decision.status);
+    let write_status = || async move {
+        let after = applier_ref.write_status::<K>(new_status, rv).await?;
+        // A write that changed nothing (a guard before deletions) leaves the version as it
+        // was; no newer view will come, so there is nothing to wait for.
+        if let (Some(rv), Some(after)) = (rv, after)
+            && rv != after
+        {
+            ctx.own_writes.wrote_over(&jr.uid, rv, Instant::now());
         }
-        if disruptions > 0 {
-            ctx.metrics
-                .restarts
-                .with_label_values(&[kind, "disruption"])
-                .inc_by(disruptions as u64);
-        }
+        Ok(())
+    };
+    let mut pending_status_write = None;
+    let mut pods_on_their_way = None;
+    if status_first || (status_changed && !decision.ensure_gang) {
+        write_status().await?;
+        count_restarts(K::KIND.as_str(), before, &decision.status, &ctx.metrics);
+    } else if status_changed {
+        // Restarts and disruptions are unchanged here (else the status went first).
+        pending_status_write = Some(write_status());
     }
 
-    // 2. Deletions.
-    for name in &decision.delete_pods {
-        applier.delete_pod(name).await?;
-    }
+    // 2. Deletions, all at once (each tolerates a pod already gone).
+    future::try_join_all(decision.delete_pods.iter().map(|n| applier.delete_pod(n))).await?;
 
-    // 3. The gang of the current attempt.
+    // 3. The gang of the current attempt, with the pending status write in its first wave.
     if decision.ensure_gang {
-        ensure_gang(job, jr, &decision.status, pods, ctx, &applier).await?;
+        let gang = Gang {
+            job,
+            jr,
+            status: &decision.status,
+            ctx,
+            applier: &applier,
+        };
+        pods_on_their_way = gang.ensure(pods, pending_status_write).await?;
     }
 
-    // 4. Events, after the facts they report are written.
-    let reference = job.object_ref(&());
-    for e in &decision.events {
-        let event = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.to_string(),
-            note: Some(e.note.clone()),
-            action: e.reason.to_string(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            // An event lost is not worth failing (and repeating) the reconcile for.
-            tracing::warn!(job = %jr.name, error = %err, "could not record event");
-        }
-    }
+    // 4. Events, after the facts they report are written. They go out in the background: an
+    // event is informational, and waiting for it would add a round trip to every decision.
+    publish_events::<K>(job, jr, decision.events, ctx);
 
     if decision.delete_job {
         applier.delete_job::<K>().await?;
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(
-        decision.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
-    ))
+    // Pods on their way normally wake the job as they reach the cache; if they never do,
+    // look again when they are given up on.
+    let requeue = [Some(RESYNC), decision.requeue_after, pods_on_their_way]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(RESYNC);
+    Ok(Action::requeue(requeue))
 }
 
-/// Applies the Service, ConfigMap, Secret, PodGroup and missing pods of the current attempt.
-/// When every pod already exists the gang is complete and nothing is written.
-async fn ensure_gang<K: TrainingJob>(
-    job: &K,
-    jr: &JobRef,
-    status: &JobStatus,
-    pods: &[PodObservation],
-    ctx: &Context,
-    applier: &Applier<'_>,
-) -> Result<()> {
-    let cluster = job.cluster();
-    let attempt = status.run_attempt.unwrap_or(0);
-    let existing: Vec<i32> = pods
-        .iter()
-        .filter(|p| p.attempt == Some(attempt))
-        .filter_map(|p| p.rank)
-        .collect();
-    if (0..cluster.nodes).all(|r| existing.contains(&r)) {
-        return Ok(());
+/// Whether the new status must be durable before any pod is created or deleted: it starts a
+/// new attempt, counts a restart or disruption, or pins the teacher's checkpoint. Replayed
+/// after a crash, a decision made without these would count the same failure twice or start
+/// a gang the status does not know.
+fn status_must_precede_children(before: &JobStatus, after: &JobStatus) -> bool {
+    before.run_attempt.unwrap_or(0) != after.run_attempt.unwrap_or(0)
+        || before.restarts.unwrap_or(0) != after.restarts.unwrap_or(0)
+        || before.disruptions.unwrap_or(0) != after.disruptions.unwrap_or(0)
+        || before.teacher_checkpoint != after.teacher_checkpoint
+}
+
+fn count_restarts(kind: &str, before: &JobStatus, after: &JobStatus, metrics: &Metrics) {
+    let counted = after.restarts.unwrap_or(0) - before.restarts.unwrap_or(0);
+    let disruptions = after.disruptions.unwrap_or(0) - before.disruptions.unwrap_or(0);
+    if counted > 0 {
+        metrics
+            .restarts
+            .with_label_values(&[kind, "counted"])
+            .inc_by(counted as u64);
     }
-    let teacher = status.teacher_checkpoint.as_deref();
-    applier
-        .apply(&desired::service::service(jr, cluster.master_port))
-        .await?;
-    applier
-        .apply(&desired::configmap::config_map(
-            jr,
-            &job.spec_value()?,
-            teacher,
-        )?)
-        .await?;
-    applier
-        .apply(&desired::secret::secret(jr, &ctx.settings.progress_key))
-        .await?;
-    let mode = cluster.gang_scheduling.mode;
-    if let (Some(pg), Some(ar)) = (
-        desired::podgroup::pod_group(jr, cluster),
-        desired::podgroup::api_resource(mode),
-    ) {
-        applier.apply_dynamic(&pg, &ar).await?;
+    if disruptions > 0 {
+        metrics
+            .restarts
+            .with_label_values(&[kind, "disruption"])
+            .inc_by(disruptions as u64);
     }
-    let inputs = PodInputs {
-        job: jr,
-        cluster,
-        settings: &ctx.settings,
-        attempt,
-        teacher_checkpoint: teacher,
-    };
-    for rank in (0..cluster.nodes).filter(|r| !existing.contains(r)) {
-        let pod: Pod = desired::pods::pod(&inputs, rank);
-        applier.apply(&pod).await?;
+}
+
+/// Records the decision's events in order, in a background task.
+fn publish_events<K: TrainingJob>(job: &K, jr: &JobRef, events: Vec<JobEvent>, ctx: &Context) {
+    if events.is_empty() {
+        return;
     }
-    Ok(())
+    let reference = job.object_ref(&());
+    let recorder = ctx.recorder.clone();
+    let name = jr.name.clone();
+    tokio::spawn(async move {
+        for e in events {
+            let event = Event {
+                type_: if e.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: e.reason.to_string(),
+                note: Some(e.note),
+                action: e.reason.to_string(),
+                secondary: None,
+            };
+            if let Err(err) = recorder.publish(&event, &reference).await {
+                // An event lost is not worth failing (and repeating) the reconcile for.
+                tracing::warn!(job = %name, error = %err, "could not record event");
+            }
+        }
+    });
+}
+
+/// What creating a job's gang needs.
+struct Gang<'a, K> {
+    job: &'a K,
+    jr: &'a JobRef,
+    status: &'a JobStatus,
+    ctx: &'a Context,
+    applier: &'a Applier<'a>,
+}
+
+impl<'a, K: TrainingJob> Gang<'a, K> {
+    /// Applies the Service, ConfigMap, Secret, PodGroup and missing pods of the current
+    /// attempt. When every pod already exists, or the missing ones were just created and are
+    /// on their way to the cache, nothing is written (but `status_write` is still awaited);
+    /// returns how long until pods on their way are given up on, if any are.
+    ///
+    /// All of it is written at once (with `status_write`): the kubelet waits for a pod's
+    /// ConfigMap and Secret, so creating them alongside the pods is safe, and it makes
+    /// creating a gang one round trip. A PodGroup is the exception, written first: a gang
+    /// scheduler that sees a pod before its PodGroup rejects it and backs off for seconds.
+    async fn ensure(
+        &self,
+        pods: &[PodObservation],
+        status_write: Option<impl Future<Output = Result<()>> + Send + 'a>,
+    ) -> Result<Option<Duration>> {
+        let (jr, applier) = (self.jr, self.applier);
+        let cluster = self.job.cluster();
+        let attempt = self.status.run_attempt.unwrap_or(0);
+        let existing: Vec<i32> = pods
+            .iter()
+            .filter(|p| p.attempt == Some(attempt))
+            .filter_map(|p| p.rank)
+            .collect();
+        let missing: Vec<i32> = (0..cluster.nodes)
+            .filter(|r| !existing.contains(r))
+            .collect();
+        let expectations = &self.ctx.expectations;
+        let (missing, on_their_way) =
+            expectations.to_create(&jr.uid, attempt, &missing, Instant::now());
+        let mut writes: Vec<BoxFuture<'a, Result<()>>> = Vec::new();
+        if let Some(write) = status_write {
+            writes.push(write.boxed());
+        }
+        if missing.is_empty() {
+            future::try_join_all(writes).await?;
+            return Ok(on_their_way);
+        }
+        let teacher = self.status.teacher_checkpoint.as_deref();
+        let service = desired::service::service(jr, cluster.master_port);
+        let config_map = desired::configmap::config_map(jr, &self.job.spec_value()?, teacher)?;
+        let secret = desired::secret::secret(jr, &self.ctx.settings.progress_key);
+        let inputs = PodInputs {
+            job: jr,
+            cluster,
+            settings: &self.ctx.settings,
+            attempt,
+            teacher_checkpoint: teacher,
+        };
+        let gang: Vec<Pod> = missing
+            .iter()
+            .map(|rank| desired::pods::pod(&inputs, *rank))
+            .collect();
+        let mode = cluster.gang_scheduling.mode;
+        if let (Some(pg), Some(ar)) = (
+            desired::podgroup::pod_group(jr, cluster),
+            desired::podgroup::api_resource(mode),
+        ) {
+            applier.apply_dynamic(&pg, &ar).await?;
+        }
+        writes.push(async move { applier.apply(&service).await }.boxed());
+        writes.push(async move { applier.apply(&config_map).await }.boxed());
+        writes.push(async move { applier.apply(&secret).await }.boxed());
+        for pod in gang {
+            writes.push(async move { applier.apply(&pod).await }.boxed());
+        }
+        future::try_join_all(writes).await?;
+        expectations.created(&jr.uid, attempt, &missing, Instant::now());
+        // The pods' watch events wake the job when they arrive; no extra look needed.
+        Ok(None)
+    }
 }
 
 /// Counts the failure and retries with a short backoff; conflicts (a stale view) retry at once.
@@ -251,5 +345,43 @@ pub fn error_policy<K: TrainingJob>(job: Arc<K>, error: &Error, ctx: Arc<Context
             tracing::warn!(job = %name, error = %error, "reconcile failed");
             Action::requeue(Duration::from_secs(5))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_attempt_restart_disruption_or_teacher_must_be_durable_before_the_pods() {
+        let before = JobStatus {
+            run_attempt: Some(1),
+            restarts: Some(1),
+            ..Default::default()
+        };
+        let changed = |f: fn(&mut JobStatus)| {
+            let mut after = before.clone();
+            f(&mut after);
+            status_must_precede_children(&before, &after)
+        };
+        assert!(changed(|s| s.run_attempt = Some(2)));
+        assert!(changed(|s| s.restarts = Some(2)));
+        assert!(changed(|s| s.disruptions = Some(1)));
+        assert!(changed(
+            |s| s.teacher_checkpoint = Some("/ckpt/final".into())
+        ));
+    }
+
+    #[test]
+    fn pod_counts_phase_and_conditions_can_be_written_alongside_the_gang() {
+        let before = JobStatus::default();
+        let after = JobStatus {
+            phase: Some(JobPhase::Pending),
+            run_attempt: Some(0),
+            restarts: Some(0),
+            message: Some("waiting for 4 pod(s) of attempt 0 to run".into()),
+            ..Default::default()
+        };
+        assert!(!status_must_precede_children(&before, &after));
     }
 }

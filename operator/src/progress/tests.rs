@@ -8,9 +8,12 @@ use dinoflow_api::progress::{CheckpointWritten, EvaluationDone, Heartbeat, Itera
 
 use super::*;
 
+/// Jobs by (kind, namespace, name).
+type Jobs = HashMap<(JobKind, String, String), JobSnapshot>;
+
 #[derive(Clone, Default)]
 struct MemoryStore {
-    jobs: Arc<Mutex<HashMap<(JobKind, String, String), JobSnapshot>>>,
+    jobs: Arc<Mutex<Jobs>>,
     writes: Arc<Mutex<Vec<JobStatus>>>,
 }
 

@@ -22,8 +22,8 @@ if ! cargo fmt --all -- --check; then
   status=1
 fi
 if command -v shellcheck >/dev/null; then
-  if ! shellcheck -x scripts/*.sh .ci/run; then
-    log "shellcheck found problems in scripts/"
+  if ! shellcheck -x scripts/*.sh .ci/run bench/*.sh bench/*/*.sh; then
+    log "shellcheck found problems in scripts/ or bench/"
     status=1
   fi
 fi

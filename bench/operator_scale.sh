@@ -81,8 +81,7 @@ CLUSTER_ENV="$("$ROOT/scripts/cluster.sh" up --dir "$WORK/cluster" --owner-pid $
 } || die "the control plane did not start"
 eval "$CLUSTER_ENV"
 "$BIN/crdgen" >"$WORK/crds.yaml"
-kubectl apply --server-side -f "$WORK/crds.yaml" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s -f "$WORK/crds.yaml" >/dev/null
+"$ROOT/scripts/cluster.sh" install-crds --dir "$WORK/cluster" "$WORK/crds.yaml"
 kubectl create namespace "$NS" >/dev/null
 
 HEALTH_PORT="${DINOFLOW_BENCH_HEALTH_PORT:-$(free_port)}"

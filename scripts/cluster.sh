@@ -7,6 +7,7 @@
 #   scripts/cluster.sh down   [--dir DIR]                     stop what `up` started in DIR
 #   scripts/cluster.sh status [--dir DIR]                     processes and /readyz; exit 1 if not ready
 #   scripts/cluster.sh env    [--dir DIR]                     print `export KUBECONFIG=...`
+#   scripts/cluster.sh install-crds [--dir DIR] FILE...       apply CRDs server-side, wait until Established
 #
 # DIR (default ./out/cluster) holds everything of one cluster: pki/, etcd data, kubeconfigs,
 # logs/<component>.log and pids/<component>.pid. Each cluster picks free ports, so several
@@ -39,6 +40,7 @@ shift
 DIR="$ROOT/out/cluster"
 OWNER_PID=""
 EPHEMERAL=false
+FILES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dir) DIR="${2:?--dir needs a path}"; shift 2 ;;
@@ -46,7 +48,8 @@ while [[ $# -gt 0 ]]; do
     --owner-pid) OWNER_PID="${2:?--owner-pid needs a pid}"; shift 2 ;;
     --ephemeral) EPHEMERAL=true; shift ;;
     -h | --help) usage ;;
-    *) die "unknown argument '$1' (see: $SELF --help)" ;;
+    -*) die "unknown argument '$1' (see: $SELF --help)" ;;
+    *) FILES+=("$1"); shift ;;
   esac
 done
 [[ "$cmd" == up ]] && mkdir -p "$DIR"
@@ -416,11 +419,28 @@ cmd_env() {
   printf 'export KUBECONFIG=%q\n' "$KUBECONFIG_ADMIN"
 }
 
+# `kubectl wait` fails at once ("<nil> is of the type <nil>") on a CRD the API server has not
+# yet given a status, so each wait is retried until the CRD has conditions.
+cmd_install_crds() {
+  [[ ${#FILES[@]} -gt 0 ]] || die "install-crds needs one or more CRD files"
+  [[ -f "$KUBECONFIG_ADMIN" ]] || die "no cluster in $DIR: run $SELF up --dir $DIR"
+  local f i
+  for f in "${FILES[@]}"; do
+    kubectl_admin apply --server-side --force-conflicts -f "$f" >&2
+    for i in $(seq 30); do
+      kubectl_admin wait --for=condition=Established --timeout=60s -f "$f" >/dev/null 2>&1 && break
+      [[ $i -eq 30 ]] && { kubectl_admin wait --for=condition=Established -f "$f" >&2; die "$f never became Established"; }
+      sleep 1
+    done
+  done
+}
+
 case "$cmd" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  install-crds) cmd_install_crds ;;
   -h | --help | help) usage ;;
-  *) die "unknown command '$cmd': use up, down, status or env" ;;
+  *) die "unknown command '$cmd': use up, down, status, env or install-crds" ;;
 esac

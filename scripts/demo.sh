@@ -24,21 +24,8 @@ log "local control plane in $CLUSTER_DIR"
 eval "$(bash scripts/cluster.sh up --dir "$CLUSTER_DIR")"
 export KUBECONFIG
 
-# `kubectl wait` fails at once ("<nil> is of the type <nil>") on a CRD whose status the API
-# server has not written yet, so retry it until the CRD has conditions.
-wait_established() {
-  for _ in $(seq 30); do
-    kubectl wait --for=condition=Established --timeout=60s -f "$1" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  kubectl wait --for=condition=Established --timeout=5s -f "$1" >/dev/null
-}
-
 log "installing CRDs: ${crds[*]#"$ROOT"/}"
-for crd in "${crds[@]}"; do
-  kubectl apply --server-side --force-conflicts -f "$crd"
-  wait_established "$crd"
-done
+bash scripts/cluster.sh install-crds --dir "$CLUSTER_DIR" "${crds[@]}"
 
 log "applying ${EXAMPLE#"$ROOT"/}"
 kubectl apply -f "$EXAMPLE"

@@ -154,39 +154,28 @@ fn service_monitor_and_dashboards_render_when_enabled() {
     }
 }
 
+/// `helm template` with these `--set` values must fail, naming `needle` in its error.
+fn assert_rejected(sets: &[&str], needle: &str) {
+    let chart = chart();
+    let mut args = vec!["template", "x", chart.to_str().unwrap()];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = helm(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(needle), "{stderr}");
+}
+
 #[test]
 fn a_misspelled_value_is_rejected_by_the_schema() {
-    let chart = chart();
-    let out = helm(&[
-        "template",
-        "x",
-        chart.to_str().unwrap(),
-        "--set",
-        "serviceMonitor.enabeld=true",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("enabeld"),
-        "{stderr}"
-    );
+    assert_rejected(&["serviceMonitor.enabeld=true"], "enabeld");
 }
 
 #[test]
 fn several_replicas_without_leader_election_fail_with_the_reason() {
-    let chart = chart();
-    let out = helm(&[
-        "template",
-        "x",
-        chart.to_str().unwrap(),
-        "--set",
-        "replicaCount=2",
-        "--set",
-        "operator.leaderElection.enabled=false",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("leaderElection"),
-        "{stderr}"
+    assert_rejected(
+        &["replicaCount=2", "operator.leaderElection.enabled=false"],
+        "leaderElection",
     );
 }
 

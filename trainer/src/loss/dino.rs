@@ -4,37 +4,16 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::centering::{
-    CenteringMode, DEFAULT_CENTER_MOMENTUM, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp,
-};
-use super::{LossError, expect_2d, expect_positive};
+use super::centering::{CenteringMode, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp};
+use super::{LossError, PrototypeLossConfig, expect_2d, expect_positive};
 use crate::dist::Collective;
 
-/// Official student temperature.
-pub const DEFAULT_STUDENT_TEMP: f64 = 0.1;
+pub use super::DEFAULT_STUDENT_TEMP;
 /// The reference supports exactly two global crops (it asserts so).
 pub const N_GLOBAL_CROPS: usize = 2;
 
-/// Settings of the DINO loss (official `DINOLoss` arguments).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DinoLossConfig {
-    /// Number of prototypes `K` (`dino.head_n_prototypes`, official 65536).
-    pub out_dim: i64,
-    /// Student softmax temperature (0.1).
-    pub student_temp: f64,
-    /// EMA momentum of the teacher center (0.9).
-    pub center_momentum: f64,
-}
-
-impl Default for DinoLossConfig {
-    fn default() -> Self {
-        Self {
-            out_dim: 65536,
-            student_temp: DEFAULT_STUDENT_TEMP,
-            center_momentum: DEFAULT_CENTER_MOMENTUM,
-        }
-    }
-}
+/// Settings of the DINO loss.
+pub type DinoLossConfig = PrototypeLossConfig;
 
 /// The two normalised DINO terms of one step plus their raw values.
 #[derive(Debug)]
@@ -61,13 +40,7 @@ pub struct DinoLoss {
 impl DinoLoss {
     /// A loss with a zero center on `device`.
     pub fn new(cfg: &DinoLossConfig, device: Device) -> Result<Self, LossError> {
-        if cfg.out_dim <= 0 {
-            return Err(LossError::InvalidSetting {
-                field: "dino.headNPrototypes",
-                message: format!("must be > 0, got {}", cfg.out_dim),
-            });
-        }
-        expect_positive("studentTemp", cfg.student_temp)?;
+        cfg.check("dino.headNPrototypes")?;
         Ok(Self {
             out_dim: cfg.out_dim,
             student_temp: cfg.student_temp,

@@ -5,34 +5,12 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::centering::{
-    CenteringMode, DEFAULT_CENTER_MOMENTUM, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp,
-};
-use super::dino::DEFAULT_STUDENT_TEMP;
-use super::{LossError, expect_2d, expect_positive};
+use super::centering::{CenteringMode, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp};
+use super::{LossError, PrototypeLossConfig, expect_2d, expect_positive};
 use crate::dist::Collective;
 
-/// Settings of the iBOT patch loss (official `iBOTPatchLoss` arguments).
-#[derive(Debug, Clone, PartialEq)]
-pub struct IbotLossConfig {
-    /// Number of patch prototypes `K` (`ibot.head_n_prototypes`, or the DINO head's when the
-    /// head is shared).
-    pub out_dim: i64,
-    /// Student softmax temperature (0.1).
-    pub student_temp: f64,
-    /// EMA momentum of the teacher center (0.9).
-    pub center_momentum: f64,
-}
-
-impl Default for IbotLossConfig {
-    fn default() -> Self {
-        Self {
-            out_dim: 65536,
-            student_temp: DEFAULT_STUDENT_TEMP,
-            center_momentum: DEFAULT_CENTER_MOMENTUM,
-        }
-    }
-}
+/// Settings of the iBOT patch loss.
+pub type IbotLossConfig = PrototypeLossConfig;
 
 /// iBOT patch loss with its teacher-center state.
 #[derive(Debug)]
@@ -45,13 +23,7 @@ pub struct IbotLoss {
 impl IbotLoss {
     /// A loss with a zero center `[1, 1, K]` on `device`.
     pub fn new(cfg: &IbotLossConfig, device: Device) -> Result<Self, LossError> {
-        if cfg.out_dim <= 0 {
-            return Err(LossError::InvalidSetting {
-                field: "ibot.headNPrototypes",
-                message: format!("must be > 0, got {}", cfg.out_dim),
-            });
-        }
-        expect_positive("studentTemp", cfg.student_temp)?;
+        cfg.check("ibot.headNPrototypes")?;
         Ok(Self {
             out_dim: cfg.out_dim,
             student_temp: cfg.student_temp,

@@ -12,6 +12,45 @@ pub mod koleo;
 pub use centering::{CenterState, CenteringMode, TeacherCenter, sinkhorn_knopp};
 pub use dino::{DinoCropLosses, DinoLoss, DinoLossConfig};
 pub use ibot::{IbotLoss, IbotLossConfig};
+
+/// Official student temperature.
+pub const DEFAULT_STUDENT_TEMP: f64 = 0.1;
+
+/// Settings shared by the DINO and iBOT losses (the arguments of the official `DINOLoss` and
+/// `iBOTPatchLoss`, which are the same three).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrototypeLossConfig {
+    /// Number of prototypes `K` (`dino.head_n_prototypes` / `ibot.head_n_prototypes`,
+    /// official 65536; iBOT uses the DINO head's when the head is shared).
+    pub out_dim: i64,
+    /// Student softmax temperature (0.1).
+    pub student_temp: f64,
+    /// EMA momentum of the teacher center (0.9).
+    pub center_momentum: f64,
+}
+
+impl Default for PrototypeLossConfig {
+    fn default() -> Self {
+        Self {
+            out_dim: 65536,
+            student_temp: DEFAULT_STUDENT_TEMP,
+            center_momentum: centering::DEFAULT_CENTER_MOMENTUM,
+        }
+    }
+}
+
+impl PrototypeLossConfig {
+    /// Checks the settings; `out_dim_field` names the prototype count in the config.
+    pub(crate) fn check(&self, out_dim_field: &'static str) -> Result<(), LossError> {
+        if self.out_dim <= 0 {
+            return Err(LossError::InvalidSetting {
+                field: out_dim_field,
+                message: format!("must be > 0, got {}", self.out_dim),
+            });
+        }
+        expect_positive("studentTemp", self.student_temp)
+    }
+}
 pub use koleo::{KOLEO_EPS, koleo_loss, koleo_per_crop_sum};
 
 /// Errors from loss construction and evaluation: always a caller mistake (shapes, settings).

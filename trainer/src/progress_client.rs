@@ -7,10 +7,12 @@
 //! background thread with its own tokio runtime owns the gRPC stream, reconnects with
 //! exponential backoff and warns once per outage.
 //!
-//! There is no timer heartbeat: the operator's hang detection counts from the last report, and
-//! a heartbeat sent while the loop is wedged would hide the hang. Each stream opens with a
-//! heartbeat (the operator checks the token at once), and a running loop reports every
-//! iteration.
+//! Heartbeats: each stream opens with one (the operator checks the token at once), and a
+//! running loop reports every iteration. A timer heartbeat at all times would hide a wedged
+//! loop from the operator's hang detection, so the timer runs only while the loop says it is
+//! in a long phase (evaluation, checkpoint write; [`ProgressHook::long_phase`]): then a
+//! heartbeat goes out every [`HEARTBEAT_INTERVAL`], keeping the CRD's promise that
+//! `hangTimeoutSeconds >= 30` is safe.
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -34,6 +36,8 @@ pub const MAX_QUEUED: usize = 64;
 /// Iteration reports are coalesced to at most one per this interval (the operator writes
 /// status at most once a second anyway).
 const ITERATION_INTERVAL: Duration = Duration::from_secs(1);
+/// Heartbeat period during a long phase (the CRD allows hang timeouts from 30 s).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -41,6 +45,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 struct Buffer {
     latest_iteration: Option<IterationDone>,
     events: VecDeque<Event>,
+    /// The loop is in a long phase: heartbeat while nothing else is sent.
+    in_long_phase: bool,
+    heartbeat_interval: Duration,
     dropped: u64,
     closed: bool,
     /// `finish` gave up waiting: the sender stops retrying.
@@ -77,7 +84,10 @@ impl ProgressReporter {
     /// Starts the background sender for `target`; returns at once (no connection yet).
     pub fn start(target: ProgressTarget) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            buffer: Mutex::new(Buffer::default()),
+            buffer: Mutex::new(Buffer {
+                heartbeat_interval: HEARTBEAT_INTERVAL,
+                ..Buffer::default()
+            }),
             wake: Notify::new(),
         });
         let (done_tx, done_rx) = std_mpsc::channel();
@@ -100,6 +110,11 @@ impl ProgressReporter {
             images_per_second: 0.0,
             flush_timeout: Duration::from_secs(5),
         })
+    }
+
+    /// Changes the long-phase heartbeat period (tests).
+    pub fn set_heartbeat_interval(&self, interval: Duration) {
+        self.shared.lock().heartbeat_interval = interval;
     }
 
     /// Reports dropped so far because the operator could not keep up.
@@ -197,6 +212,11 @@ impl ProgressHook for ProgressReporter {
         }));
     }
 
+    fn long_phase(&mut self, active: bool) {
+        self.shared.lock().in_long_phase = active;
+        self.shared.wake.notify_one();
+    }
+
     fn evaluation(&mut self, iteration: u64, metrics: &[(String, f64)]) {
         for (name, metrics) in group_evaluations(metrics) {
             self.push(Event::Evaluation(EvaluationDone {
@@ -284,24 +304,35 @@ async fn run(shared: Arc<Shared>, target: ProgressTarget) {
 }
 
 /// Next report to send: queued events first, then the latest iteration once it is due
-/// (always when closing). `Err(Some(t))`: an iteration waits until `t`; `Err(None)`: idle.
+/// (always when closing), then, in a long phase, a heartbeat once [`HEARTBEAT_INTERVAL`] has
+/// passed since the last report. `Err(Some(t))`: wait until `t`; `Err(None)`: idle.
 fn next_report(
     shared: &Shared,
     last_iteration_sent: Option<Instant>,
+    last_sent: Instant,
 ) -> Result<Event, Option<Instant>> {
     let mut b = shared.lock();
     if let Some(e) = b.events.pop_front() {
         return Ok(e);
     }
+    let now = Instant::now();
+    let mut wake: Option<Instant> = None;
     if b.latest_iteration.is_some() {
-        let due = last_iteration_sent.map_or_else(Instant::now, |t| t + ITERATION_INTERVAL);
-        if b.closed || Instant::now() >= due {
+        let due = last_iteration_sent.map_or(now, |t| t + ITERATION_INTERVAL);
+        if b.closed || now >= due {
             let it = b.latest_iteration.take().expect("checked above");
             return Ok(Event::Iteration(it));
         }
-        return Err(Some(due));
+        wake = Some(due);
     }
-    Err(None)
+    if b.in_long_phase && !b.closed {
+        let due = last_sent + b.heartbeat_interval;
+        if now >= due {
+            return Ok(Event::Heartbeat(Heartbeat {}));
+        }
+        wake = Some(wake.map_or(due, |w| w.min(due)));
+    }
+    Err(wake)
 }
 
 async fn stream_once(
@@ -335,16 +366,18 @@ async fn stream_once(
     opening.extend(last_checkpoint.clone());
     let mut delivered = false;
     let mut last_iteration_sent: Option<Instant> = None;
+    let mut last_sent = Instant::now();
     let mut pending: VecDeque<Event> = opening.into();
     loop {
         let next = match pending.pop_front() {
             Some(e) => Ok(e),
-            None => next_report(shared, last_iteration_sent),
+            None => next_report(shared, last_iteration_sent, last_sent),
         };
         match next {
             Ok(event) => {
+                last_sent = Instant::now();
                 if matches!(event, Event::Iteration(_)) {
-                    last_iteration_sent = Some(Instant::now());
+                    last_iteration_sent = Some(last_sent);
                 }
                 if matches!(event, Event::Checkpoint(_)) {
                     *last_checkpoint = Some(event.clone());
@@ -544,6 +577,40 @@ mod tests {
             .collect();
         assert_eq!(evals["knn"].metrics["top1_k20"], 0.7);
         assert_eq!(evals["linear"].metrics["top1"], 0.8);
+    }
+
+    #[test]
+    fn heartbeats_go_out_only_while_the_loop_is_in_a_long_phase() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve(recorder.clone(), 0);
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        r.set_heartbeat_interval(Duration::from_millis(100));
+        let heartbeats = || {
+            let reports = recorder.reports.lock().unwrap();
+            reports
+                .iter()
+                .filter(|r| matches!(r.event, Some(Event::Heartbeat(_))))
+                .count()
+        };
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            heartbeats(),
+            1,
+            "only the stream's opening heartbeat while training"
+        );
+        r.long_phase(true);
+        std::thread::sleep(Duration::from_millis(650));
+        r.long_phase(false);
+        std::thread::sleep(Duration::from_millis(100));
+        let during = heartbeats() - 1;
+        assert!((3..=7).contains(&during), "{during} heartbeats in 650 ms");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            heartbeats(),
+            during + 1,
+            "heartbeats went on after the phase"
+        );
+        assert!(r.finish(Duration::from_secs(5)));
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub trait ProgressHook {
     fn iteration(&mut self, _report: &IterationReport<'_>) {}
     fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path) {}
     fn evaluation(&mut self, _iteration: u64, _metrics: &[(String, f64)]) {}
+    /// The loop enters (`true`) or leaves (`false`) a phase without iterations (evaluation,
+    /// checkpoint write), during which a reporter may heartbeat.
+    fn long_phase(&mut self, _active: bool) {}
 }
 
 /// No progress reporting (tests, runs without an operator, ranks other than 0).
@@ -366,7 +369,10 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             return Ok(());
         };
         let started = Instant::now();
-        let Some(report) = self.model.evaluate(&config)? else {
+        self.progress.long_phase(true);
+        let report = self.model.evaluate(&config);
+        self.progress.long_phase(false);
+        let Some(report) = report? else {
             return Ok(());
         };
         let flat = report.flat();
@@ -413,7 +419,10 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             tensors: self.model.state(),
             json,
         };
-        let saved = self.checkpoints.save(&snapshot)?;
+        self.progress.long_phase(true);
+        let saved = self.checkpoints.save(&snapshot);
+        self.progress.long_phase(false);
+        let saved = saved?;
         self.metrics.checkpoint_iteration.set(iteration as i64);
         self.metrics.checkpoint_age_seconds.set(0.0);
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");

@@ -105,6 +105,7 @@ where
     }
     let out = PathBuf::from(&training.output.dir);
     prepare_output_dir(&out)?;
+    let peak_flops = peak_flops(std::env::var("DINOFLOW_PEAK_FLOPS").ok().as_deref())?;
     if let Some(threads) = std::env::var("DINOFLOW_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -185,9 +186,7 @@ where
         config_hash: config::config_hash(&training),
         guarded: config::guarded_fields(&training),
         flops_per_image,
-        peak_flops: std::env::var("DINOFLOW_PEAK_FLOPS")
-            .ok()
-            .and_then(|p| p.parse().ok()),
+        peak_flops,
     };
     let resume_from = match &args.resume {
         ResumeMode::Never => None,
@@ -251,6 +250,18 @@ where
         );
     }
     Ok(outcome)
+}
+
+/// `DINOFLOW_PEAK_FLOPS`: peak FLOP/s of one device, for MFU; unset means MFU is not reported.
+fn peak_flops(value: Option<&str>) -> Result<Option<f64>, TrainError> {
+    let Some(v) = value else { return Ok(None) };
+    match v.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 => Ok(Some(p)),
+        _ => Err(TrainError::Permanent(format!(
+            "DINOFLOW_PEAK_FLOPS={v:?} is not a positive number; set it to the device's peak \
+             FLOP/s (e.g. 989e12 for an H100 SXM in bf16) or unset it to skip MFU"
+        ))),
+    }
 }
 
 /// Creates the output directory and proves it writable before any work is done.
@@ -449,6 +460,17 @@ mod tests {
         let err = prepare_output_dir(&file.join("out")).unwrap_err();
         assert_eq!(err.exit_code(), PERMANENT_FAILURE);
         assert!(err.to_string().contains("--output-dir"), "{err}");
+    }
+
+    #[test]
+    fn peak_flops_is_optional_but_must_be_a_positive_number_when_set() {
+        assert_eq!(peak_flops(None).unwrap(), None);
+        assert_eq!(peak_flops(Some("989e12")).unwrap(), Some(989e12));
+        for bad in ["0", "-1", "fast", "inf"] {
+            let err = peak_flops(Some(bad)).unwrap_err();
+            assert_eq!(err.exit_code(), PERMANENT_FAILURE);
+            assert!(err.to_string().contains("DINOFLOW_PEAK_FLOPS"), "{err}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ start=$(date +%s)
 seconds=$(($(date +%s) - start))
 python3 - "$OUT/metrics.jsonl" "$seconds" <<'PY'
 import json, sys
-evals = [json.loads(l) for l in open(sys.argv[1]) if '"type":"eval"' in l]
+evals = [e for e in map(json.loads, open(sys.argv[1])) if e.get("type") == "eval"]
 top1 = lambda e: next(a["top1"] for a in e["report"]["knn"] if a["k"] == 20)
 for e in evals:
     linear = e["report"].get("linear") or {}

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Trainable};
 use crate::data::sampler::sample_rng;
 use crate::data::{DataError, Dataset, Loader, LoaderConfig};
-use crate::dist::{Collective, Single};
+use crate::dist::Collective;
 use crate::eval::{EvalConfig, EvalError, EvalInputs, EvalReport, evaluate_backbone};
 use crate::loss::{CenterState, TeacherCenter};
 use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
@@ -42,18 +42,6 @@ impl std::fmt::Debug for Model {
             .field("seed", &self.seed)
             .field("rank", &self.rank)
             .finish()
-    }
-}
-
-impl Model {
-    pub fn single(arch: MetaArch, seed: u64) -> Self {
-        Self {
-            arch,
-            seed,
-            rank: 0,
-            collective: Box::new(Single),
-            eval: None,
-        }
     }
 }
 

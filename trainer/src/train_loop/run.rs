@@ -176,12 +176,9 @@ where
         eval_every: u64::from(training.evaluation.period_iterations),
         eval_at_start: true,
         eval_at_end: true,
-        // Rank 0 evaluates; the others wait for it at the next collective.
-        eval: if rank == 0 {
-            config::eval_config(&training, num_classes)
-        } else {
-            None
-        },
+        // Only rank 0 has evaluation inputs (`build_components`); the others wait for it at
+        // the next collective.
+        eval: config::eval_config(&training, num_classes),
         world_size: collective.world_size(),
         config_hash: config::config_hash(&training),
         guarded: config::guarded_fields(&training),

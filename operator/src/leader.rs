@@ -14,6 +14,7 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
 
@@ -78,14 +79,35 @@ impl Default for LeaseTiming {
     }
 }
 
+/// This replica's candidacy: stop it with [`Election::release`].
+pub struct Election {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Election {
+    /// Stops competing and gives the Lease up if this replica holds it, so another replica
+    /// takes over at once instead of after the lease duration (controller-runtime's
+    /// `LeaderElectionReleaseOnCancel`). Dropping clones of [`Leadership`] is not enough to
+    /// release: a clone kept alive anywhere would keep renewing the Lease.
+    pub async fn release(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Starts competing for the Lease `namespace/name` as `identity`.
+///
+/// The loop around `LeaseManager::changed` is ours rather than the crate's `watch()`, because
+/// `watch()` only releases once every receiver is dropped, which makes a clean hand-over
+/// depend on the lifetimes of all `Leadership` clones.
 pub async fn elect(
     client: Client,
     namespace: &str,
     name: &str,
     identity: &str,
     timing: LeaseTiming,
-) -> Result<(Leadership, JoinHandle<()>)> {
+) -> Result<(Leadership, Election)> {
     let manager = LeaseManagerBuilder::new(client, name)
         .with_namespace(namespace)
         .with_identity(identity)
@@ -95,17 +117,49 @@ pub async fn elect(
         .build()
         .await
         .map_err(|e| Error::Lease(e.to_string()))?;
-    let (rx, handle) = manager.watch().await;
+    let (tx, rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let cancelled = stop.clone();
     let identity = identity.to_string();
     let task = tokio::spawn(async move {
-        match handle.await {
-            Ok(Ok(_)) => tracing::info!(%identity, "leader election stopped"),
-            Ok(Err(e)) => tracing::error!(%identity, error = %e, "leader election failed"),
-            Err(e) => tracing::error!(%identity, error = %e, "leader election task panicked"),
+        let mut backoff = RETRY_MIN;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancelled.cancelled() => break,
+                changed = manager.changed() => match changed {
+                    Ok(leading) => {
+                        backoff = RETRY_MIN;
+                        tracing::info!(%identity, leading, "leader lease changed hands");
+                        tx.send_replace(leading);
+                    }
+                    // Like the crate's own watcher: keep the last known state and retry. The
+                    // API server being unreachable also stops every other replica's writes.
+                    Err(e) => {
+                        tracing::warn!(%identity, error = %e, retry_in = ?backoff, "leader election error");
+                        tokio::select! {
+                            _ = cancelled.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                },
+            }
+        }
+        // Fence first, then give the Lease up.
+        tx.send_replace(false);
+        match manager.release().await {
+            Ok(()) => tracing::info!(%identity, "released the leader lease"),
+            Err(e) => {
+                tracing::warn!(%identity, error = %e, "could not release the leader lease; it expires by itself")
+            }
         }
     });
-    Ok((Leadership { rx, _tx: None }, task))
+    Ok((Leadership { rx, _tx: None }, Election { stop, task }))
 }
+
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(8);
 
 #[cfg(test)]
 mod tests {

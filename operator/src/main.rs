@@ -127,13 +127,13 @@ async fn main() -> Result<()> {
         shutdown.clone(),
     ));
 
-    let mut leadership = if args.leader_elect {
+    let (mut leadership, election) = if args.leader_elect {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
         let timing = LeaseTiming {
             duration: std::time::Duration::from_secs(args.lease_duration_seconds),
             grace: std::time::Duration::from_secs((args.lease_duration_seconds / 3).max(1)),
         };
-        let (leadership, _task) = leader::elect(
+        let (leadership, election) = leader::elect(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
@@ -142,13 +142,17 @@ async fn main() -> Result<()> {
         )
         .await?;
         tracing::info!(%identity, lease = %args.lease_name, "waiting to become leader");
-        leadership
+        (leadership, Some(election))
     } else {
-        Leadership::always()
+        (Leadership::always(), None)
     };
     tokio::select! {
         _ = leadership.acquired() => tracing::info!("leading"),
-        _ = shutdown.cancelled() => { let _ = health.await; return Ok(()); }
+        _ = shutdown.cancelled() => {
+            if let Some(election) = election { election.release().await; }
+            let _ = health.await;
+            return Ok(());
+        }
     }
 
     let progress = ProgressService::new(
@@ -198,9 +202,14 @@ async fn main() -> Result<()> {
     .await;
     readiness.set_ready(false);
     shutdown.cancel();
+    let lost = lost_lease.await?;
+    // Hand the Lease over now rather than making the next leader wait out its duration.
+    if let Some(election) = election {
+        election.release().await;
+    }
     progress_server.await?.context("progress endpoint")?;
     health.await?.context("health endpoint")?;
-    if lost_lease.await? {
+    if lost {
         // Exit non-zero so the Deployment restarts this replica as a fresh candidate.
         bail!("lost the leader lease");
     }

@@ -111,7 +111,10 @@ fn start_operator(client: &Client, ns: &str, leadership: Leadership) -> Operator
 impl Operator {
     async fn stop(self) {
         self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the operator stops within 20 s of cancellation")
+            .expect("the operator task does not panic");
     }
 }
 
@@ -510,11 +513,12 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
         grace: Duration::from_secs(1),
     };
     let lease = "dinoflow-test-leader";
-    let (mut a, a_task) = leader::elect(env.client.clone(), &env.ns, lease, "replica-a", timing)
-        .await
-        .unwrap();
+    let (mut a, a_election) =
+        leader::elect(env.client.clone(), &env.ns, lease, "replica-a", timing)
+            .await
+            .unwrap();
     a.acquired().await;
-    let (b, b_task) = leader::elect(env.client.clone(), &env.ns, lease, "replica-b", timing)
+    let (b, b_election) = leader::elect(env.client.clone(), &env.ns, lease, "replica-b", timing)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -535,18 +539,19 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     env.operator = Some(start_operator(&env.client, &env.ns, a.clone()));
     env.wait_gang("l", 0, 1).await;
 
-    // The leader goes away (its lease is released); B takes over and acts.
+    // The leader shuts down and releases the Lease; B takes over without waiting for expiry
+    // (B may be asleep until the expiry it last saw, so allow one lease duration plus slack).
     env.operator.take().unwrap().stop().await;
-    drop(a);
-    a_task.abort();
+    a_election.release().await;
+    assert!(!a.is_leader(), "a released candidate fences itself");
     let mut b2 = b.clone();
-    tokio::time::timeout(Duration::from_secs(30), b2.acquired())
+    tokio::time::timeout(Duration::from_secs(20), b2.acquired())
         .await
         .expect("B becomes leader");
     env.create_pretrain("m", json!({"nodes": 1, "gpusPerNode": 0}))
         .await;
     env.wait_gang("m", 0, 1).await;
     follower.stop().await;
-    b_task.abort();
+    b_election.release().await;
     env.stop().await;
 }

@@ -138,11 +138,24 @@ pick_port() {
   die "no free port found in 20000-31999"
 }
 
+# Start-up liveness of a component this script just forked. owned_pid is wrong here: until the
+# child has exec'd its binary (slow on a loaded machine) its cmdline is still this script's,
+# so it would read as dead. The pid is our own unreaped child, so it cannot have been recycled;
+# an exited one is a zombie until reaped, which counts as dead.
+started_alive() {
+  local file="$PIDS/$1.pid" pid state
+  [[ -f "$file" ]] || return 1
+  pid=$(<"$file")
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+  [[ -n "$state" && "$state" != Z ]]
+}
+
 wait_listening() {
   local name=$1 port=$2 i
   for ((i = 0; i < TIMEOUT * 10; i++)); do
     port_in_use "$port" && return 0
-    owned_pid "$name" >/dev/null || fail_up "$name exited before listening on port $port"
+    started_alive "$name" || fail_up "$name exited before listening on port $port"
     sleep 0.1
   done
   fail_up "$name did not listen on port $port within ${TIMEOUT} s"

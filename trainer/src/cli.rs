@@ -30,6 +30,48 @@ pub enum Command {
     /// NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE, ...), fork one worker per local
     /// process like torchrun, forward SIGTERM to them and exit with the gang's code.
     Launch(LaunchArgs),
+    /// Write the teacher backbone of a checkpoint (or a weights file) as safetensors with the
+    /// official DINOv2 key names.
+    Export(ExportArgs),
+    /// Run the evaluation hooks (k-NN, linear probe) of the config on a checkpoint or a
+    /// weights file; prints the metrics as JSON.
+    Eval(EvalArgs),
+}
+
+/// Which backbone `export` and `eval` work on.
+#[derive(Debug, clap::Args)]
+pub struct BackboneArgs {
+    /// The job (or bare `training:` block) whose `training.model` describes the backbone.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Overrides `training.output.dir`, where checkpoints are looked for.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// A checkpoint directory; default: the newest verified one in the output directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "weights")]
+    pub checkpoint: Option<PathBuf>,
+    /// A weights file instead of a checkpoint: an official `.pth` (hub backbone or
+    /// `teacher_checkpoint.pth`) or an earlier export (`.safetensors`).
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub source: BackboneArgs,
+    /// Destination `.safetensors` file (written atomically and verified by reading it back).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub source: BackboneArgs,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// What `launch` runs in each worker.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod export;
 pub mod flops;
 pub mod launch;
 pub mod loss;

@@ -196,6 +196,20 @@ impl CheckpointManager {
         Ok(scan)
     }
 
+    /// The newest verified checkpoint under `root`, for readers (`eval`, `export`) that may
+    /// run beside a training job: unlike [`Self::open`], nothing is created or cleaned up,
+    /// so a checkpoint being written is left alone. A missing `root` holds none.
+    pub fn newest_verified_in(root: &Path) -> Result<Option<VerifiedCheckpoint>, CheckpointError> {
+        if !root.is_dir() {
+            return Ok(None);
+        }
+        let reader = Self {
+            root: root.to_path_buf(),
+            keep_last: 1,
+        };
+        reader.latest_verified()
+    }
+
     /// The newest checkpoint whose manifest verifies, if any.
     pub fn latest_verified(&self) -> Result<Option<VerifiedCheckpoint>, CheckpointError> {
         Ok(self.scan()?.latest)

@@ -291,6 +291,15 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
             }
         },
         Command::Launch(args) => crate::launch::run(&args),
+        Command::Export(args) => report(crate::export::export(&args.source, &args.out).map(|_| ())),
+        Command::Eval(args) => report(crate::eval::command::run(&args).and_then(|r| {
+            println!("{r}");
+            match &args.out {
+                Some(out) => std::fs::write(out, format!("{r:#}\n"))
+                    .map_err(|e| TrainError::Permanent(format!("--out {}: {e}", out.display()))),
+                None => Ok(()),
+            }
+        })),
         Command::Train(args) => match train_with(&args, build_components) {
             Ok(outcome) => outcome.exit_code(),
             Err(e) => {
@@ -301,8 +310,19 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
     }
 }
 
+/// Exit code of a one-shot command (`export`, `eval`), printing its error.
+fn report(result: Result<(), TrainError>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
 /// CUDA device of this process (`LOCAL_RANK` picks among the node's GPUs), else the CPU.
-fn local_device() -> Device {
+pub(crate) fn local_device() -> Device {
     if !tch::Cuda::is_available() {
         return Device::Cpu;
     }
@@ -313,7 +333,7 @@ fn local_device() -> Device {
     Device::Cuda(local % tch::Cuda::device_count().max(1) as usize)
 }
 
-fn data_error(e: DataError) -> TrainError {
+pub(crate) fn data_error(e: DataError) -> TrainError {
     if e.is_permanent() {
         TrainError::Permanent(format!("training.data: {e}"))
     } else {
@@ -401,7 +421,7 @@ const EVAL_BATCH_SIZE: usize = 256;
 /// The labelled splits of the evaluation hooks: the training dataset as the k-NN reference
 /// (official protocol) and `training.data.valPath` as the reported split. None when both hooks
 /// are off or no `valPath` is set (the schema documents that evaluation is then skipped).
-fn eval_inputs(
+pub(crate) fn eval_inputs(
     training: &TrainingConfig,
     train: &Arc<dyn Dataset>,
 ) -> Result<Option<EvalInputs>, TrainError> {

@@ -129,14 +129,61 @@ pub fn evaluate_backbone(
     config: &EvalConfig,
 ) -> Result<EvalReport, EvalError> {
     let split = |s: &LabelledSplit| {
+        let mut progress = Progress::new(s.name, s.len());
         extract_features(
             s.batches(&inputs.transform, inputs.batch_size, inputs.threads),
-            |x| backbone_features(backbone, x, kind, inputs.n_last_blocks),
+            |x| {
+                let features = backbone_features(backbone, x, kind, inputs.n_last_blocks);
+                progress.advance(x.size()[0] as usize);
+                features
+            },
         )
     };
     let train = split(&inputs.train)?;
     let test = split(&inputs.test)?;
     evaluate(&train, &test, config)
+}
+
+/// Feature extraction over a large split takes minutes (ImageNet's 1.28M reference images):
+/// a log line every [`Progress::EVERY`] with the rate and the time left.
+struct Progress {
+    split: &'static str,
+    total: usize,
+    done: usize,
+    started: std::time::Instant,
+    logged: std::time::Instant,
+}
+
+impl Progress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn new(split: &'static str, total: usize) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            split,
+            total,
+            done: 0,
+            started: now,
+            logged: now,
+        }
+    }
+
+    fn advance(&mut self, images: usize) {
+        self.done += images;
+        if self.logged.elapsed() < Self::EVERY || self.done >= self.total {
+            return;
+        }
+        self.logged = std::time::Instant::now();
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64();
+        tracing::info!(
+            split = self.split,
+            images = self.done,
+            total = self.total,
+            images_per_s = format!("{rate:.0}"),
+            eta_s = format!("{:.0}", (self.total - self.done) as f64 / rate),
+            "evaluation: extracting features"
+        );
+    }
 }
 
 /// What one evaluation produced.

@@ -104,8 +104,14 @@ mod tests {
     fn the_paper_recipe_unmasks_the_student_and_scores_every_global_patch() {
         let b = apply_flags(batch(), &settings(false, true));
         assert_eq!(b.masks.sum(Kind::Int64).int64_value(&[]), 0);
-        assert_eq!(Vec::<i64>::try_from(&b.mask_indices_list).unwrap(), (0..8).collect::<Vec<_>>());
-        assert_eq!(Vec::<f32>::try_from(&b.masks_weight).unwrap(), vec![0.25; 8]);
+        assert_eq!(
+            Vec::<i64>::try_from(&b.mask_indices_list).unwrap(),
+            (0..8).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(&b.masks_weight).unwrap(),
+            vec![0.25; 8]
+        );
         assert_eq!((b.n_masked_patches, b.upperbound), (8, 8));
         b.validate(0).unwrap();
     }

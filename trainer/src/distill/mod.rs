@@ -130,12 +130,20 @@ mod tests {
             ..DistillSettings::default()
         };
         let err = s.check(true).unwrap_err().to_string();
-        assert!(err.starts_with("spec.distillation.ibotOnGlobalCrops:"), "{err}");
+        assert!(
+            err.starts_with("spec.distillation.ibotOnGlobalCrops:"),
+            "{err}"
+        );
         s.check(false).unwrap();
         let bad = DistillSettings {
             student_ema_momentum: Some(1.5),
             ..DistillSettings::default()
         };
-        assert!(bad.check(true).unwrap_err().to_string().contains("studentEmaMomentum"));
+        assert!(
+            bad.check(true)
+                .unwrap_err()
+                .to_string()
+                .contains("studentEmaMomentum")
+        );
     }
 }

@@ -158,9 +158,9 @@ mod tests {
 
     use super::*;
     use crate::dist::Single;
+    use crate::distill::load_teacher;
     use crate::distill::run::student_config;
     use crate::distill::test_support::{tiny_batch, tiny_training, write_pretrain_checkpoint};
-    use crate::distill::load_teacher;
     use crate::meta_arch::MetaArch;
     use crate::train_loop::components::TrainBatch;
     use dinoflow_api::distill::{CheckpointFormat, TeacherCheckpoint, TeacherSource};
@@ -179,8 +179,11 @@ mod tests {
         let teacher = load_teacher(&src, Device::Cpu, dir).unwrap();
         let student = student_config(&tiny_training(16, 24), &settings);
         tch::manual_seed(1);
-        let arch = MetaArch::new(crate::config::meta_arch_config(&student).unwrap(), Device::Cpu)
-            .unwrap();
+        let arch = MetaArch::new(
+            crate::config::meta_arch_config(&student).unwrap(),
+            Device::Cpu,
+        )
+        .unwrap();
         DistillModel {
             base: Model {
                 arch,
@@ -279,7 +282,10 @@ mod tests {
         }
         let state = m.state();
         assert!(!state.contains_key(STUDENT_EMA) && !state.contains_key("teacher"));
-        assert!(std::ptr::eq(m.final_backbone(), &m.base.arch.student.backbone));
+        assert!(std::ptr::eq(
+            m.final_backbone(),
+            &m.base.arch.student.backbone
+        ));
         m.load_state(state).unwrap();
     }
 
@@ -303,10 +309,16 @@ mod tests {
         assert_eq!(la.len(), lb.len());
         for ((na, va), (nb, vb)) in la.iter().zip(&lb) {
             assert_eq!(na, nb);
-            assert!((va - vb).abs() <= 1e-4 * va.abs().max(1.0), "{na}: {va} vs {vb}");
+            assert!(
+                (va - vb).abs() <= 1e-4 * va.abs().max(1.0),
+                "{na}: {va} vs {vb}"
+            );
         }
         let g = a.guarded();
-        assert_eq!(g[TEACHER_GUARD], format!("sha256:{}", a.teacher.identity.sha256));
+        assert_eq!(
+            g[TEACHER_GUARD],
+            format!("sha256:{}", a.teacher.identity.sha256)
+        );
         assert!(g[RECIPE_GUARD].contains("\"masking\":false"), "{g:?}");
     }
 
@@ -329,7 +341,13 @@ mod tests {
         let x = tiny_batch().global_crops;
         let f = |seed| {
             tch::manual_seed(seed);
-            m.base.arch.student.backbone.forward_features(&x, None, true).unwrap().x_norm_clstoken
+            m.base
+                .arch
+                .student
+                .backbone
+                .forward_features(&x, None, true)
+                .unwrap()
+                .x_norm_clstoken
         };
         assert!(f(1).equal(&f(2)));
     }

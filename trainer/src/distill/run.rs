@@ -8,7 +8,9 @@ use dinoflow_api::TrainingConfig;
 use dinoflow_api::distill::{CheckpointFormat, TeacherCheckpoint, TeacherSource};
 
 use super::teacher::torch_home;
-use super::{DistillData, DistillError, DistillModel, DistillSettings, FrozenTeacher, load_teacher};
+use super::{
+    DistillData, DistillError, DistillModel, DistillSettings, FrozenTeacher, load_teacher,
+};
 use crate::cli::TrainArgs;
 use crate::config;
 use crate::dist::Collective;
@@ -88,7 +90,8 @@ pub fn build(
     settings: &DistillSettings,
 ) -> Result<Components<DistillModel, DistillData, optim::Schedules>, TrainError> {
     let student = student_config(training, settings);
-    let arch = config::meta_arch_config(&student).map_err(|e| TrainError::Permanent(e.to_string()))?;
+    let arch =
+        config::meta_arch_config(&student).map_err(|e| TrainError::Permanent(e.to_string()))?;
     settings.check(arch.do_ibot()).map_err(permanent)?;
     let frozen = load_teacher(teacher, local_device(), &torch_home()).map_err(permanent)?;
     check_heads(&frozen, &arch).map_err(permanent)?;
@@ -137,10 +140,7 @@ pub fn check_heads(teacher: &FrozenTeacher, arch: &MetaArchConfig) -> Result<(),
     let t_patch = teacher.net.patch_head().config.out_dim;
     let (s_patch, field) = match &arch.ibot_head {
         Some(h) => (h.out_dim, "spec.training.ibot.headNPrototypes"),
-        None => (
-            arch.dino_head.out_dim,
-            "spec.training.ibot.separateHead",
-        ),
+        None => (arch.dino_head.out_dim, "spec.training.ibot.separateHead"),
     };
     if s_patch != t_patch {
         let teacher_head = if teacher.net.ibot_head.is_some() {

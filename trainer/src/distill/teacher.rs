@@ -276,7 +276,9 @@ fn build(loaded: Loaded, device: Device) -> Result<FrozenTeacher, DistillError> 
     // The teacher runs in eval mode: no stochastic depth.
     vit.drop_path_rate = 0.0;
     let dino = head_config(&sd, "dino_head.")?.ok_or_else(|| {
-        path_err("the teacher weights hold no dino_head.* tensors; a teacher needs its DINO head".into())
+        path_err(
+            "the teacher weights hold no dino_head.* tensors; a teacher needs its DINO head".into(),
+        )
     })?;
     let ibot = head_config(&sd, "ibot_head.")?;
     let net = SslNetwork::new(device, &vit, &dino, ibot.as_ref())

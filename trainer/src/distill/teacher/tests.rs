@@ -84,14 +84,21 @@ fn a_student_with_another_prototype_count_is_refused_naming_the_field() {
     let student = config::meta_arch_config(&tiny_training(16, 20)).unwrap();
     let err = check_heads(&t, &student).unwrap_err();
     assert_eq!(err.field, "spec.training.dino.headNPrototypes");
-    assert!(err.message.contains("20") && err.message.contains("set it to 24"), "{err}");
+    assert!(
+        err.message.contains("20") && err.message.contains("set it to 24"),
+        "{err}"
+    );
     let mut other_ibot = tiny_training(16, 24);
     other_ibot.ibot.separate_head = true;
     other_ibot.ibot.head_n_prototypes = 12;
     let err = check_heads(&t, &config::meta_arch_config(&other_ibot).unwrap()).unwrap_err();
     assert_eq!(err.field, "spec.training.ibot.headNPrototypes");
     // Same counts, smaller student: accepted.
-    check_heads(&t, &config::meta_arch_config(&tiny_training(16, 24)).unwrap()).unwrap();
+    check_heads(
+        &t,
+        &config::meta_arch_config(&tiny_training(16, 24)).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -129,7 +136,11 @@ fn an_official_training_checkpoint_with_heads_loads_with_the_given_architecture(
     let file = dir.path().join("teacher_checkpoint.safetensors");
     let named: Vec<(&str, &Tensor)> = sd.iter().map(|(k, v)| (k.as_str(), v)).collect();
     Tensor::write_safetensors(&named, &file).unwrap();
-    let src = source(&file, CheckpointFormat::OfficialPth, Some(training.model.clone()));
+    let src = source(
+        &file,
+        CheckpointFormat::OfficialPth,
+        Some(training.model.clone()),
+    );
     let t = load_teacher(&src, Device::Cpu, dir.path()).unwrap();
     let expected = arch.teacher.vs.variables();
     for (k, v) in t.net.vs.variables() {
@@ -141,10 +152,17 @@ fn an_official_training_checkpoint_with_heads_loads_with_the_given_architecture(
         depth: Some(3),
         ..training.model
     };
-    let err = load_teacher(&source(&file, CheckpointFormat::OfficialPth, Some(wrong)), Device::Cpu, dir.path())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("blocks.2") && err.contains("spec.teacher.model"), "{err}");
+    let err = load_teacher(
+        &source(&file, CheckpointFormat::OfficialPth, Some(wrong)),
+        Device::Cpu,
+        dir.path(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("blocks.2") && err.contains("spec.teacher.model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -152,13 +170,25 @@ fn hub_names_resolve_in_the_torch_hub_cache_and_unknown_ones_are_refused() {
     let home = tempfile::tempdir().unwrap();
     assert_eq!(
         hub_file(home.path(), "dinov2_vitg14_reg"),
-        home.path().join("hub/checkpoints/dinov2_vitg14_reg_pretrain.pth")
+        home.path()
+            .join("hub/checkpoints/dinov2_vitg14_reg_pretrain.pth")
     );
     let g = hub_model("dinov2_vitg14_reg").unwrap();
-    assert_eq!((g.arch, g.ffn_layer, g.num_register_tokens), (Arch::VitGiant2, FfnLayer::Swiglufused, 4));
+    assert_eq!(
+        (g.arch, g.ffn_layer, g.num_register_tokens),
+        (Arch::VitGiant2, FfnLayer::Swiglufused, 4)
+    );
     let s = hub_model("dinov2_vits14").unwrap();
-    assert_eq!((s.arch, s.num_register_tokens, s.patch_size), (Arch::VitSmall, 0, 14));
-    assert!(hub_model("dinov3_vit7b16").unwrap_err().message.contains("dinov2_vitl14"));
+    assert_eq!(
+        (s.arch, s.num_register_tokens, s.patch_size),
+        (Arch::VitSmall, 0, 14)
+    );
+    assert!(
+        hub_model("dinov3_vit7b16")
+            .unwrap_err()
+            .message
+            .contains("dinov2_vitl14")
+    );
     let src = TeacherSource {
         pretrain_job: None,
         checkpoint: Some(TeacherCheckpoint {
@@ -167,13 +197,20 @@ fn hub_names_resolve_in_the_torch_hub_cache_and_unknown_ones_are_refused() {
         }),
         model: None,
     };
-    let err = load_teacher(&src, Device::Cpu, home.path()).unwrap_err().to_string();
-    assert!(err.contains("dinov2_vits14_pretrain.pth") && err.contains("TORCH_HOME"), "{err}");
+    let err = load_teacher(&src, Device::Cpu, home.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dinov2_vits14_pretrain.pth") && err.contains("TORCH_HOME"),
+        "{err}"
+    );
     // A hub file is backbone-only: refused with the reason, not silently given random heads.
     let dst = hub_file(home.path(), "dinov2_vits14");
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
     std::fs::copy(testdata("tiny_hub_backbone.pth"), &dst).unwrap();
-    let err = load_teacher(&src, Device::Cpu, home.path()).unwrap_err().to_string();
+    let err = load_teacher(&src, Device::Cpu, home.path())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("backbone-only"), "{err}");
 }
 
@@ -186,5 +223,8 @@ fn an_unresolved_pretrain_job_is_refused_with_the_local_fix() {
     };
     let err = load_teacher(&src, Device::Cpu, Path::new("/x")).unwrap_err();
     assert_eq!(err.field, "spec.teacher.pretrainJob");
-    assert!(err.message.contains("spec.teacher.checkpoint.path"), "{err}");
+    assert!(
+        err.message.contains("spec.teacher.checkpoint.path"),
+        "{err}"
+    );
 }

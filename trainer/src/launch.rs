@@ -205,4 +205,27 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn distill_workers_run_the_distill_subcommand_with_the_same_arguments() {
+        let args = TrainArgs {
+            config: PathBuf::from("/etc/dinoflow/config.yaml"),
+            output_dir: None,
+            resume: ResumeMode::Never,
+            force: true,
+            max_iterations: None,
+        };
+        assert_eq!(
+            worker_argv(LaunchMode::Distill, &args),
+            [
+                "distill",
+                "--config",
+                "/etc/dinoflow/config.yaml",
+                "--resume",
+                "never",
+                "--force"
+            ]
+        );
+        assert_eq!(worker_argv(LaunchMode::Train, &args)[0], "train");
+    }
 }

@@ -54,25 +54,8 @@ fn tiny_teachers() -> &'static (PathBuf, PathBuf) {
     })
 }
 
-/// A DistillJob around the tiny job's training block with a narrower student (width 16);
-/// `teacher` is the YAML of `spec.teacher`, `prototypes` the student's head size.
 fn distill_job(dir: &Path, file: &str, teacher: &str, prototypes: u32) -> PathBuf {
-    let training = std::fs::read_to_string(TinyJob::default().write(dir, "tiny.yaml")).unwrap();
-    let training = training.replace("embedDim: 32", "embedDim: 16").replace(
-        "headNPrototypes: 64",
-        &format!("headNPrototypes: {prototypes}"),
-    );
-    let mut yaml = format!(
-        "apiVersion: dinoflow.dev/v1alpha1\nkind: DistillJob\nmetadata: {{name: t}}\nspec:\n  teacher: {teacher}\n"
-    );
-    for line in training.lines() {
-        yaml.push_str("  ");
-        yaml.push_str(line);
-        yaml.push('\n');
-    }
-    let path = dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    path
+    TinyJob::default().write_distill(dir, file, teacher, prototypes)
 }
 
 fn dinoflow_teacher(path: &Path) -> String {
@@ -285,7 +268,10 @@ fn a_student_distilled_from_a_fashion_mnist_teacher_raises_its_knn_accuracy() {
     let val = idx_subset(&fashion.join("t10k-images-idx3-ubyte.gz"), dir.path(), 2000);
     // The tiny pretraining example, smaller batches, evaluation off: the teacher.
     let teacher_cfg = dir.path().join("teacher.yaml");
+    // No metrics server: its default port may be taken by a concurrent run.
+    let no_server = "everyIterations: 10\n      metricsPort: 0";
     let teacher_yaml = example("tiny-cpu-fashion-mnist.yaml")
+        .replace("everyIterations: 10", no_server)
         .replace("batchSizePerGpu: 64", "batchSizePerGpu: 32")
         .replace("k: [10, 20]", "enabled: false")
         .replace(
@@ -309,6 +295,7 @@ fn a_student_distilled_from_a_fashion_mnist_teacher_raises_its_knn_accuracy() {
     // does), on smaller batches and a 2000-image evaluation split.
     let student_cfg = dir.path().join("student.yaml");
     let student_yaml = example("tiny-cpu-fashion-mnist-distill.yaml")
+        .replace("everyIterations: 10", no_server)
         .replace("batchSizePerGpu: 64", "batchSizePerGpu: 32")
         .replace("maxTrainImages: 10000", "maxTrainImages: 2000")
         .replace(

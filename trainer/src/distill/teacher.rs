@@ -175,6 +175,8 @@ fn load_official(file: &Path, model: ModelConfig, format: &str) -> Result<Loaded
     };
     let mut sd: StateDict = backbone_state_dict(&raw)
         .into_iter()
+        // Top-level keys (no `backbone.` prefix) come with the heads: those are not backbone.
+        .filter(|(k, _)| !k.starts_with("dino_head.") && !k.starts_with("ibot_head."))
         .map(|(k, v)| (format!("backbone.{k}"), v))
         .collect();
     for head in ["dino_head.", "ibot_head."] {

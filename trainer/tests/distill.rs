@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 mod common;
 use common::{TinyJob, have_data};
@@ -77,7 +78,7 @@ fn losses(out: &Path) -> BTreeMap<u64, serde_json::Value> {
 }
 
 #[test]
-fn a_stopped_and_resumed_distillation_equals_the_uninterrupted_one_bitwise() {
+fn a_killed_and_resumed_distillation_equals_the_uninterrupted_one_bitwise() {
     if !have_data() {
         return;
     }
@@ -87,14 +88,34 @@ fn a_stopped_and_resumed_distillation_equals_the_uninterrupted_one_bitwise() {
 
     let straight = dir.path().join("straight");
     ok(trainer("distill", &cfg, &straight, &[]).output().unwrap());
-    // N = 3 iterations, the process ends; a new one resumes from the checkpoint to 2N.
+    // Interrupted: kill -9 as soon as the checkpoint at N = 3 exists, resume from exactly it.
     let split = dir.path().join("split");
-    ok(trainer("distill", &cfg, &split, &["--max-iterations", "3"])
-        .output()
-        .unwrap());
-    ok(trainer("distill", &cfg, &split, &["--resume", "auto"])
-        .output()
-        .unwrap());
+    let mut child = trainer("distill", &cfg, &split, &[])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !ckpt(&split, 3).join("manifest.json").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint at 3"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("distill exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let ckpt3 = ckpt(&split, 3);
+    ok(trainer(
+        "distill",
+        &cfg,
+        &split,
+        &["--resume", ckpt3.to_str().unwrap()],
+    )
+    .output()
+    .unwrap());
 
     let (a, b) = (losses(&straight), losses(&split));
     assert_eq!(a.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);

@@ -167,6 +167,15 @@ mod tests {
 
     /// A 32-wide teacher from a checkpoint and a 16-wide student with the same prototypes.
     fn distill_model(dir: &std::path::Path, settings: DistillSettings) -> DistillModel {
+        distill_model_with(dir, settings, |_| {})
+    }
+
+    /// [`distill_model`] with the student's config edited by `edit`.
+    fn distill_model_with(
+        dir: &std::path::Path,
+        settings: DistillSettings,
+        edit: impl FnOnce(&mut dinoflow_api::TrainingConfig),
+    ) -> DistillModel {
         let (ckpt, _) = write_pretrain_checkpoint(dir, &tiny_training(32, 24));
         let src = TeacherSource {
             pretrain_job: None,
@@ -177,7 +186,8 @@ mod tests {
             model: None,
         };
         let teacher = load_teacher(&src, Device::Cpu, dir).unwrap();
-        let student = student_config(&tiny_training(16, 24), &settings);
+        let mut student = student_config(&tiny_training(16, 24), &settings);
+        edit(&mut student);
         tch::manual_seed(1);
         let arch = MetaArch::new(
             crate::config::meta_arch_config(&student).unwrap(),
@@ -242,6 +252,30 @@ mod tests {
         let moved = m.base.arch.student.vs.variables()["backbone.blocks.0.attn.qkv.weight"]
             .equal(&student_before["backbone.blocks.0.attn.qkv.weight"]);
         assert!(!moved, "the student did not learn");
+    }
+
+    #[test]
+    fn sinkhorn_knopp_targets_from_the_frozen_teacher_train_a_separate_ibot_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = DistillSettings::default();
+        let mut m = distill_model_with(dir.path(), settings.clone(), |t| {
+            t.loss.centering = dinoflow_api::training::Centering::SinkhornKnopp;
+            t.ibot.separate_head = true;
+        });
+        assert!(m.base.arch.student.ibot_head.is_some());
+        let teacher_before = snapshot(&m.teacher.net.vs);
+        let ibot_before = snapshot(&m.base.arch.student.vs)["ibot_head.mlp.0.weight"].copy();
+        let terms = m.train_step(&batch(0, &settings), &values(0.9)).unwrap();
+        assert!(terms.iter().all(|(_, v)| v.is_finite()), "{terms:?}");
+        assert!(terms.iter().any(|(k, _)| k == "ibot_loss"), "{terms:?}");
+        let ibot_after = &m.base.arch.student.vs.variables()["ibot_head.mlp.0.weight"];
+        assert!(
+            !ibot_after.equal(&ibot_before),
+            "the student's iBOT head did not learn"
+        );
+        for (k, v) in m.teacher.net.vs.variables() {
+            assert!(v.equal(&teacher_before[&k]), "frozen teacher {k} changed");
+        }
     }
 
     #[test]

@@ -114,18 +114,29 @@ struct Loaded {
 }
 
 fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
-    let verified = checkpoint::verify(dir).map_err(|e| {
+    let manifest = checkpoint::Manifest::read(dir).map_err(|e| {
         path_err(format!(
             "{e}; point it at a verified checkpoint directory (ckpt-NNNNNNNNN) of a PretrainJob"
         ))
     })?;
-    let manifest = &verified.manifest;
     let entry = manifest.files.get("teacher.safetensors").ok_or_else(|| {
         path_err(format!(
             "{} holds no teacher.safetensors; a PretrainJob checkpoint is needed",
             dir.display()
         ))
     })?;
+    // Only the teacher file is checked against the manifest: hashing the student and the
+    // optimiser state too would read several times the teacher's size at every start.
+    let file = dir.join("teacher.safetensors");
+    let (bytes, sha256) = checkpoint::manifest::hash_file(&file)
+        .map_err(|e| path_err(format!("{}: {e}", file.display())))?;
+    if (bytes, &sha256) != (entry.bytes, &entry.sha256) {
+        return Err(path_err(format!(
+            "{} does not match its manifest (size or sha256 differ): the checkpoint is damaged; \
+             use another verified checkpoint",
+            file.display()
+        )));
+    }
     let model_json = manifest.guarded.get("training.model").ok_or_else(|| {
         path_err(format!(
             "the manifest of {} does not record training.model; it was not written by a \
@@ -139,7 +150,6 @@ fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
             dir.display()
         ))
     })?;
-    let file = dir.join("teacher.safetensors");
     let sd: StateDict = Tensor::read_safetensors(&file)
         .map_err(|e| path_err(format!("{}: {e}", file.display())))?
         .into_iter()
@@ -150,7 +160,7 @@ fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
         identity: TeacherIdentity {
             format: "dinoflow".into(),
             path: dir.to_path_buf(),
-            sha256: entry.sha256.clone(),
+            sha256,
         },
     })
 }
@@ -286,8 +296,13 @@ fn build(loaded: Loaded, device: Device) -> Result<FrozenTeacher, DistillError> 
     let net = SslNetwork::new(device, &vit, &dino, ibot.as_ref())
         .map_err(|e| path_err(format!("teacher architecture: {e}")))?;
     weights::load_state_dict(&net.vs, &sd).map_err(|e| {
+        // Only an officialPth teacher's architecture comes from the job; the others carry it.
+        let hint = match identity.format.as_str() {
+            "officialPth" => "; check spec.teacher.model",
+            _ => "",
+        };
         path_err(format!(
-            "{e} (teacher read from {}; check spec.teacher.model)",
+            "{e} (teacher read from {}{hint})",
             identity.path.display()
         ))
     })?;

@@ -342,7 +342,7 @@ mod tests {
             assert_eq!(tensors.len(), other.len(), "{group}");
             for (name, t) in tensors {
                 assert!(
-                    t.equal(&other[name]),
+                    t.equal(other[name]),
                     "{group}.{name} differs after load_state"
                 );
             }

@@ -21,6 +21,8 @@ pub enum Command {
     /// Train (or resume training) from a config: a bare `training:` block or a whole
     /// PretrainJob manifest.
     Train(TrainArgs),
+    /// Distil a student from a frozen teacher (or resume doing so): a DistillJob manifest.
+    Distill(TrainArgs),
     /// Load and check a config, then print it resolved (preset and defaults applied).
     Validate {
         #[arg(long, value_name = "FILE")]

@@ -1,7 +1,8 @@
 //! `dinoflow-trainer export` and `eval`: the trained backbone outside the training loop.
 //!
-//! Both start from a [`BackboneSource`]: the teacher backbone of a verified checkpoint (the
-//! model DINOv2 releases and evaluates), or a weights file (an official `.pth`, an official
+//! Both start from a [`BackboneSource`]: the final backbone of a verified checkpoint (the EMA
+//! teacher of pretraining, the model DINOv2 releases and evaluates; the student EMA of
+//! distillation), or a weights file (an official `.pth`, an official
 //! `teacher_checkpoint.pth`, or an earlier export). `export` writes it as safetensors under the
 //! official hub key names (`cls_token`, `blocks.0.attn.qkv.weight`, ...), so
 //! `model.load_state_dict(safetensors.torch.load_file(path))` works on the official
@@ -20,8 +21,10 @@ use crate::model::DinoVisionTransformer;
 use crate::train_loop::run::TrainError;
 use crate::weights::{self, StateDict};
 
-/// Tensor group of a checkpoint that holds the teacher network (`Trainable::state`).
-const TEACHER_GROUP: &str = "teacher";
+/// Checkpoint tensor groups (`Trainable::state`) holding the final model, by preference: a
+/// pretraining run's EMA teacher, a distillation run's student EMA, else its student
+/// (`spec.distillation.studentEma: false`).
+const FINAL_MODEL_GROUPS: [&str; 3] = ["teacher", crate::distill::model::STUDENT_EMA, "student"];
 /// Prefix of the backbone's variables inside the teacher network.
 const BACKBONE_PREFIX: &str = "backbone.";
 
@@ -78,14 +81,16 @@ impl BackboneSource {
             Self::Checkpoint(c) => {
                 let mut snapshot =
                     CheckpointManager::load(c).map_err(|e| TrainError::Permanent(e.to_string()))?;
-                let teacher = snapshot.tensors.remove(TEACHER_GROUP).ok_or_else(|| {
-                    TrainError::Permanent(format!(
-                        "checkpoint {} has no {TEACHER_GROUP} tensors; it was not written by a \
-                         pretraining run",
-                        c.path.display()
-                    ))
-                })?;
-                Ok(teacher
+                let group = FINAL_MODEL_GROUPS
+                    .iter()
+                    .find_map(|g| snapshot.tensors.remove(*g))
+                    .ok_or_else(|| {
+                        TrainError::Permanent(format!(
+                            "checkpoint {} holds none of the tensor groups {FINAL_MODEL_GROUPS:?};                              it was not written by dinoflow-trainer train or distill",
+                            c.path.display()
+                        ))
+                    })?;
+                Ok(group
                     .into_iter()
                     .filter_map(|(k, t)| k.strip_prefix(BACKBONE_PREFIX).map(|k| (k.into(), t)))
                     .collect())

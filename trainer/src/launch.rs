@@ -1,6 +1,6 @@
 //! `dinoflow-trainer launch <train|distill>`: the process the operator's pods run, a local
 //! agent in the manner of torchrun. It reads the pod's environment contract, forks one
-//! `train` worker per local rank with `RANK`, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` set, forwards
+//! `train` (or `distill`) worker per local rank with `RANK`, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` set, forwards
 //! SIGTERM/SIGINT to them, and exits with the gang's code (see [`gang::gang_exit_code`]).
 use std::path::Path;
 use std::process::Command;
@@ -24,17 +24,11 @@ const LAUNCH_FAILED: i32 = 1;
 
 /// Runs the launcher; returns the process exit code.
 pub fn run(args: &LaunchArgs) -> i32 {
-    if args.mode == LaunchMode::Distill {
-        // The operator creates DistillJob pods; failing permanently with the reason beats
-        // restarting a gang that cannot work, or pretending to distill.
-        eprintln!(
-            "error: distillation training is not implemented in this trainer yet (there is no \
-             frozen-teacher distillation step); run the job as a PretrainJob, or use a trainer \
-             image that supports `distill`"
-        );
-        return PERMANENT_FAILURE;
-    }
-    let env = match env::launch_env(&env::process_env(), JobKind::Pretrain) {
+    let kind = match args.mode {
+        LaunchMode::Train => JobKind::Pretrain,
+        LaunchMode::Distill => JobKind::Distill,
+    };
+    let env = match env::launch_env(&env::process_env(), kind) {
         Ok(env) => env,
         Err(e) => {
             eprintln!("error: {e}");
@@ -63,7 +57,7 @@ pub fn run(args: &LaunchArgs) -> i32 {
         master = %format!("{}:{}", env.rendezvous.master_addr, env.rendezvous.master_port),
         "launching workers"
     );
-    let gang = match gang::Gang::spawn(worker_commands(&exe, &args.train, &env)) {
+    let gang = match gang::Gang::spawn(worker_commands(args.mode, &exe, &args.train, &env)) {
         Ok(gang) => gang,
         Err(e) => {
             eprintln!("error: cannot start a worker process: {e}");
@@ -77,8 +71,17 @@ pub fn run(args: &LaunchArgs) -> i32 {
 
 /// `train` argument list equivalent to `args`.
 pub fn train_argv(args: &TrainArgs) -> Vec<String> {
+    worker_argv(LaunchMode::Train, args)
+}
+
+/// The worker's argument list: the subcommand of `mode` (`train` or `distill`) with `args`.
+pub fn worker_argv(mode: LaunchMode, args: &TrainArgs) -> Vec<String> {
+    let subcommand = match mode {
+        LaunchMode::Train => "train",
+        LaunchMode::Distill => "distill",
+    };
     let mut argv = vec![
-        "train".to_string(),
+        subcommand.to_string(),
         "--config".into(),
         args.config.display().to_string(),
     ];
@@ -100,9 +103,15 @@ pub fn train_argv(args: &TrainArgs) -> Vec<String> {
     argv
 }
 
-/// One command per local rank: this binary's `train` with the per-process variables.
-pub fn worker_commands(exe: &Path, args: &TrainArgs, env: &LaunchEnv) -> Vec<Command> {
-    let argv = train_argv(args);
+/// One command per local rank: this binary's `train` (or `distill`) with the per-process
+/// variables.
+pub fn worker_commands(
+    mode: LaunchMode,
+    exe: &Path,
+    args: &TrainArgs,
+    env: &LaunchEnv,
+) -> Vec<Command> {
+    let argv = worker_argv(mode, args);
     let nproc = env.nproc_per_node;
     // Several CPU processes on one node would each start a thread per core; split the cores
     // as torchrun does, unless the user chose.
@@ -163,7 +172,12 @@ mod tests {
             force: false,
             max_iterations: Some(5),
         };
-        let cmds = worker_commands(Path::new("/bin/dinoflow-trainer"), &args, &env);
+        let cmds = worker_commands(
+            LaunchMode::Train,
+            Path::new("/bin/dinoflow-trainer"),
+            &args,
+            &env,
+        );
         assert_eq!(cmds.len(), 4);
         let e = envs(&cmds[3]);
         assert_eq!(e["RANK"], "11");
@@ -190,5 +204,28 @@ mod tests {
                 "5"
             ]
         );
+    }
+
+    #[test]
+    fn distill_workers_run_the_distill_subcommand_with_the_same_arguments() {
+        let args = TrainArgs {
+            config: PathBuf::from("/etc/dinoflow/config.yaml"),
+            output_dir: None,
+            resume: ResumeMode::Never,
+            force: true,
+            max_iterations: None,
+        };
+        assert_eq!(
+            worker_argv(LaunchMode::Distill, &args),
+            [
+                "distill",
+                "--config",
+                "/etc/dinoflow/config.yaml",
+                "--resume",
+                "never",
+                "--force"
+            ]
+        );
+        assert_eq!(worker_argv(LaunchMode::Train, &args)[0], "train");
     }
 }

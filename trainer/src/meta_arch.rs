@@ -532,16 +532,20 @@ impl MetaArch {
     }
 
     /// Teacher targets `(dino [2·B, K] swapped order, ibot [n, K])`, updating the centers.
+    /// `frozen` replaces the EMA teacher as the source of the targets (distillation).
     fn teacher_targets(
         &mut self,
         batch: &SslBatch,
         teacher_temp: f64,
         collective: &dyn Collective,
+        frozen: Option<&SslNetwork>,
     ) -> Result<(Tensor, Option<Tensor>), MetaArchError> {
         let kind = self.config.precision.compute_kind();
-        let out = self
-            .teacher
-            .teacher_head_outputs(batch, kind, self.config.do_ibot())?;
+        let out = frozen.unwrap_or(&self.teacher).teacher_head_outputs(
+            batch,
+            kind,
+            self.config.do_ibot(),
+        )?;
         let mode = self.config.centering;
         let dino = tch::no_grad(|| {
             self.dino_loss
@@ -564,9 +568,22 @@ impl MetaArch {
         teacher_temp: f64,
         collective: &dyn Collective,
     ) -> Result<LossValues, MetaArchError> {
+        self.forward_backward_from(batch, teacher_temp, collective, None)
+    }
+
+    /// [`Self::forward_backward`] with the targets taken from `frozen` when given (the frozen
+    /// teacher of distillation) instead of the EMA teacher.
+    pub fn forward_backward_from(
+        &mut self,
+        batch: &SslBatch,
+        teacher_temp: f64,
+        collective: &dyn Collective,
+        frozen: Option<&SslNetwork>,
+    ) -> Result<LossValues, MetaArchError> {
         let cfg = self.config.clone();
         batch.validate(cfg.n_local_crops)?;
-        let (dino_targets, ibot_targets) = self.teacher_targets(batch, teacher_temp, collective)?;
+        let (dino_targets, ibot_targets) =
+            self.teacher_targets(batch, teacher_temp, collective, frozen)?;
         let kind = cfg.precision.compute_kind();
         let s = self
             .student
@@ -646,10 +663,23 @@ impl MetaArch {
         hyper: &ScheduleValues,
         collective: &dyn Collective,
     ) -> Result<StepOutcome, MetaArchError> {
+        self.train_step_from(batch, hyper, collective, None, Some(hyper.momentum))
+    }
+
+    /// [`Self::train_step`] for distillation: targets from `frozen` when given, and the EMA
+    /// network (`self.teacher`) updated with `ema_momentum`, or left alone when it is None.
+    pub fn train_step_from(
+        &mut self,
+        batch: &SslBatch,
+        hyper: &ScheduleValues,
+        collective: &dyn Collective,
+        frozen: Option<&SslNetwork>,
+        ema_momentum: Option<f64>,
+    ) -> Result<StepOutcome, MetaArchError> {
         self.optimizer
             .apply_schedule(hyper.lr, hyper.wd, hyper.last_layer_lr);
         self.optimizer.zero_grad();
-        let losses = self.forward_backward(batch, hyper.teacher_temp, collective)?;
+        let losses = self.forward_backward_from(batch, hyper.teacher_temp, collective, frozen)?;
         if collective.world_size() > 1 {
             // Data parallelism: average before unscaling and clipping, as DDP/FSDP do, so
             // every rank applies the same update.
@@ -687,7 +717,9 @@ impl MetaArch {
         if applied {
             self.optimizer.step()?;
         }
-        self.update_teacher(hyper.momentum)?;
+        if let Some(momentum) = ema_momentum {
+            self.update_teacher(momentum)?;
+        }
         Ok(StepOutcome {
             losses,
             clip,

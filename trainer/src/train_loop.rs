@@ -58,6 +58,11 @@ pub trait Trainable {
     fn load_json_state(&mut self, _state: &serde_json::Value) -> Result<(), StepError> {
         Ok(())
     }
+    /// Run identity beyond the config (e.g. the frozen teacher's checksum): added to the
+    /// checkpoint's guarded fields, so a resume under a different one is refused.
+    fn guarded(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
     /// Runs the evaluation hooks on the teacher backbone.
     fn evaluate(&mut self, _config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
         Ok(None)

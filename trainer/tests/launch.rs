@@ -124,15 +124,38 @@ fn a_pod_missing_a_contract_variable_exits_78_naming_it() {
 }
 
 #[test]
-fn distill_fails_permanently_saying_it_is_not_implemented() {
+fn two_distill_ranks_take_the_teacher_the_operator_resolved_and_end_identical() {
+    if !have_data() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 1, 2);
-    let res = launch("distill", &cfg, &dir.path().join("out"), 1, &[])
+    let teacher_out = dir.path().join("teacher");
+    ok(
+        &launch("train", &config(dir.path(), 1, 3), &teacher_out, 1, &[])
+            .output()
+            .unwrap(),
+    );
+    // The operator keeps `teacher.pretrainJob` resolvable through this variable.
+    let cfg =
+        TinyJob::default().write_distill(dir.path(), "distill.yaml", "{pretrainJob: tiny}", 64);
+    let out = dir.path().join("out");
+    let res = launch("distill", &cfg, &out, 2, &["--max-iterations", "2"])
+        .env("DINOFLOW_TEACHER_CHECKPOINT", ckpt(&teacher_out, 3))
+        .output()
+        .unwrap();
+    let stderr = ok(&res);
+    let digests = final_digests(&stderr);
+    assert_eq!(digests.len(), 2, "{stderr}");
+    assert_eq!(digests[&0], digests[&1], "replicas diverged");
+    assert_eq!(train_lines(&out).len(), 2);
+    assert!(ckpt(&out, 2).join("student_ema.safetensors").exists());
+    // Without it, `pretrainJob` cannot be resolved: a permanent failure naming the field.
+    let res = launch("distill", &cfg, &dir.path().join("out2"), 1, &[])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("not implemented"), "{stderr}");
+    assert!(stderr.contains("spec.teacher.pretrainJob"), "{stderr}");
 }
 
 #[test]

@@ -45,7 +45,7 @@ impl std::fmt::Debug for Model {
     }
 }
 
-fn terms(l: &LossValues) -> LossTerms {
+pub(crate) fn terms(l: &LossValues) -> LossTerms {
     let mut out = vec![("total_loss".to_string(), l.objective)];
     for (name, v) in [
         ("dino_local_crops_loss", l.dino_local_crops_loss),
@@ -62,7 +62,7 @@ fn terms(l: &LossValues) -> LossTerms {
 
 /// Derives a torch seed from (seed, rank, iteration): drop-path masks then repeat exactly
 /// after a resume, whatever the process did before.
-fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
+pub(crate) fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
     use rand::RngCore;
     // usize::MAX marks "not an image of the batch" so the stream differs from the loader's.
     (sample_rng(seed, rank, iteration, usize::MAX).next_u64() >> 1) as i64

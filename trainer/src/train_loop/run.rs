@@ -98,6 +98,25 @@ where
         &Arc<dyn Collective>,
     ) -> Result<Components<M, D, S>, TrainError>,
 {
+    train_kind_with(args, JobKind::Pretrain, build)
+}
+
+/// [`train_with`] for a job of `kind` (the kind the progress reports name).
+pub fn train_kind_with<M, D, S, B>(
+    args: &TrainArgs,
+    kind: JobKind,
+    build: B,
+) -> Result<Outcome, TrainError>
+where
+    M: Trainable,
+    D: BatchSource<Batch = M::Batch>,
+    S: Schedules,
+    B: FnOnce(
+        &TrainingConfig,
+        &Path,
+        &Arc<dyn Collective>,
+    ) -> Result<Components<M, D, S>, TrainError>,
+{
     let resolved = dinoflow_api::load_training_config(&args.config)?;
     let mut training = resolved.training;
     if let Some(dir) = &args.output_dir {
@@ -119,7 +138,7 @@ where
     let local_rank = dist_env.as_ref().map_or(0, |d| d.local_rank);
     // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
     let (_, progress_target) =
-        crate::launch::env::job_and_progress(&crate::launch::env::process_env(), JobKind::Pretrain)
+        crate::launch::env::job_and_progress(&crate::launch::env::process_env(), kind)
             .map_err(|e| TrainError::Permanent(e.to_string()))?;
     let collective = dist::init(dist_env.as_ref())
         .map_err(|e| TrainError::Transient(format!("distributed setup: {e}")))?;
@@ -181,7 +200,11 @@ where
         eval: config::eval_config(&training, num_classes),
         world_size: collective.world_size(),
         config_hash: config::config_hash(&training),
-        guarded: config::guarded_fields(&training),
+        guarded: {
+            let mut guarded = config::guarded_fields(&training);
+            guarded.extend(model.guarded());
+            guarded
+        },
         flops_per_image,
         peak_flops,
     };
@@ -291,6 +314,7 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
             }
         },
         Command::Launch(args) => crate::launch::run(&args),
+        Command::Distill(args) => crate::distill::run::main_entry(&args),
         Command::Export(args) => report(crate::export::export(&args.source, &args.out).map(|_| ())),
         Command::Eval(args) => report(crate::eval::command::run(&args).and_then(|r| {
             println!("{r}");

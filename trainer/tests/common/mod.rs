@@ -89,4 +89,27 @@ impl TinyJob {
         std::fs::write(&path, yaml).unwrap();
         path
     }
+
+    /// A DistillJob manifest around this job's training block with a narrower student (width
+    /// 16, same depth) whose heads have `prototypes` prototypes; `teacher` is the YAML of
+    /// `spec.teacher`.
+    pub fn write_distill(&self, dir: &Path, file: &str, teacher: &str, prototypes: u32) -> PathBuf {
+        let training =
+            std::fs::read_to_string(self.write(dir, &format!("{file}.training"))).unwrap();
+        let training = training.replace("embedDim: 32", "embedDim: 16").replace(
+            "headNPrototypes: 64",
+            &format!("headNPrototypes: {prototypes}"),
+        );
+        let mut yaml = format!(
+            "apiVersion: dinoflow.dev/v1alpha1\nkind: DistillJob\nmetadata: {{name: tiny}}\nspec:\n  teacher: {teacher}\n"
+        );
+        for line in training.lines() {
+            yaml.push_str("  ");
+            yaml.push_str(line);
+            yaml.push('\n');
+        }
+        let path = dir.join(file);
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
 }

@@ -17,11 +17,16 @@ use crate::training::{ModelConfig, TrainingConfig};
 pub enum CheckpointFormat {
     /// A Dinoflow checkpoint directory (its manifest carries the teacher's config).
     Dinoflow,
-    /// A `.pth` file of the official DINOv2 release (`dinov2_vitg14_pretrain.pth`, ...):
-    /// backbone weights only, so `teacher.model` must describe the architecture.
+    /// A `.pth` file in the official DINOv2 layout; `teacher.model` must describe the
+    /// architecture. Distillation needs the teacher's DINO/iBOT heads (its targets are their
+    /// prototype distributions), so the trainer accepts an official training checkpoint
+    /// (`teacher_checkpoint.pth`: `teacher.backbone.*`, `teacher.dino_head.*`, ...) and refuses
+    /// a backbone-only release file (`dinov2_vitg14_pretrain.pth`) with that reason.
     OfficialPth,
-    /// An official torch.hub model name (`dinov2_vitg14`, `dinov2_vitl14_reg`, ...) whose
-    /// weights are in the local hub cache; the architecture follows from the name.
+    /// An official torch.hub model name (`dinov2_vitg14`, `dinov2_vitl14_reg`, ...) resolved
+    /// in the local hub cache, the architecture following from the name. The released hub
+    /// weights are backbones only, so the trainer currently refuses them as distillation
+    /// teachers (see `officialPth`), naming the reason and the alternatives.
     OfficialHub,
 }
 

@@ -204,7 +204,7 @@ pub fn export(args: &BackboneArgs, out: &Path) -> Result<usize, TrainError> {
         out = %out.display(),
         tensors = sd.len(),
         parameters = sd.values().map(Tensor::numel).sum::<usize>(),
-        "exported the teacher backbone"
+        "exported the final backbone"
     );
     Ok(sd.len())
 }

@@ -32,8 +32,8 @@ pub enum Command {
     /// NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE, ...), fork one worker per local
     /// process like torchrun, forward SIGTERM to them and exit with the gang's code.
     Launch(LaunchArgs),
-    /// Write the final backbone of a checkpoint (pretraining: the EMA teacher; distillation: the student EMA) (or a weights file) as safetensors with the
-    /// official DINOv2 key names.
+    /// Write the final backbone of a checkpoint (pretraining: the EMA teacher; distillation:
+    /// the student EMA) or of a weights file as safetensors with the official DINOv2 key names.
     Export(ExportArgs),
     /// Run the evaluation hooks (k-NN, linear probe) of the config on a checkpoint or a
     /// weights file; prints the metrics as JSON.

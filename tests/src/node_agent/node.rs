@@ -113,7 +113,10 @@ pub fn node_status(name: &str, capacity: &Capacity) -> Value {
         ],
         "nodeInfo": {
             "machineID": "", "systemUUID": "", "bootID": "",
-            "kernelVersion": "", "osImage": "dinoflow local node agent",
+            "kernelVersion": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default(),
+            "osImage": "dinoflow local node agent",
             "containerRuntimeVersion": "local://processes", "kubeletVersion": "v1.0.0-dinoflow",
             "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
         },

@@ -15,8 +15,10 @@
 //!   (`dinoflow-trainer` -> the locally built trainer), else taken as a path or found in PATH.
 //!   The image is not used; the process gets the agent's PATH, HOME and LD_LIBRARY_PATH as
 //!   its "image environment", then the pod's env.
-//! - **Path mapping**: every volume is a host directory: a ConfigMap or Secret is written
-//!   under `<root>/pods/<ns>/<pod>-<uid>/volumes/<volume>/`, an emptyDir is a directory
+//! - **Path mapping**: every volume is a host directory: a ConfigMap, Secret or projected
+//!   volume (ConfigMaps, Secrets, downward API fields, a service-account token from the
+//!   TokenRequest API) is written under `<root>/pods/<ns>/<pod>-<uid>/volumes/<volume>/`,
+//!   an emptyDir is a directory
 //!   there, a hostPath is itself, a PersistentVolumeClaim is the path of the hostPath/local
 //!   PersistentVolume it is bound to, else `<root>/claims/<ns>/<claim>/` (shared by all pods
 //!   of the claim, so checkpoints survive a gang restart). Each in-container mount path is

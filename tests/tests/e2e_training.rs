@@ -534,6 +534,9 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no iteration in: {resumed}"));
-    assert!(from >= 6 && from < 48 && from % 6 == 0, "{resumed}");
+    assert!(
+        (6..48).contains(&from) && from.is_multiple_of(6),
+        "{resumed}"
+    );
     world.stop().await;
 }

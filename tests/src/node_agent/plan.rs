@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+    ServiceAccount,
 };
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
 use super::AgentError;
@@ -39,6 +41,8 @@ pub struct References {
     pub secrets: BTreeMap<String, Secret>,
     /// Claim name -> host path of the PersistentVolume it is bound to, for hostPath/local PVs.
     pub claim_paths: BTreeMap<String, PathBuf>,
+    /// `<volume>/<path>` of a projected service-account token -> the token (TokenRequest).
+    pub tokens: BTreeMap<String, String>,
 }
 
 /// One container's process, ready to start.
@@ -97,6 +101,14 @@ impl References {
             }
             if let Some(c) = &v.persistent_volume_claim {
                 claims.push(c.claim_name.clone());
+            }
+            for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+                if let Some(cm) = &source.config_map {
+                    want(&mut cms, &cm.name, cm.optional);
+                }
+                if let Some(s) = &source.secret {
+                    want(&mut secrets, &s.name, s.optional);
+                }
             }
         }
         for c in &spec.containers {
@@ -165,8 +177,53 @@ impl References {
                 }
             }
         }
+        refs.tokens = service_account_tokens(client, pod).await?;
         Ok(refs)
     }
+}
+
+/// Tokens for the pod's projected `serviceAccountToken` sources, bound to the pod (what the
+/// kubelet asks the TokenRequest API for; the `kube-api-access-*` volume the ServiceAccount
+/// admission plugin adds has one).
+async fn service_account_tokens(
+    client: &Client,
+    pod: &Pod,
+) -> Result<BTreeMap<String, String>, AgentError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let accounts: Api<ServiceAccount> =
+        Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let mut tokens = BTreeMap::new();
+    for v in spec.volumes.iter().flatten() {
+        for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            let Some(t) = &source.service_account_token else {
+                continue;
+            };
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: t.audience.clone().map(|a| vec![a]),
+                    expiration_seconds: Some(t.expiration_seconds.unwrap_or(3600)),
+                    bound_object_ref: Some(BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: pod.metadata.name.clone(),
+                        uid: pod.metadata.uid.clone(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let issued: TokenRequest = accounts
+                .create_subresource("token", &account, &PostParams::default(), &request)
+                .await?;
+            let token = issued.status.and_then(|s| s.token).unwrap_or_default();
+            tokens.insert(format!("{}/{}", v.name, t.path), token);
+        }
+    }
+    Ok(tokens)
 }
 
 /// The plan for the pod's (single) container.
@@ -206,6 +263,48 @@ pub fn plan(pod: &Pod, refs: &References, host: &Host) -> Result<Plan, AgentErro
             let data = refs.secrets.get(&name).map(secret_data);
             files.extend(project(&own, data.unwrap_or_default(), s.items.as_deref()));
             own
+        } else if let Some(p) = &v.projected {
+            for source in p.sources.iter().flatten() {
+                if let Some(cm) = &source.config_map {
+                    let data = refs.config_maps.get(&cm.name).map(config_map_data);
+                    files.extend(project(&own, data.unwrap_or_default(), cm.items.as_deref()));
+                }
+                if let Some(s) = &source.secret {
+                    let data = refs.secrets.get(&s.name).map(secret_data);
+                    files.extend(project(&own, data.unwrap_or_default(), s.items.as_deref()));
+                }
+                for item in source
+                    .downward_api
+                    .iter()
+                    .flat_map(|d| d.items.iter().flatten())
+                {
+                    let value = item
+                        .field_ref
+                        .as_ref()
+                        .and_then(|f| field(pod, &f.field_path, host))
+                        .ok_or_else(|| {
+                            unsupported(format!(
+                                "volume {}: downwardAPI item {} (only fieldRef is supported)",
+                                v.name, item.path
+                            ))
+                        })?;
+                    files.push((own.join(&item.path), value.into_bytes()));
+                }
+                if let Some(t) = &source.service_account_token {
+                    let token = refs.tokens.get(&format!("{}/{}", v.name, t.path));
+                    files.push((
+                        own.join(&t.path),
+                        token.cloned().unwrap_or_default().into_bytes(),
+                    ));
+                }
+                if source.cluster_trust_bundle.is_some() || source.pod_certificate.is_some() {
+                    return Err(unsupported(format!(
+                        "volume {}: clusterTrustBundle and podCertificate projections are not supported",
+                        v.name
+                    )));
+                }
+            }
+            own
         } else if let Some(e) = &v.empty_dir {
             let mounted_at_shm = container
                 .volume_mounts
@@ -227,8 +326,8 @@ pub fn plan(pod: &Pod, refs: &References, host: &Host) -> Result<Plan, AgentErro
                 .unwrap_or_else(|| host.root.join("claims").join(&ns).join(&c.claim_name))
         } else {
             return Err(unsupported(format!(
-                "volume {}: only configMap, secret, emptyDir, hostPath and persistentVolumeClaim \
-                 volumes are supported by the local node agent",
+                "volume {}: only configMap, secret, projected, emptyDir, hostPath and \
+                 persistentVolumeClaim volumes are supported by the local node agent",
                 v.name
             )));
         };
@@ -579,6 +678,7 @@ mod tests {
             config_maps: [("tiny-config".to_string(), cm)].into(),
             secrets: [("tiny-progress".to_string(), secret)].into(),
             claim_paths: BTreeMap::new(),
+            tokens: BTreeMap::new(),
         }
     }
 

@@ -17,7 +17,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct Env {
     client: Client,
     ns: String,
-    agent: NodeAgent,
+    config: AgentConfig,
+    agent: Option<NodeAgent>,
     dir: tempfile::TempDir,
 }
 
@@ -29,15 +30,35 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let config = AgentConfig::new(format!("local-{ns}"), dir.path().join("agent"))
             .label(NODE_LABEL, &ns);
-        let agent = NodeAgent::start(client.clone(), config)
+        let agent = NodeAgent::start(client.clone(), config.clone())
             .await
             .expect("node agent registers a schedulable Node");
         Self {
             client,
             ns,
-            agent,
+            config,
+            agent: Some(agent),
             dir,
         }
+    }
+
+    fn agent(&self) -> &NodeAgent {
+        self.agent.as_ref().expect("the agent runs")
+    }
+
+    /// Stops the agent (its processes end, its Node goes) and starts a new one for the same
+    /// Node name, as after a kubelet restart.
+    async fn restart_agent(&mut self) {
+        self.agent
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .expect("agent stops");
+        let agent = NodeAgent::start(self.client.clone(), self.config.clone())
+            .await
+            .expect("the new agent registers the Node again");
+        self.agent = Some(agent);
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -99,14 +120,19 @@ impl Env {
                 tokio::time::Instant::now() < deadline,
                 "timed out waiting for pod {name}: {what}; last seen: {:?}\nlogs: {:?}",
                 pod.and_then(|p| p.status),
-                self.agent.logs()
+                self.agent().logs()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn stop(self) {
-        self.agent.stop().await.expect("agent stops");
+    async fn stop(mut self) {
+        self.agent
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .expect("agent stops");
         let _ = TestCluster::shared().kubectl([
             "delete",
             "namespace",
@@ -198,7 +224,7 @@ async fn a_pod_runs_with_its_env_and_volumes_resolved_and_reports_its_real_exit_
         .unwrap();
     assert_eq!(
         pod.spec.as_ref().unwrap().node_name.as_deref(),
-        Some(env.agent.node_name())
+        Some(env.agent().node_name())
     );
     let status = pod.status.as_ref().unwrap();
     assert_eq!(status.pod_ip.as_deref(), Some("127.0.0.1"));
@@ -236,7 +262,7 @@ async fn a_pod_runs_with_its_env_and_volumes_resolved_and_reports_its_real_exit_
         .trim_end_matches("/run")
         .to_string();
     assert!(
-        scratch.starts_with(env.agent.root().to_str().unwrap()),
+        scratch.starts_with(env.agent().root().to_str().unwrap()),
         "{scratch}"
     );
     assert!(
@@ -285,12 +311,53 @@ async fn deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period_and_th
             "pid {pid} still runs"
         );
     }
-    let logs = env.agent.logs();
+    let logs = env.agent().logs();
     let polite_log = logs
         .iter()
         .find(|l| l.to_string_lossy().contains("/polite-"))
         .unwrap();
     let text = std::fs::read_to_string(polite_log).unwrap();
     assert!(text.contains("got TERM"), "{text}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_left_running_by_a_stopped_agent_is_reported_lost_not_run_again() {
+    let mut env = Env::start("agent-lost").await;
+    env.create_pod("sleeper", "echo started; sleep 300", 30, json!({}))
+        .await;
+    let pod = env
+        .wait_pod("sleeper", "phase Running", |p| phase(p) == Some("Running"))
+        .await
+        .unwrap();
+    let pid = pid_of(&pod);
+    env.restart_agent().await;
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the stopped agent ended pid {pid}"
+    );
+    let pod = env
+        .wait_pod("sleeper", "phase Failed", |p| phase(p) == Some("Failed"))
+        .await
+        .unwrap();
+    let terminated = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (terminated.exit_code, terminated.reason.as_deref()),
+        (137, Some("ContainerStatusUnknown"))
+    );
+    // Not started again: still one log, written by the first agent.
+    assert_eq!(env.agent().logs().len(), 1, "{:?}", env.agent().logs());
     env.stop().await;
 }

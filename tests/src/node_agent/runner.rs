@@ -72,9 +72,28 @@ pub async fn run_pod(ctx: Arc<Ctx>, pod: Pod, mut signal: watch::Receiver<PodSig
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     // A pod that ended before this agent saw it (an earlier agent ran it) is not run again.
     let finished = matches!(phase, Some("Succeeded" | "Failed"));
+    // One an earlier agent started: its process is gone with that agent, and restartPolicy
+    // Never forbids running it again. Reported as a kubelet reports a lost container.
+    let lost = phase == Some("Running");
 
     let outcome = if finished || *signal.borrow() != PodSignal::Run {
         None
+    } else if lost {
+        eprintln!("[node-agent] {key}: was started by an earlier agent; its process is gone");
+        let exit = Exit {
+            code: 137,
+            reason: "ContainerStatusUnknown".into(),
+            message: Some("the node agent that ran this pod stopped; its process is gone".into()),
+        };
+        write(status::terminated(
+            &container.name,
+            &image,
+            None,
+            None,
+            &exit,
+        ))
+        .await;
+        Some(Ended::Exited)
     } else {
         let mut last_error = String::new();
         let plan = loop {

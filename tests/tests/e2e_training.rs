@@ -267,12 +267,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The tiny Fashion-MNIST example made small: `epochs` × 6 iterations of 16 images, no
-/// evaluation, a checkpoint every `checkpoint_every` iterations and at the end, written to
-/// a hostPath volume at /checkpoints (`host_dir`); the pod selects the world's Node.
+/// The tiny Fashion-MNIST example made small: `nodes` pods, `epochs` × 6 iterations of 16
+/// images, no evaluation, a checkpoint every `checkpoint_every` iterations and at the end,
+/// written to a hostPath volume at /checkpoints (`host_dir`); the pods select the world's Node.
 fn tiny_job(
     world: &World,
     name: &str,
+    nodes: u32,
     epochs: u64,
     checkpoint_every: u64,
     host_dir: &Path,
@@ -326,7 +327,7 @@ fn tiny_job(
     );
     let cluster = format!(
         r#"
-nodes: 1
+nodes: {nodes}
 gpusPerNode: 0
 masterPort: {port}
 terminationGracePeriodSeconds: 20
@@ -345,6 +346,7 @@ podTemplate:
 "#,
         port = free_port(),
         ns = world.ns,
+        nodes = nodes,
         dir = host_dir.display(),
     );
     set(&mut job, "spec.cluster", yaml(&cluster));
@@ -385,7 +387,7 @@ fn pod_log(world: &World, pod: &str) -> String {
 async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verified_checkpoint() {
     let world = World::start("e2e-train").await;
     let out = world.dir.join("checkpoints");
-    world.kubectl_apply(&tiny_job(&world, "tiny", 2, 100, &out));
+    world.kubectl_apply(&tiny_job(&world, "tiny", 1, 2, 100, &out));
 
     let status = world
         .wait_status("tiny", "phase Succeeded", Duration::from_secs(120), |s| {
@@ -454,7 +456,7 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verif
 async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_and_succeeds() {
     let world = World::start("e2e-restart").await;
     let out = world.dir.join("checkpoints");
-    world.kubectl_apply(&tiny_job(&world, "resume", 8, 6, &out));
+    world.kubectl_apply(&tiny_job(&world, "resume", 1, 8, 6, &out));
 
     world
         .wait_status(
@@ -537,6 +539,63 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
     assert!(
         (6..48).contains(&from) && from.is_multiple_of(6),
         "{resumed}"
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_job_trains_as_one_gang_over_tcp_between_two_local_pods() {
+    let world = World::start("e2e-gang").await;
+    let out = world.dir.join("checkpoints");
+    world.kubectl_apply(&tiny_job(&world, "gang", 2, 2, 100, &out));
+
+    let status = world
+        .wait_status("gang", "phase Succeeded", Duration::from_secs(150), |s| {
+            s.phase.map(|p| p.as_str()) == Some("Succeeded")
+        })
+        .await;
+    assert_eq!(status.iteration, Some(12), "{status:?}");
+    let checkpoint = status
+        .last_checkpoint
+        .clone()
+        .expect("a checkpoint reported");
+    assert!(
+        PathBuf::from(&checkpoint.path)
+            .join("manifest.json")
+            .is_file()
+    );
+
+    // Both pods reached rank 0's port through MASTER_ADDR -> 127.0.0.1 and ended with the
+    // same weights.
+    let mut digests = Vec::new();
+    for rank in 0..2 {
+        let log = pod_log(&world, &format!("gang-a0-{rank}"));
+        let launch = log
+            .lines()
+            .find(|l| l.contains("launching workers"))
+            .unwrap_or_else(|| panic!("no launcher line in rank {rank}'s log:\n{log}"));
+        for expected in [
+            format!("node_rank={rank}"),
+            "nnodes=2".into(),
+            "world_size=2".into(),
+        ] {
+            assert!(
+                launch.contains(&expected),
+                "{expected} missing in: {launch}"
+            );
+        }
+        assert!(launch.contains("master=127.0.0.1:"), "{launch}");
+        let digest = log
+            .lines()
+            .find_map(|l| l.split("student_sha256=").nth(1))
+            .and_then(|d| d.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no final digest in rank {rank}'s log:\n{log}"))
+            .to_string();
+        digests.push(digest);
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "the ranks ended with different weights"
     );
     world.stop().await;
 }

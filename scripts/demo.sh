@@ -5,7 +5,7 @@
 # `kubectl apply` the tiny CPU example job, watch `kubectl get pretrainjobs` until it
 # succeeds, and print where its checkpoint is.
 # The example is applied with a visible override (shown below): 2 epochs of 10 iterations
-# instead of 6 of 50, its output under out/demo. The cluster stays up afterwards for kubectl
+# instead of 6 of 50, its output under out/demo, free ports (local pods share the host's). The cluster stays up afterwards for kubectl
 # (`scripts/cluster.sh down` stops it); the operator and the node agent stop with the script.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,7 +81,9 @@ kubectl get nodes -o wide
 # the finished run's checkpoint would resume at the end and report nothing).
 kubectl delete pretrainjob "$JOB" --ignore-not-found --wait >/dev/null
 rm -rf -- "$OUTPUT"
-OVERRIDE="{\"spec\":{\"training\":{\"optim\":{\"epochs\":2},\"train\":{\"officialEpochLength\":10},\"output\":{\"dir\":\"$OUTPUT\"}}}}"
+# The node agent's pods share this host's network: a free rendezvous port and an ephemeral
+# metrics port instead of the example's fixed 29500 and 9464, which may be taken here.
+OVERRIDE="{\"spec\":{\"training\":{\"optim\":{\"epochs\":2},\"train\":{\"officialEpochLength\":10},\"output\":{\"dir\":\"$OUTPUT\"},\"logging\":{\"metricsPort\":0}},\"cluster\":{\"masterPort\":$(free_port)}}}"
 log "applying ${EXAMPLE#"$ROOT"/} with the override $OVERRIDE"
 kubectl patch --local -f "$EXAMPLE" --type merge -p "$OVERRIDE" -o yaml | kubectl apply -f -
 echo

@@ -117,7 +117,12 @@ pub async fn run_pod(ctx: Arc<Ctx>, pod: Pod, mut signal: watch::Receiver<PodSig
                     }
                     tokio::select! {
                         () = tokio::time::sleep(PREPARE_RETRY) => {}
-                        _ = signal.changed() => {}
+                        changed = signal.changed() => {
+                            // The agent is gone: nothing left to report to.
+                            if changed.is_err() {
+                                return;
+                            }
+                        }
                     }
                     if *signal.borrow() != PodSignal::Run {
                         break Err(e);

@@ -10,6 +10,7 @@ mod cluster;
 mod error;
 mod invalid;
 mod kubectl;
+pub mod node_agent;
 mod paths;
 
 pub use apply::{apply_object, parse_manifests};

@@ -1,0 +1,79 @@
+//! The local executables the agent maps container commands to, built on demand.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::AgentError;
+
+/// Builds `bin` of `package` with cargo into the target directory this executable lives in
+/// and returns its path. `cargo test -p dinoflow-e2e` does not build other packages'
+/// binaries, and a binary found on disk may be older than its sources, so the tests always
+/// ask cargo: a no-op of about a second when it is fresh.
+pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, AgentError> {
+    let exe = std::env::current_exe().map_err(AgentError::io("current executable"))?;
+    let (target, profile) = target_dir_of(&exe).ok_or_else(|| AgentError::Build {
+        command: format!("cargo build -p {package} --bin {bin}"),
+        output: format!(
+            "{} is not inside a cargo target directory (<target>/<profile>/[deps/]exe)",
+            exe.display()
+        ),
+    })?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "-p", package, "--bin", bin])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(crate::repo_root());
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let shown = format!(
+        "CARGO_TARGET_DIR={} cargo build -p {package} --bin {bin}",
+        target.display()
+    );
+    eprintln!("[node-agent] building {bin}: {shown}");
+    let output = cmd
+        .output()
+        .map_err(AgentError::io(PathBuf::from(&cargo)))?;
+    if !output.status.success() {
+        return Err(AgentError::Build {
+            command: shown,
+            output: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    let path = target.join(&profile).join(bin);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(AgentError::Build {
+            command: shown,
+            output: format!("cargo succeeded but {} does not exist", path.display()),
+        })
+    }
+}
+
+/// (target dir, profile dir name) of an executable at `<target>/<profile>/[deps/]<exe>`.
+fn target_dir_of(exe: &Path) -> Option<(PathBuf, String)> {
+    let mut dir = exe.parent()?;
+    if dir.file_name()? == "deps" {
+        dir = dir.parent()?;
+    }
+    let profile = dir.file_name()?.to_string_lossy().into_owned();
+    Some((dir.parent()?.to_path_buf(), profile))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_dir_is_found_from_a_test_binary_or_a_binary() {
+        assert_eq!(
+            target_dir_of(Path::new("/t/debug/deps/e2e_training-abc")),
+            Some((PathBuf::from("/t"), "debug".into()))
+        );
+        assert_eq!(
+            target_dir_of(Path::new("/t/release/dinoflow-node-agent")),
+            Some((PathBuf::from("/t"), "release".into()))
+        );
+    }
+}

@@ -3,6 +3,7 @@
 pub mod apply;
 mod expectations;
 mod own_writes;
+pub mod pod_stream;
 mod reconcile;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -50,7 +51,7 @@ pub struct Context {
 /// flight. More only queues them inside the API server: in bench/operator_scale.sh (200 jobs ×
 /// 4 nodes, 2 cores) 16 made each pod apply 5× slower and the whole burst slower, not faster.
 pub const DEFAULT_CONCURRENCY: u16 = 4;
-/// Buffer of the shared pod stream per subscriber.
+/// Buffer of the shared pod stream per controller.
 const SHARED_BUFFER: usize = 1024;
 
 /// What the controllers watch.
@@ -135,20 +136,22 @@ pub async fn run_tuned<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
         readiness,
         scope,
     } = parts;
-    let (pods, writer) = reflector::store_shared::<Pod>(SHARED_BUFFER);
-    let pretrain_pods = writer.subscribe().expect("shared store can be subscribed");
-    let distill_pods = writer.subscribe().expect("shared store can be subscribed");
-    let pod_watch = watcher(
-        scope.api::<Pod>(&client),
-        watcher::Config::default().labels(LABEL_JOB),
-    )
-    .default_backoff()
-    // The cache holds hundreds of pods; managed fields are the bulk of each and unused.
-    .modify(|pod: &mut Pod| {
-        pod.metadata.managed_fields = None;
-    })
-    .reflect_shared(writer)
-    .for_each(|_| future::ready(()));
+    let (pods, writer) = reflector::store::<Pod>();
+    let (senders, mut receivers) = pod_stream::subscribers(2, SHARED_BUFFER);
+    let (pretrain_pods, distill_pods) = (receivers.remove(0), receivers.remove(0));
+    let pod_events = reflector(
+        writer,
+        watcher(
+            scope.api::<Pod>(&client),
+            watcher::Config::default().labels(LABEL_JOB),
+        )
+        .default_backoff()
+        // The cache holds hundreds of pods; managed fields are the bulk of each and unused.
+        .modify(|pod: &mut Pod| {
+            pod.metadata.managed_fields = None;
+        }),
+    );
+    let pod_watch = pod_stream::fan_out(pod_events, senders);
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), Reporter::from("dinoflow-operator")),

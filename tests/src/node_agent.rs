@@ -63,6 +63,7 @@ pub use error::AgentError;
 pub use mapping::{PathMap, is_cluster_dns_name};
 pub use node::Capacity;
 pub use plan::{POD_IP, pod_dir};
+pub use status::terminated_state;
 
 use runner::{Ctx, PodSignal};
 

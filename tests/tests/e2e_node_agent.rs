@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dinoflow_e2e::TestCluster;
-use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent};
+use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent, terminated_state};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -228,13 +228,7 @@ async fn a_pod_runs_with_its_env_and_volumes_resolved_and_reports_its_real_exit_
     );
     let status = pod.status.as_ref().unwrap();
     assert_eq!(status.pod_ip.as_deref(), Some("127.0.0.1"));
-    let terminated = status.container_statuses.as_ref().unwrap()[0]
-        .state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .clone()
-        .unwrap();
+    let terminated = terminated_state(&pod).expect("a terminated container");
     assert_eq!(
         (terminated.exit_code, terminated.reason.as_deref()),
         (3, Some("Error"))
@@ -340,19 +334,7 @@ async fn a_pod_left_running_by_a_stopped_agent_is_reported_lost_not_run_again() 
         .wait_pod("sleeper", "phase Failed", |p| phase(p) == Some("Failed"))
         .await
         .unwrap();
-    let terminated = pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .clone()
-        .unwrap();
+    let terminated = terminated_state(&pod).expect("a terminated container");
     assert_eq!(
         (terminated.exit_code, terminated.reason.as_deref()),
         (137, Some("ContainerStatusUnknown"))

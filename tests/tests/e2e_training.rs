@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use dinoflow_api::status::JobStatus;
 use dinoflow_api::{DistillJob, PretrainJob};
-use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent, build_workspace_binary};
+use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent, build_workspace_binary, terminated_state};
 use dinoflow_e2e::{TestCluster, repo_root, yaml_files};
 use dinoflow_operator::controller::{self, Scope};
 use dinoflow_operator::health::Readiness;
@@ -441,13 +441,7 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verif
     let s = pod.status.as_ref().unwrap();
     assert_eq!(s.phase.as_deref(), Some("Succeeded"));
     assert_eq!(s.pod_ip.as_deref(), Some("127.0.0.1"));
-    let terminated = s.container_statuses.as_ref().unwrap()[0]
-        .state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .clone()
-        .unwrap();
+    let terminated = terminated_state(pod).expect("a terminated container");
     assert_eq!(terminated.exit_code, 0);
     world.stop().await;
 }
@@ -510,19 +504,7 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
     let first = world.pods("resume").await;
     let failed = first.iter().find(|p| p.name_any() == "resume-a0-0");
     if let Some(failed) = failed {
-        let t = failed
-            .status
-            .as_ref()
-            .unwrap()
-            .container_statuses
-            .as_ref()
-            .unwrap()[0]
-            .state
-            .as_ref()
-            .unwrap()
-            .terminated
-            .clone()
-            .unwrap();
+        let t = terminated_state(failed).expect("a terminated container");
         assert_eq!(t.exit_code, 137, "SIGKILL is reported as 128 + 9");
     }
     let log = pod_log(&world, "resume-a1-0");

@@ -51,6 +51,8 @@ pub struct Context {
 /// flight. More only queues them inside the API server: in bench/operator_scale.sh (200 jobs ×
 /// 4 nodes, 2 cores) 16 made each pod apply 5× slower and the whole burst slower, not faster.
 pub const DEFAULT_CONCURRENCY: u16 = 4;
+/// How long a shutdown waits for in-flight reconciles (the chart's grace period is 30 s).
+const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Buffer of the shared pod stream per controller.
 const SHARED_BUFFER: usize = 1024;
 
@@ -243,9 +245,21 @@ pub async fn run_tuned<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
     };
     let gauges = phase_gauges(metrics, pretrain_store, distill_store, shutdown.clone());
 
+    // A graceful shutdown waits for in-flight reconciles; bound it (controller-runtime's
+    // GracefulShutdownTimeout) so the Lease is released before the pod's grace period ends and
+    // a stuck API call cannot hold a stopping operator (or a test) forever. Dropping the
+    // controllers aborts their reconciles.
+    let overdue = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(GRACEFUL_SHUTDOWN_TIMEOUT).await;
+    };
     tokio::select! {
         _ = pod_watch => tracing::warn!("pod watch ended"),
         _ = future::join4(pretrain, distill, ready, gauges) => {}
+        _ = overdue => tracing::warn!(
+            timeout_s = GRACEFUL_SHUTDOWN_TIMEOUT.as_secs(),
+            "reconciles still running after the graceful shutdown timeout; aborting them"
+        ),
     }
     tracing::info!("controllers stopped");
 }

@@ -84,6 +84,22 @@ impl Exit {
     }
 }
 
+/// The first container's terminated state, as a kubelet reports it (tests read exit codes
+/// and reasons from it).
+pub fn terminated_state(
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .clone()
+}
+
 /// Succeeded or Failed (restartPolicy Never) with the container terminated.
 pub fn terminated(
     container: &str,

@@ -108,9 +108,22 @@ fn start_operator(client: &Client, ns: &str, leadership: Leadership) -> Operator
     Operator { stop, task }
 }
 
+/// Reports a stop that needed the graceful-shutdown timeout (in the test's output on failure).
+struct SlowStop(std::time::Instant);
+
+impl Drop for SlowStop {
+    fn drop(&mut self) {
+        if self.0.elapsed() > Duration::from_secs(5) {
+            eprintln!("operator stop took {:?}", self.0.elapsed());
+        }
+    }
+}
+
 impl Operator {
     async fn stop(self) {
         self.stop.cancel();
+        let started = std::time::Instant::now();
+        let _slow = SlowStop(started);
         tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("the operator stops within 60 s of cancellation")

@@ -5,10 +5,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{TinyJob, have_data};
+use common::{TinyJob, ckpt, have_data, kill_at_checkpoint};
 
 const PERMANENT_FAILURE: i32 = 78;
 
@@ -36,10 +36,6 @@ fn ok(out: Output) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn ckpt(out: &Path, it: u64) -> PathBuf {
-    out.join("checkpoints").join(format!("ckpt-{it:09}"))
 }
 
 /// Two checkpoints (iterations 3 and 6) of the tiny pretraining job: two different teachers.
@@ -94,19 +90,7 @@ fn a_killed_and_resumed_distillation_equals_the_uninterrupted_one_bitwise() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while !ckpt(&split, 3).join("manifest.json").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no checkpoint at 3"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("distill exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_checkpoint(&mut child, &split, 3, Duration::from_secs(300));
     let ckpt3 = ckpt(&split, 3);
     ok(trainer(
         "distill",

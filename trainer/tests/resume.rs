@@ -1,12 +1,12 @@
 //! Exact resume, end to end through the binary: N iterations, kill -9, resume, continue to
 //! 2N gives the same losses and bitwise the same weights as 2N uninterrupted (CPU, one thread).
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{TinyJob, have_data};
+use common::{TinyJob, ckpt, have_data, kill_at_checkpoint};
 
 fn trainer(config: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"));
@@ -43,10 +43,6 @@ fn losses(out: &Path) -> BTreeMap<u64, f64> {
         .collect()
 }
 
-fn ckpt(out: &Path, it: u64) -> PathBuf {
-    out.join("checkpoints").join(format!("ckpt-{it:09}"))
-}
-
 #[test]
 fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
     if !have_data() {
@@ -70,19 +66,7 @@ fn killed_and_resumed_run_equals_the_uninterrupted_run_bitwise() {
     // Interrupted: kill -9 as soon as the checkpoint at N = 3 exists.
     let split = dir.path().join("split");
     let mut child = trainer(&cfg, &split, &[]).spawn().unwrap();
-    let started = Instant::now();
-    while !ckpt(&split, 3).join("manifest.json").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "no checkpoint at 3 after 10 minutes"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("trainer exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_checkpoint(&mut child, &split, 3, Duration::from_secs(600));
     // Resume from exactly N (the killed run may have got further).
     let ckpt3 = ckpt(&split, 3);
     let out = trainer(&cfg, &split, &["--resume", ckpt3.to_str().unwrap()])

@@ -134,13 +134,8 @@ pub async fn run_pod(ctx: Arc<Ctx>, pod: Pod, mut signal: watch::Receiver<PodSig
             Ok(plan) => Some(run_process(&key, &plan, &image, &mut signal, &write).await),
             Err(_) if *signal.borrow() != PodSignal::Run => None,
             Err(e) => {
-                // What a container runtime reports when it cannot start the container.
                 eprintln!("[node-agent] {key}: cannot start: {e}");
-                let exit = Exit {
-                    code: 128,
-                    reason: "StartError".into(),
-                    message: Some(e.to_string()),
-                };
+                let exit = Exit::start_error(&e);
                 write(status::terminated(
                     &container.name,
                     &image,
@@ -237,11 +232,7 @@ where
         Ok(child) => child,
         Err(e) => {
             eprintln!("[node-agent] {key}: cannot start: {e}");
-            let exit = Exit {
-                code: 128,
-                reason: "StartError".into(),
-                message: Some(e.to_string()),
-            };
+            let exit = Exit::start_error(&e);
             write(status::terminated(
                 &plan.container,
                 image,

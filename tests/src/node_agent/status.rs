@@ -70,6 +70,15 @@ pub struct Exit {
 }
 
 impl Exit {
+    /// What a container runtime reports when it cannot start the container.
+    pub fn start_error(error: &dyn std::fmt::Display) -> Self {
+        Self {
+            code: 128,
+            reason: "StartError".into(),
+            message: Some(error.to_string()),
+        }
+    }
+
     pub fn from_status(status: std::process::ExitStatus, message: Option<String>) -> Self {
         use std::os::unix::process::ExitStatusExt;
         let code = status

@@ -7,9 +7,7 @@ use tch::Tensor;
 
 use super::{DistillSettings, FrozenTeacher};
 use crate::eval::{EvalConfig, EvalError, EvalReport, evaluate_backbone};
-use crate::meta_arch::MetaArchError;
-use crate::optim;
-use crate::train_loop::components::{Model, TrainBatch, step_seed, terms};
+use crate::train_loop::components::{Model, TrainBatch};
 use crate::train_loop::{LossTerms, ScheduleValues, StepError, Trainable};
 
 /// Checkpoint group of the student EMA (the final model).
@@ -48,28 +46,8 @@ impl Trainable for DistillModel {
         batch: &TrainBatch,
         v: &ScheduleValues,
     ) -> Result<LossTerms, StepError> {
-        // Stochastic depth (when kept) draws from a seed of the iteration: exact resume.
-        tch::manual_seed(step_seed(self.base.seed, self.base.rank, batch.iteration));
-        let hyper = optim::ScheduleValues {
-            lr: v.lr,
-            wd: v.weight_decay,
-            momentum: v.teacher_momentum,
-            teacher_temp: v.teacher_temperature,
-            last_layer_lr: v.last_layer_lr,
-        };
         let ema = self.settings.ema_momentum(v.teacher_momentum);
-        match self.base.arch.train_step_from(
-            &batch.ssl,
-            &hyper,
-            self.base.collective.as_ref(),
-            Some(&self.teacher.net),
-            ema,
-        ) {
-            Ok(outcome) => Ok(terms(&outcome.losses)),
-            // The loop turns a non-finite term into exit code 79 with the last finite values.
-            Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
-            Err(e) => Err(StepError(e.to_string())),
-        }
+        self.base.step_from(batch, v, Some(&self.teacher.net), ema)
     }
 
     /// The student EMA was updated inside the step (after the optimiser, as in pretraining);

@@ -1,5 +1,5 @@
 //! `dinoflow-trainer distill`: a DistillJob manifest -> frozen teacher + student components ->
-//! the pretraining loop (`train_kind_with`), with the same output directory, checkpoints,
+//! the pretraining loop (`train_with`), with the same output directory, checkpoints,
 //! resume, evaluation and exit-code contract as `train`.
 use std::path::Path;
 use std::sync::Arc;
@@ -18,23 +18,10 @@ use crate::launch::env::JobKind;
 use crate::meta_arch::MetaArchConfig;
 use crate::optim;
 use crate::train_loop::Outcome;
-use crate::train_loop::run::{
-    Components, TrainError, build_components, local_device, train_kind_with,
-};
+use crate::train_loop::run::{Components, TrainError, build_components, local_device, train_with};
 
 /// Where the operator also passes the resolved teacher checkpoint of `teacher.pretrainJob`.
 const TEACHER_CHECKPOINT_ENV: &str = "DINOFLOW_TEACHER_CHECKPOINT";
-
-/// Runs `distill`; returns the process exit code.
-pub fn main_entry(args: &TrainArgs) -> i32 {
-    match distill(args) {
-        Ok(outcome) => outcome.exit_code(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            e.exit_code()
-        }
-    }
-}
 
 fn permanent(e: DistillError) -> TrainError {
     TrainError::Permanent(e.to_string())
@@ -66,7 +53,7 @@ pub fn distill(args: &TrainArgs) -> Result<Outcome, TrainError> {
     settings
         .check(resolved.training.ibot.loss_weight > 0.0)
         .map_err(permanent)?;
-    train_kind_with(args, JobKind::Distill, |training, out, collective| {
+    train_with(args, JobKind::Distill, |training, out, collective| {
         build(training, out, collective, &teacher, &settings)
     })
 }

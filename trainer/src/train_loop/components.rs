@@ -45,7 +45,7 @@ impl std::fmt::Debug for Model {
     }
 }
 
-pub(crate) fn terms(l: &LossValues) -> LossTerms {
+fn terms(l: &LossValues) -> LossTerms {
     let mut out = vec![("total_loss".to_string(), l.objective)];
     for (name, v) in [
         ("dino_local_crops_loss", l.dino_local_crops_loss),
@@ -62,7 +62,7 @@ pub(crate) fn terms(l: &LossValues) -> LossTerms {
 
 /// Derives a torch seed from (seed, rank, iteration): drop-path masks then repeat exactly
 /// after a resume, whatever the process did before.
-pub(crate) fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
+fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
     use rand::RngCore;
     // usize::MAX marks "not an image of the batch" so the stream differs from the loader's.
     (sample_rng(seed, rank, iteration, usize::MAX).next_u64() >> 1) as i64
@@ -70,6 +70,39 @@ pub(crate) fn step_seed(seed: u64, rank: usize, iteration: u64) -> i64 {
 
 fn step_err(e: impl std::fmt::Display) -> StepError {
     StepError(e.to_string())
+}
+
+impl Model {
+    /// One optimisation step at the schedule values `v`, targets from `frozen` when given
+    /// (distillation) and the EMA network updated with `ema_momentum` (see
+    /// `MetaArch::train_step_from`). Stochastic depth draws from a seed of the iteration, so
+    /// a resumed run repeats it exactly.
+    pub(crate) fn step_from(
+        &mut self,
+        batch: &TrainBatch,
+        v: &ScheduleValues,
+        frozen: Option<&crate::meta_arch::SslNetwork>,
+        ema_momentum: Option<f64>,
+    ) -> Result<LossTerms, StepError> {
+        tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
+        let hyper = optim::ScheduleValues {
+            lr: v.lr,
+            wd: v.weight_decay,
+            momentum: v.teacher_momentum,
+            teacher_temp: v.teacher_temperature,
+            last_layer_lr: v.last_layer_lr,
+        };
+        let collective = self.collective.as_ref();
+        match self
+            .arch
+            .train_step_from(&batch.ssl, &hyper, collective, frozen, ema_momentum)
+        {
+            Ok(outcome) => Ok(terms(&outcome.losses)),
+            // The loop turns a non-finite term into exit code 79 with the last finite values.
+            Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
+            Err(e) => Err(step_err(e)),
+        }
+    }
 }
 
 impl Trainable for Model {
@@ -80,23 +113,7 @@ impl Trainable for Model {
         batch: &TrainBatch,
         v: &ScheduleValues,
     ) -> Result<LossTerms, StepError> {
-        tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
-        let hyper = optim::ScheduleValues {
-            lr: v.lr,
-            wd: v.weight_decay,
-            momentum: v.teacher_momentum,
-            teacher_temp: v.teacher_temperature,
-            last_layer_lr: v.last_layer_lr,
-        };
-        match self
-            .arch
-            .train_step(&batch.ssl, &hyper, self.collective.as_ref())
-        {
-            Ok(outcome) => Ok(terms(&outcome.losses)),
-            // The loop turns a non-finite term into exit code 79 with the last finite values.
-            Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
-            Err(e) => Err(step_err(e)),
-        }
+        self.step_from(batch, v, None, Some(v.teacher_momentum))
     }
 
     /// `MetaArch::train_step` already applied the EMA in the official order (after the

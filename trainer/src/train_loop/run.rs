@@ -86,23 +86,9 @@ pub struct Components<M, D, S> {
     pub num_classes: i64,
 }
 
-/// Loads the config named by `args` and runs it with the components `build` makes.
-pub fn train_with<M, D, S, B>(args: &TrainArgs, build: B) -> Result<Outcome, TrainError>
-where
-    M: Trainable,
-    D: BatchSource<Batch = M::Batch>,
-    S: Schedules,
-    B: FnOnce(
-        &TrainingConfig,
-        &Path,
-        &Arc<dyn Collective>,
-    ) -> Result<Components<M, D, S>, TrainError>,
-{
-    train_kind_with(args, JobKind::Pretrain, build)
-}
-
-/// [`train_with`] for a job of `kind` (the kind the progress reports name).
-pub fn train_kind_with<M, D, S, B>(
+/// Loads the config named by `args` and runs it with the components `build` makes, as a job
+/// of `kind` (the kind the progress reports name).
+pub fn train_with<M, D, S, B>(
     args: &TrainArgs,
     kind: JobKind,
     build: B,
@@ -314,30 +300,29 @@ pub fn main_entry(cli: crate::cli::Cli) -> i32 {
             }
         },
         Command::Launch(args) => crate::launch::run(&args),
-        Command::Distill(args) => crate::distill::run::main_entry(&args),
-        Command::Export(args) => report(crate::export::export(&args.source, &args.out).map(|_| ())),
+        Command::Distill(args) => {
+            report(crate::distill::run::distill(&args).map(|o| o.exit_code()))
+        }
+        Command::Export(args) => report(crate::export::export(&args.source, &args.out).map(|_| 0)),
         Command::Eval(args) => report(crate::eval::command::run(&args).and_then(|r| {
             println!("{r}");
             match &args.out {
                 Some(out) => std::fs::write(out, format!("{r:#}\n"))
+                    .map(|()| 0)
                     .map_err(|e| TrainError::Permanent(format!("--out {}: {e}", out.display()))),
-                None => Ok(()),
+                None => Ok(0),
             }
         })),
-        Command::Train(args) => match train_with(&args, build_components) {
-            Ok(outcome) => outcome.exit_code(),
-            Err(e) => {
-                eprintln!("error: {e}");
-                e.exit_code()
-            }
-        },
+        Command::Train(args) => {
+            report(train_with(&args, JobKind::Pretrain, build_components).map(|o| o.exit_code()))
+        }
     }
 }
 
-/// Exit code of a one-shot command (`export`, `eval`), printing its error.
-fn report(result: Result<(), TrainError>) -> i32 {
+/// The exit code of a command's result, printing its error.
+fn report(result: Result<i32, TrainError>) -> i32 {
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()

@@ -6,6 +6,34 @@ use std::path::{Path, PathBuf};
 /// Debian's `dataset-fashion-mnist` (installed by scripts/setup.sh).
 pub const FASHION: &str = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
 
+/// Checkpoint directory of iteration `it` under the output directory `out`.
+pub fn ckpt(out: &Path, it: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("ckpt-{it:09}"))
+}
+
+/// `kill -9` of `child` (a trainer writing into `out`) as soon as the checkpoint at `it`
+/// exists; fails if it does not appear within `limit` or the trainer exits first.
+pub fn kill_at_checkpoint(
+    child: &mut std::process::Child,
+    out: &Path,
+    it: u64,
+    limit: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    while !ckpt(out, it).join("manifest.json").exists() {
+        assert!(
+            started.elapsed() < limit,
+            "no checkpoint at {it} after {limit:?}"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the trainer exited early: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 /// False (with the reason printed) when Fashion-MNIST is not installed.
 pub fn have_data() -> bool {
     let ok = Path::new(FASHION).exists();

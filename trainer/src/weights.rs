@@ -265,16 +265,6 @@ pub fn write_safetensors(sd: &StateDict, path: &Path) -> Result<(), WeightsError
     })
 }
 
-/// Exports the teacher backbone (variables under `prefix` in `teacher`) with the official hub
-/// key names (`cls_token`, `blocks.0.attn.qkv.weight`, ...).
-pub fn export_backbone_safetensors(
-    teacher: &nn::VarStore,
-    prefix: &str,
-    path: &Path,
-) -> Result<(), WeightsError> {
-    write_safetensors(&export_state_dict(teacher, prefix), path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,7 +387,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("teacher_backbone.safetensors");
-        export_backbone_safetensors(&vs, "backbone.", &path).unwrap();
+        write_safetensors(&export_state_dict(&vs, "backbone."), &path).unwrap();
         let back = read_state_dict(&path).unwrap();
         assert!(back.contains_key("blocks.0.attn.qkv.weight") && back.contains_key("cls_token"));
         assert_same(&back, &export_state_dict(&vs, "backbone."));

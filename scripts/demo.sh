@@ -24,7 +24,7 @@ SKEW=${DINOFLOW_DEMO_SIMULATE_SLOW_SETUP:-0}
 SECONDS=$((SECONDS + SKEW))
 
 CLUSTER_DIR="${DINOFLOW_CLUSTER_DIR:-$ROOT/out/cluster}"
-DEMO_DIR="$ROOT/out/demo"
+DEMO_DIR="${DINOFLOW_DEMO_DIR:-$ROOT/out/demo}"
 EXAMPLE="$ROOT/manifests/examples/tiny-cpu-fashion-mnist.yaml"
 JOB=tiny-cpu-fashion-mnist
 OUTPUT="$DEMO_DIR/$JOB"

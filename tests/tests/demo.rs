@@ -1,0 +1,48 @@
+//! README's main command, `scripts/demo.sh`, run as a user runs it, after a set-up that looks
+//! slow to the script: a cold machine spends half an hour in set-up and build, and a timeout
+//! that counted from the script's start instead of its own step killed every cold demo.
+use std::path::Path;
+use std::process::Command;
+
+use dinoflow_e2e::repo_root;
+
+/// Stops the demo's cluster whatever the test's outcome (the demo leaves it up on purpose).
+struct ClusterDown<'a>(&'a Path);
+
+impl Drop for ClusterDown<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/cluster.sh"))
+            .args(["down", "--dir"])
+            .arg(self.0)
+            .status();
+    }
+}
+
+#[test]
+fn the_demo_succeeds_after_a_set_up_longer_than_its_timeouts() {
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let cluster_dir = scratch.path().join("cluster");
+    let _down = ClusterDown(&cluster_dir);
+    // Set-up and build "took" far longer than any wait's timeout; each wait must still get its
+    // own full 300 s.
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/demo.sh"))
+        .env("DINOFLOW_DEMO_SIMULATE_SLOW_SETUP", "100000")
+        .env("DINOFLOW_DEMO_TIMEOUT", "300")
+        .env("DINOFLOW_CLUSTER_DIR", &cluster_dir)
+        .env("DINOFLOW_DEMO_DIR", scratch.path().join("demo"))
+        .output()
+        .expect("run scripts/demo.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scripts/demo.sh failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("Succeeded") && stdout.contains("[demo] checkpoint (verified"),
+        "the demo did not report a Succeeded job and its checkpoint:\n{stdout}"
+    );
+}

@@ -1,7 +1,9 @@
 //! Command line of the `dinoflow-trainer` binary.
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use dinoflow_api::contract::JobKind;
 
 use crate::checkpoint::ResumeMode;
 
@@ -76,19 +78,27 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
 }
 
-/// What `launch` runs in each worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LaunchMode {
-    /// DINOv2 pretraining (`PretrainJob`).
-    Train,
-    /// Distillation from a frozen teacher (`DistillJob`).
-    Distill,
+/// What `launch` runs in each worker: the job kind, named by its subcommand (`train`,
+/// `distill`).
+fn job_kind() -> impl TypedValueParser<Value = JobKind> {
+    PossibleValuesParser::new([
+        PossibleValue::new(JobKind::Pretrain.trainer_subcommand())
+            .help("DINOv2 pretraining (`PretrainJob`)"),
+        PossibleValue::new(JobKind::Distill.trainer_subcommand())
+            .help("Distillation from a frozen teacher (`DistillJob`)"),
+    ])
+    .map(|name| {
+        [JobKind::Pretrain, JobKind::Distill]
+            .into_iter()
+            .find(|k| k.trainer_subcommand() == name)
+            .expect("the parser only accepts the subcommands of the kinds")
+    })
 }
 
 #[derive(Debug, clap::Args)]
 pub struct LaunchArgs {
-    #[arg(value_enum)]
-    pub mode: LaunchMode,
+    #[arg(value_name = "MODE", value_parser = job_kind())]
+    pub mode: JobKind,
     #[command(flatten)]
     pub train: TrainArgs,
     /// After one worker fails, how long the others get to exit after SIGTERM before SIGKILL.
@@ -167,7 +177,7 @@ mod tests {
         let Command::Launch(args) = cli.command else {
             panic!("expected launch")
         };
-        assert_eq!(args.mode, LaunchMode::Train);
+        assert_eq!(args.mode, JobKind::Pretrain);
         assert_eq!(
             args.train.config,
             PathBuf::from("/etc/dinoflow/config.yaml")
@@ -176,7 +186,7 @@ mod tests {
         assert_eq!(args.grace_period_seconds, 30);
         let cli = Cli::try_parse_from(["dinoflow-trainer", "launch", "distill", "--config", "c"])
             .unwrap();
-        assert!(matches!(cli.command, Command::Launch(a) if a.mode == LaunchMode::Distill));
+        assert!(matches!(cli.command, Command::Launch(a) if a.mode == JobKind::Distill));
         assert!(
             Cli::try_parse_from(["dinoflow-trainer", "launch", "eval", "--config", "c"]).is_err()
         );

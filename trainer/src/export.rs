@@ -11,15 +11,72 @@
 
 use std::path::{Path, PathBuf};
 
-use dinoflow_api::TrainingConfig;
+use dinoflow_api::{ConfigError, TrainingConfig};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::checkpoint::{self, CheckpointManager, VerifiedCheckpoint};
+use crate::checkpoint::{self, CheckpointError, CheckpointManager, VerifiedCheckpoint};
 use crate::cli::BackboneArgs;
-use crate::config;
-use crate::model::DinoVisionTransformer;
-use crate::train_loop::run::TrainError;
-use crate::weights::{self, StateDict};
+use crate::config::{self, MappingError};
+use crate::model::{DinoVisionTransformer, ModelError};
+use crate::weights::{self, StateDict, WeightsError};
+
+/// Why a backbone could not be found, loaded or written. Every case is one a retry cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--checkpoint: {0}")]
+    Checkpoint(#[source] CheckpointError),
+    /// Scanning or loading the checkpoints of the output directory.
+    #[error(transparent)]
+    Checkpoints(CheckpointError),
+    #[error(
+        "no verified checkpoint under {}: train first, or pass --checkpoint DIR or --weights FILE",
+        .root.display()
+    )]
+    NoCheckpoint { root: PathBuf },
+    #[error(
+        "checkpoint {} holds none of the tensor groups {:?}; it was not written by dinoflow-trainer train or distill",
+        .path.display(),
+        FINAL_MODEL_GROUPS
+    )]
+    NoFinalModel { path: PathBuf },
+    #[error("--weights: {0}")]
+    Weights(#[source] WeightsError),
+    #[error("training.model: {0}")]
+    Architecture(#[source] MappingError),
+    #[error("training.model: {0}")]
+    Model(#[source] ModelError),
+    #[error(
+        "the weights do not fit training.model: {0}. Use the --config of the job that produced them"
+    )]
+    Mismatch(#[source] WeightsError),
+    /// The training precision (it sets the evaluation's compute kind).
+    #[error(transparent)]
+    Precision(MappingError),
+    #[error("--out {}: the export is safetensors; name the file *.safetensors", .0.display())]
+    NotSafetensors(PathBuf),
+    #[error("--out {}: cannot write: {source}. Choose a writable location", .path.display())]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--out {}: cannot write: {source}. Choose a writable location", .path.display())]
+    WriteFailed {
+        path: PathBuf,
+        #[source]
+        source: WeightsError,
+    },
+    #[error("--out {}: read-back failed: {source}", .path.display())]
+    ReadBack {
+        path: PathBuf,
+        #[source]
+        source: WeightsError,
+    },
+    #[error("--out {}: read-back differs: {key}", .path.display())]
+    ReadBackDiffers { path: PathBuf, key: String },
+}
 
 /// Checkpoint tensor groups (`Trainable::state`) holding the final model, by preference: a
 /// pretraining run's EMA teacher, a distillation run's student EMA, else its student
@@ -38,25 +95,21 @@ pub enum BackboneSource {
 impl BackboneSource {
     /// `--weights`, else `--checkpoint` (verified), else the newest verified checkpoint under
     /// `<output dir>/checkpoints`.
-    pub fn resolve(args: &BackboneArgs, training: &TrainingConfig) -> Result<Self, TrainError> {
+    pub fn resolve(args: &BackboneArgs, training: &TrainingConfig) -> Result<Self, ExportError> {
         if let Some(path) = &args.weights {
             return Ok(Self::Weights(path.clone()));
         }
         if let Some(path) = &args.checkpoint {
             return checkpoint::verify(path)
                 .map(Self::Checkpoint)
-                .map_err(|e| TrainError::Permanent(format!("--checkpoint: {e}")));
+                .map_err(ExportError::Checkpoint);
         }
         let root = output_dir(args, training).join("checkpoints");
-        let latest = CheckpointManager::newest_verified_in(&root)
-            .map_err(|e| TrainError::Permanent(e.to_string()))?;
-        latest.map(Self::Checkpoint).ok_or_else(|| {
-            TrainError::Permanent(format!(
-                "no verified checkpoint under {}: train first, or pass --checkpoint DIR or \
-                 --weights FILE",
-                root.display()
-            ))
-        })
+        let latest =
+            CheckpointManager::newest_verified_in(&root).map_err(ExportError::Checkpoints)?;
+        latest
+            .map(Self::Checkpoint)
+            .ok_or(ExportError::NoCheckpoint { root })
     }
 
     /// A short name for logs and reports: the checkpoint directory or the weights file.
@@ -76,19 +129,15 @@ impl BackboneSource {
     }
 
     /// The backbone's tensors under the official hub key names.
-    pub fn state_dict(&self) -> Result<StateDict, TrainError> {
+    pub fn state_dict(&self) -> Result<StateDict, ExportError> {
         match self {
             Self::Checkpoint(c) => {
-                let mut snapshot =
-                    CheckpointManager::load(c).map_err(|e| TrainError::Permanent(e.to_string()))?;
+                let mut snapshot = CheckpointManager::load(c).map_err(ExportError::Checkpoints)?;
                 let group = FINAL_MODEL_GROUPS
                     .iter()
                     .find_map(|g| snapshot.tensors.remove(*g))
-                    .ok_or_else(|| {
-                        TrainError::Permanent(format!(
-                            "checkpoint {} holds none of the tensor groups {FINAL_MODEL_GROUPS:?};                              it was not written by dinoflow-trainer train or distill",
-                            c.path.display()
-                        ))
+                    .ok_or_else(|| ExportError::NoFinalModel {
+                        path: c.path.clone(),
                     })?;
                 Ok(group
                     .into_iter()
@@ -97,7 +146,7 @@ impl BackboneSource {
             }
             Self::Weights(path) => weights::read_state_dict(path)
                 .map(|sd| weights::backbone_state_dict(&sd))
-                .map_err(|e| TrainError::Permanent(format!("--weights: {e}"))),
+                .map_err(ExportError::Weights),
         }
     }
 }
@@ -115,23 +164,15 @@ pub fn load_backbone(
     training: &TrainingConfig,
     sd: &StateDict,
     device: Device,
-) -> Result<(nn::VarStore, DinoVisionTransformer), TrainError> {
-    let permanent =
-        |what: &str, e: &dyn std::fmt::Display| TrainError::Permanent(format!("{what}: {e}"));
-    let vit = config::vit_config(training).map_err(|e| permanent("training.model", &e))?;
+) -> Result<(nn::VarStore, DinoVisionTransformer), ExportError> {
+    let vit = config::vit_config(training).map_err(ExportError::Architecture)?;
     let vit = crate::model::VitConfig {
         drop_path_rate: 0.0,
         ..vit
     };
     let mut vs = nn::VarStore::new(device);
-    let backbone = DinoVisionTransformer::new(&vs.root(), &vit)
-        .map_err(|e| permanent("training.model", &e))?;
-    weights::load_state_dict(&vs, sd).map_err(|e| {
-        permanent(
-            "the weights do not fit training.model",
-            &format!("{e}. Use the --config of the job that produced them"),
-        )
-    })?;
+    let backbone = DinoVisionTransformer::new(&vs.root(), &vit).map_err(ExportError::Model)?;
+    weights::load_state_dict(&vs, sd).map_err(ExportError::Mismatch)?;
     vs.freeze();
     Ok((vs, backbone))
 }
@@ -139,16 +180,15 @@ pub fn load_backbone(
 /// Writes `sd` to `out` as safetensors atomically: a temporary file in the same directory is
 /// written, read back and compared bitwise, then renamed, so `out` is either absent, the old
 /// file, or a complete verified export.
-pub fn write_verified(sd: &StateDict, out: &Path) -> Result<(), TrainError> {
+pub fn write_verified(sd: &StateDict, out: &Path) -> Result<(), ExportError> {
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        TrainError::Permanent(format!("--out {}: {what}: {e}", out.display()))
+    let path = || out.to_path_buf();
+    let unwritable = |source| ExportError::Unwritable {
+        path: path(),
+        source,
     };
-    let unwritable = |e: &dyn std::fmt::Display| {
-        fail("cannot write", &format!("{e}. Choose a writable location"))
-    };
-    std::fs::create_dir_all(dir).map_err(|e| unwritable(&e))?;
+    std::fs::create_dir_all(dir).map_err(unwritable)?;
     // Same directory (the rename stays atomic), same extension (the reader picks the format).
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(
@@ -157,12 +197,18 @@ pub fn write_verified(sd: &StateDict, out: &Path) -> Result<(), TrainError> {
         name.unwrap_or_default()
     ));
     let result = (|| {
-        weights::write_safetensors(sd, &tmp).map_err(|e| unwritable(&e))?;
-        let back = weights::read_state_dict(&tmp).map_err(|e| fail("read-back failed", &e))?;
+        weights::write_safetensors(sd, &tmp).map_err(|source| ExportError::WriteFailed {
+            path: path(),
+            source,
+        })?;
+        let back = weights::read_state_dict(&tmp).map_err(|source| ExportError::ReadBack {
+            path: path(),
+            source,
+        })?;
         if let Some(key) = first_difference(sd, &back) {
-            return Err(fail("read-back differs", &key));
+            return Err(ExportError::ReadBackDiffers { path: path(), key });
         }
-        std::fs::rename(&tmp, out).map_err(|e| unwritable(&e))
+        std::fs::rename(&tmp, out).map_err(unwritable)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -185,12 +231,9 @@ fn first_difference(a: &StateDict, b: &StateDict) -> Option<String> {
 
 /// `dinoflow-trainer export`: the backbone as fp32 safetensors with the official key names.
 /// Returns the number of tensors written.
-pub fn export(args: &BackboneArgs, out: &Path) -> Result<usize, TrainError> {
+pub fn export(args: &BackboneArgs, out: &Path) -> Result<usize, ExportError> {
     if out.extension().is_none_or(|e| e != "safetensors") {
-        return Err(TrainError::Permanent(format!(
-            "--out {}: the export is safetensors; name the file *.safetensors",
-            out.display()
-        )));
+        return Err(ExportError::NotSafetensors(out.to_path_buf()));
     }
     let training = dinoflow_api::load_training_config(&args.config)?.training;
     let source = BackboneSource::resolve(args, &training)?;
@@ -210,10 +253,10 @@ pub fn export(args: &BackboneArgs, out: &Path) -> Result<usize, TrainError> {
 }
 
 /// `Kind` the evaluation runs in: the training precision's compute kind.
-pub fn compute_kind(training: &TrainingConfig) -> Result<Kind, TrainError> {
+pub fn compute_kind(training: &TrainingConfig) -> Result<Kind, ExportError> {
     config::meta_arch_config(training)
         .map(|c| c.precision.compute_kind())
-        .map_err(|e| TrainError::Permanent(e.to_string()))
+        .map_err(ExportError::Precision)
 }
 
 #[cfg(test)]
@@ -257,12 +300,12 @@ mod tests {
     }
 
     #[test]
-    fn an_unwritable_destination_is_a_permanent_error_naming_out() {
+    fn an_unwritable_destination_is_an_error_naming_out_with_its_io_cause() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a-file");
         std::fs::write(&file, b"x").unwrap();
         let err = write_verified(&sd(&[("a", &[1.0])]), &file.join("b.safetensors")).unwrap_err();
-        assert_eq!(err.exit_code(), dinoflow_api::exit_codes::PERMANENT_FAILURE);
+        assert!(matches!(err, ExportError::Unwritable { .. }), "{err}");
         assert!(err.to_string().contains("--out"), "{err}");
     }
 }

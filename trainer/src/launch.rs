@@ -8,46 +8,37 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use dinoflow_api::exit_codes::PERMANENT_FAILURE;
+use dinoflow_api::contract::{self as c, JobKind};
 
 use crate::checkpoint::ResumeMode;
-use crate::cli::{LaunchArgs, LaunchMode, TrainArgs};
+use crate::cli::TrainArgs;
+use crate::env::{self, EnvError, LaunchEnv};
 
-pub mod env;
 pub mod gang;
 
-pub use env::{EnvError, JobIdentity, JobKind, LaunchEnv, ProgressTarget};
+/// Why the launcher could not start its workers.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The pod's environment contract is broken: no restart fixes it.
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error("cannot find the trainer executable to fork workers: {0}")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot install the signal handler: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot start a worker process: {0}")]
+    Spawn(#[source] std::io::Error),
+}
 
-/// Exit code when the launcher itself cannot run (no executable path, fork failed):
-/// retryable, a fresh pod may do better.
-const LAUNCH_FAILED: i32 = 1;
-
-/// Runs the launcher; returns the process exit code.
-pub fn run(args: &LaunchArgs) -> i32 {
-    let kind = match args.mode {
-        LaunchMode::Train => JobKind::Pretrain,
-        LaunchMode::Distill => JobKind::Distill,
-    };
-    let env = match env::launch_env(&env::process_env(), kind) {
-        Ok(env) => env,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return PERMANENT_FAILURE;
-        }
-    };
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("error: cannot find the trainer executable to fork workers: {e}");
-            return LAUNCH_FAILED;
-        }
-    };
+/// Runs the launcher for a job of `kind`; returns the gang's exit code (see
+/// [`gang::gang_exit_code`]) once every worker is done.
+pub fn run(kind: JobKind, args: &TrainArgs, grace_period: Duration) -> Result<i32, LaunchError> {
+    let env = env::launch_env(&env::process_env(), kind)?;
+    let exe = std::env::current_exe().map_err(LaunchError::Exe)?;
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        if let Err(e) = signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize) {
-            eprintln!("error: cannot install the signal handler: {e}");
-            return LAUNCH_FAILED;
-        }
+        signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+            .map_err(LaunchError::Signals)?;
     }
     tracing::info!(
         node_rank = env.node_rank,
@@ -57,31 +48,22 @@ pub fn run(args: &LaunchArgs) -> i32 {
         master = %format!("{}:{}", env.rendezvous.master_addr, env.rendezvous.master_port),
         "launching workers"
     );
-    let gang = match gang::Gang::spawn(worker_commands(args.mode, &exe, &args.train, &env)) {
-        Ok(gang) => gang,
-        Err(e) => {
-            eprintln!("error: cannot start a worker process: {e}");
-            return LAUNCH_FAILED;
-        }
-    };
-    let code = gang.supervise(&signal, Duration::from_secs(args.grace_period_seconds));
+    let gang =
+        gang::Gang::spawn(worker_commands(kind, &exe, args, &env)).map_err(LaunchError::Spawn)?;
+    let code = gang.supervise(&signal, grace_period);
     tracing::info!(code, "workers done");
-    code
+    Ok(code)
 }
 
 /// `train` argument list equivalent to `args`.
 pub fn train_argv(args: &TrainArgs) -> Vec<String> {
-    worker_argv(LaunchMode::Train, args)
+    worker_argv(JobKind::Pretrain, args)
 }
 
-/// The worker's argument list: the subcommand of `mode` (`train` or `distill`) with `args`.
-pub fn worker_argv(mode: LaunchMode, args: &TrainArgs) -> Vec<String> {
-    let subcommand = match mode {
-        LaunchMode::Train => "train",
-        LaunchMode::Distill => "distill",
-    };
+/// The worker's argument list: the subcommand of `kind` (`train` or `distill`) with `args`.
+pub fn worker_argv(kind: JobKind, args: &TrainArgs) -> Vec<String> {
     let mut argv = vec![
-        subcommand.to_string(),
+        kind.trainer_subcommand().to_string(),
         "--config".into(),
         args.config.display().to_string(),
     ];
@@ -106,12 +88,12 @@ pub fn worker_argv(mode: LaunchMode, args: &TrainArgs) -> Vec<String> {
 /// One command per local rank: this binary's `train` (or `distill`) with the per-process
 /// variables.
 pub fn worker_commands(
-    mode: LaunchMode,
+    kind: JobKind,
     exe: &Path,
     args: &TrainArgs,
     env: &LaunchEnv,
 ) -> Vec<Command> {
-    let argv = worker_argv(mode, args);
+    let argv = worker_argv(kind, args);
     let nproc = env.nproc_per_node;
     // Several CPU processes on one node would each start a thread per core; split the cores
     // as torchrun does, unless the user chose.
@@ -123,13 +105,13 @@ pub fn worker_commands(
         .map(|local| {
             let mut cmd = Command::new(exe);
             cmd.args(&argv)
-                .env("RANK", env.global_rank(local).to_string())
-                .env("LOCAL_RANK", local.to_string())
-                .env("LOCAL_WORLD_SIZE", nproc.to_string())
-                .env("WORLD_SIZE", env.world_size.to_string())
-                .env("NPROC_PER_NODE", nproc.to_string())
-                .env("MASTER_ADDR", &env.rendezvous.master_addr)
-                .env("MASTER_PORT", env.rendezvous.master_port.to_string());
+                .env(c::RANK, env.global_rank(local).to_string())
+                .env(c::LOCAL_RANK, local.to_string())
+                .env(c::LOCAL_WORLD_SIZE, nproc.to_string())
+                .env(c::WORLD_SIZE, env.world_size.to_string())
+                .env(c::NPROC_PER_NODE, nproc.to_string())
+                .env(c::MASTER_ADDR, &env.rendezvous.master_addr)
+                .env(c::MASTER_PORT, env.rendezvous.master_port.to_string());
             if let Some(t) = threads {
                 cmd.env("OMP_NUM_THREADS", t.to_string());
             }
@@ -154,7 +136,7 @@ mod tests {
     #[test]
     fn workers_get_torchrun_ranks_from_the_node_rank() {
         let env = env::launch_env(
-            &env::tests::lookup(&[
+            &crate::env::tests::lookup(&[
                 ("MASTER_ADDR", "job-a0-0.job.ns.svc"),
                 ("MASTER_PORT", "29500"),
                 ("NNODES", "3"),
@@ -173,7 +155,7 @@ mod tests {
             max_iterations: Some(5),
         };
         let cmds = worker_commands(
-            LaunchMode::Train,
+            JobKind::Pretrain,
             Path::new("/bin/dinoflow-trainer"),
             &args,
             &env,
@@ -216,7 +198,7 @@ mod tests {
             max_iterations: None,
         };
         assert_eq!(
-            worker_argv(LaunchMode::Distill, &args),
+            worker_argv(JobKind::Distill, &args),
             [
                 "distill",
                 "--config",
@@ -226,6 +208,6 @@ mod tests {
                 "--force"
             ]
         );
-        assert_eq!(worker_argv(LaunchMode::Train, &args)[0], "train");
+        assert_eq!(worker_argv(JobKind::Pretrain, &args)[0], "train");
     }
 }

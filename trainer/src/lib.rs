@@ -1,14 +1,18 @@
-//! The Dinoflow trainer: DINOv2 on libtorch.
+//! The Dinoflow trainer: DINOv2 on libtorch. The layering, top to bottom, is described in
+//! [`commands`]; nothing below `commands` imports it.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod dist;
 pub mod distill;
+pub mod env;
 pub mod eval;
 pub mod export;
 pub mod flops;
+pub mod job;
 pub mod launch;
 pub mod loss;
 pub mod masking;
@@ -17,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod pretrain;
 pub mod progress_client;
 pub mod train_loop;
 pub mod weights;

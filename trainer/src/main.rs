@@ -1,6 +1,5 @@
-//! `dinoflow-trainer`: `validate` prints a config resolved, `train` runs (or resumes) it.
-//! Exit codes follow `dinoflow_api::exit_codes`: 78 bad input, 79 non-finite loss, anything
-//! else retryable.
+//! `dinoflow-trainer`: parses the command line and runs it (`commands`), exiting with the
+//! code of the contract in `dinoflow_api::exit_codes`.
 use clap::Parser;
 use dinoflow_trainer::cli::Cli;
 
@@ -12,6 +11,5 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
-    std::process::exit(dinoflow_trainer::train_loop::run::main_entry(cli));
+    std::process::exit(dinoflow_trainer::commands::run(Cli::parse()));
 }

@@ -28,7 +28,7 @@ use dinoflow_api::progress::{
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::launch::env::ProgressTarget;
+use crate::env::ProgressTarget;
 use crate::train_loop::{IterationReport, ProgressHook};
 
 /// Checkpoint and evaluation events kept while the operator is slow or away.
@@ -441,7 +441,7 @@ mod tests {
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
-    use crate::launch::env::{JobIdentity, JobKind};
+    use crate::env::{JobIdentity, JobKind};
 
     /// An operator stand-in: checks the token like operator/src/progress.rs and records.
     #[derive(Clone, Default)]

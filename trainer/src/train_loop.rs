@@ -1,6 +1,7 @@
 //! The training loop, top to bottom: schedules -> step -> teacher EMA -> metrics ->
 //! evaluation -> checkpoint. It is generic over three small traits so the loop itself can be
-//! tested with a toy model; `config.rs` wires the real ViT, losses and loader into them.
+//! tested with a toy model; [`components`] holds the real ViT, losses and loader behind them
+//! and `crate::pretrain` / `crate::distill` wire them from a config.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::checkpoint::{CheckpointError, CheckpointManager, Snapshot, VerifiedCheckpoint};
-use crate::dist::{self, Collective};
+use crate::dist::{self, World};
 use crate::eval::{EvalConfig, EvalError, EvalReport};
 use crate::metrics::{JsonlLog, MetricsError, Progress, TrainerMetrics};
 
@@ -112,10 +113,11 @@ pub enum LoopError {
     Metrics(#[from] MetricsError),
     #[error("evaluation: {0}")]
     Eval(#[from] EvalError),
-    #[error("checkpoint {path} does not fit this run: {reason}")]
+    #[error("checkpoint {path} does not fit this run: {source}")]
     Restore {
         path: std::path::PathBuf,
-        reason: String,
+        #[source]
+        source: StepError,
     },
 }
 
@@ -174,6 +176,16 @@ pub trait ProgressHook {
     fn long_phase(&mut self, _active: bool) {}
 }
 
+/// What the model/data side gives the loop (built by `crate::pretrain` or `crate::distill`).
+#[derive(Debug)]
+pub struct Components<M, D, S> {
+    pub model: M,
+    pub data: D,
+    pub schedules: S,
+    pub flops_per_image: Option<f64>,
+    pub num_classes: i64,
+}
+
 /// No progress reporting (tests, runs without an operator, ranks other than 0).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoProgress;
@@ -190,9 +202,9 @@ pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Sche
     pub jsonl: &'a mut JsonlLog,
     /// Set by the SIGTERM/SIGINT handler.
     pub stop: Arc<AtomicBool>,
-    /// The ranks of the run. They agree on when to stop; only rank 0 writes metrics.jsonl and
-    /// checkpoints, since data parallelism keeps every replica identical (`dist`).
-    pub collective: &'a dyn Collective,
+    /// The ranks of the run. They agree on when to stop; only the main rank writes
+    /// metrics.jsonl and checkpoints, since data parallelism keeps every replica identical.
+    pub world: &'a World,
     pub progress: &'a mut dyn ProgressHook,
 }
 
@@ -211,23 +223,21 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
     /// iteration to continue from.
     pub fn restore(&mut self, checkpoint: &VerifiedCheckpoint) -> Result<u64, LoopError> {
         let snapshot = CheckpointManager::load(checkpoint)?;
-        let restore_err = |reason: String| LoopError::Restore {
+        let restore_err = |source: StepError| LoopError::Restore {
             path: checkpoint.path.clone(),
-            reason,
+            source,
         };
         self.model
             .load_state(snapshot.tensors)
-            .map_err(|e| restore_err(e.0))?;
+            .map_err(restore_err)?;
         if let Some(state) = snapshot.json.get("model_state") {
-            self.model
-                .load_json_state(state)
-                .map_err(|e| restore_err(e.0))?;
+            self.model.load_json_state(state).map_err(restore_err)?;
         }
         let position = snapshot
             .json
             .get("data_position")
-            .ok_or_else(|| restore_err("no data_position.json".into()))?;
-        self.data.seek(position).map_err(|e| restore_err(e.0))?;
+            .ok_or_else(|| restore_err(StepError("no data_position.json".into())))?;
+        self.data.seek(position).map_err(restore_err)?;
         Ok(snapshot.iteration)
     }
 
@@ -245,7 +255,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         let mut iteration = start;
         while iteration < total {
             // Agreed across ranks: a signal may reach one rank an iteration before another.
-            if dist::any_rank(self.collective, self.stop.load(Ordering::SeqCst)) {
+            if dist::any_rank(self.collective(), self.stop.load(Ordering::SeqCst)) {
                 self.checkpoint(iteration)?;
                 tracing::warn!(
                     iteration,
@@ -363,7 +373,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
 
     /// Appends to metrics.jsonl on rank 0 (the losses are already averaged over the ranks).
     fn write_line(&mut self, line: &serde_json::Value) -> Result<(), LoopError> {
-        if self.collective.rank() == 0 {
+        if self.world.is_main() {
             self.jsonl.record(line)?;
         }
         Ok(())
@@ -404,10 +414,10 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
     }
 
     fn checkpoint(&mut self, iteration: u64) -> Result<(), LoopError> {
-        if self.collective.rank() != 0 {
+        if !self.world.is_main() {
             // Wait until rank 0 has written it: a rank that exits first would be mistaken
             // for a failure and its peers stopped mid-write.
-            dist::barrier(self.collective);
+            dist::barrier(self.collective());
             self.metrics.checkpoint_iteration.set(iteration as i64);
             self.metrics.checkpoint_age_seconds.set(0.0);
             return Ok(());
@@ -435,8 +445,12 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.write_line(&serde_json::json!({
             "type": "checkpoint", "iteration": iteration, "time": unix_now(), "path": saved.path,
         }))?;
-        dist::barrier(self.collective);
+        dist::barrier(self.collective());
         Ok(())
+    }
+
+    fn collective(&self) -> &dyn dist::Collective {
+        self.world.collective().as_ref()
     }
 }
 
@@ -458,6 +472,5 @@ fn unix_now() -> f64 {
 }
 
 pub mod components;
-pub mod run;
 #[cfg(test)]
 mod tests;

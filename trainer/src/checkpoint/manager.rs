@@ -122,15 +122,7 @@ impl CheckpointManager {
         for (group, tensors) in &snapshot.tensors {
             let name = format!("{group}.safetensors");
             let path = tmp.join(&name);
-            // safetensors serialises host memory: bring every tensor to a contiguous CPU copy.
-            let host: Vec<(&str, Tensor)> = tensors
-                .iter()
-                .map(|(k, t)| (k.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
-                .collect();
-            Tensor::write_safetensors(&host, &path).map_err(|source| CheckpointError::Tensor {
-                path: path.clone(),
-                source,
-            })?;
+            super::tensor_file::write(&path, tensors)?;
             files.insert(name, seal_file(&path)?);
         }
         for (doc, value) in &snapshot.json {
@@ -273,11 +265,13 @@ impl CheckpointManager {
                 snapshot.tensors.insert(group.to_string(), tensors);
             } else if let Some(doc) = name.strip_suffix(".json") {
                 let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-                let value =
-                    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+                let value = serde_json::from_slice(&bytes).map_err(|source| {
+                    CheckpointError::CorruptJson {
                         path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                        what: "not valid JSON",
+                        source,
+                    }
+                })?;
                 snapshot.json.insert(doc.to_string(), value);
             }
         }
@@ -372,14 +366,14 @@ mod tests {
     }
 
     #[test]
-    fn a_full_disk_is_recognised_in_io_and_tensor_errors() {
+    fn a_full_disk_is_recognised_by_the_io_error_kind() {
         let full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
         assert!(CheckpointError::io(Path::new("/c"), full()).is_storage_full());
-        let tensor = CheckpointError::Tensor {
-            path: "/c/student.safetensors".into(),
-            source: tch::TchError::FileFormat(format!("write: {:?}", full())),
-        };
-        assert!(tensor.is_storage_full());
+        let quota = std::io::Error::from(std::io::ErrorKind::QuotaExceeded);
+        assert!(CheckpointError::io(Path::new("/c/student.safetensors"), quota).is_storage_full());
+        // Only the kind decides: a message that mentions it does not.
+        let text = std::io::Error::other(format!("write: {:?}", full()));
+        assert!(!CheckpointError::io(Path::new("/c"), text).is_storage_full());
         let other = CheckpointError::io(Path::new("/c"), std::io::Error::other("EIO"));
         assert!(!other.is_storage_full());
     }

@@ -42,9 +42,10 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
         let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|e| CheckpointError::Corrupt {
+            serde_json::from_slice(&text).map_err(|source| CheckpointError::CorruptJson {
                 path: path.clone(),
-                reason: format!("manifest is not valid JSON: {e}"),
+                what: "manifest is not valid JSON",
+                source,
             })?;
         if manifest.format != FORMAT {
             return Err(CheckpointError::Corrupt {
@@ -59,9 +60,9 @@ impl Manifest {
     pub fn verify(&self, dir: &Path) -> Result<(), CheckpointError> {
         for (name, entry) in &self.files {
             let path = dir.join(name);
-            let (bytes, sha) = hash_file(&path).map_err(|e| CheckpointError::Corrupt {
+            let (bytes, sha) = hash_file(&path).map_err(|source| CheckpointError::Unreadable {
                 path: path.clone(),
-                reason: format!("cannot read listed file: {e}"),
+                source,
             })?;
             if bytes != entry.bytes {
                 return Err(CheckpointError::Corrupt {

@@ -4,6 +4,7 @@
 mod manager;
 pub mod manifest;
 mod resume;
+mod tensor_file;
 
 use std::path::{Path, PathBuf};
 
@@ -21,11 +22,36 @@ pub enum CheckpointError {
     },
     #[error("{path}: corrupt checkpoint: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: corrupt checkpoint: {what}: {source}")]
+    CorruptJson {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: corrupt checkpoint: cannot read listed file: {source}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Tensor {
         path: PathBuf,
         #[source]
         source: tch::TchError,
+    },
+    #[error("{path}: {source}")]
+    Serialize {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{path}: tensor {name} has kind {kind:?}, which a checkpoint cannot hold")]
+    Unsupported {
+        path: PathBuf,
+        name: String,
+        kind: tch::Kind,
     },
     /// Retryable (the operator resumes from the last verified checkpoint), but a restart
     /// only helps once there is room.
@@ -48,8 +74,8 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    /// ENOSPC (or a quota) somewhere in a write. tch flattens the safetensors I/O error into
-    /// text, so for tensor files the kind is read back from its debug form.
+    /// ENOSPC (or a quota) somewhere in a write, by the I/O error's kind (tensor files are
+    /// written through `std::fs` for that, see `tensor_file`).
     pub fn is_storage_full(&self) -> bool {
         match self {
             Self::Io { source, .. } => {
@@ -57,10 +83,6 @@ impl CheckpointError {
                     source.kind(),
                     std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
                 )
-            }
-            Self::Tensor { source, .. } => {
-                let text = source.to_string();
-                text.contains("StorageFull") || text.contains("QuotaExceeded")
             }
             Self::NoSpace { .. } => true,
             _ => false,

@@ -38,6 +38,8 @@ pub enum DataError {
     NothingReadable { path: String, skipped: u64 },
     #[error("data loader worker failed: {0}")]
     Worker(String),
+    #[error("data loader worker failed: cannot start a loader thread: {0}")]
+    Spawn(#[source] std::io::Error),
 }
 
 impl DataError {

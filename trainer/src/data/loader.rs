@@ -199,7 +199,7 @@ impl Loader {
                 std::thread::Builder::new()
                     .name(format!("data-{i}"))
                     .spawn(move || worker(&shared))
-                    .map_err(|e| DataError::Worker(format!("cannot start a loader thread: {e}")))
+                    .map_err(DataError::Spawn)
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {

@@ -6,6 +6,9 @@
 //! chosen at start-up. [`Single`] is the world-size-1 backend; [`tcp::TcpCollective`] the
 //! CPU backend for several processes ([`init`] picks from the torchrun environment).
 //!
+//! [`World`] is built once per process from that environment and passed down: it owns the
+//! collective and is the one place that knows this process's rank, local rank and device.
+//!
 //! Data parallelism follows DDP/FSDP: every rank holds the whole model, gradients are
 //! averaged across ranks after backward ([`average_gradients`]), so the replicas stay
 //! identical and only rank 0 needs to write checkpoints.
@@ -15,9 +18,14 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
-use crate::launch::env::{EnvError, Lookup};
+use dinoflow_api::contract as c;
+
+use crate::env::{EnvError, Lookup};
 
 pub mod tcp;
+mod world;
+
+pub use world::{World, WorldError};
 
 /// Why a collective operation or the rendezvous failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,31 +125,35 @@ impl DistEnv {
     pub fn from_lookup<F: Fn(&str) -> Option<String>>(
         env: &Lookup<F>,
     ) -> Result<Option<Self>, EnvError> {
-        if env.get("RANK").is_none() && env.get("WORLD_SIZE").is_none() {
+        if env.get(c::RANK).is_none() && env.get(c::WORLD_SIZE).is_none() {
             return Ok(None);
         }
-        let rank: usize = env.required_parsed("RANK", "a non-negative integer")?;
-        let world_size: usize = env.required_parsed("WORLD_SIZE", "a positive integer")?;
+        let rank: usize = env.required_parsed(c::RANK, "a non-negative integer")?;
+        let world_size: usize = env.required_parsed(c::WORLD_SIZE, "a positive integer")?;
         if world_size == 0 || rank >= world_size {
             return Err(EnvError::Invalid {
-                name: "RANK",
+                name: c::RANK,
                 value: rank.to_string(),
                 reason: format!("must be below WORLD_SIZE={world_size}"),
                 fix: "use `dinoflow-trainer launch`, which numbers the processes".into(),
             });
         }
-        let rendezvous = crate::launch::env::rendezvous(env)?;
+        let rendezvous = crate::env::rendezvous(env)?;
         let seconds = |name: &'static str, default: Duration| {
             env.parsed::<u64>(name, "a number of seconds")
                 .map(|v| v.map_or(default, Duration::from_secs))
         };
-        let job = ["DINOFLOW_NAMESPACE", "DINOFLOW_JOB", "DINOFLOW_RUN_ATTEMPT"]
-            .map(|n| env.get(n).unwrap_or_default());
+        let job = [
+            c::DINOFLOW_NAMESPACE,
+            c::DINOFLOW_JOB,
+            c::DINOFLOW_RUN_ATTEMPT,
+        ]
+        .map(|n| env.get(n).unwrap_or_default());
         Ok(Some(Self {
             rank,
             world_size,
             local_rank: env
-                .parsed("LOCAL_RANK", "a non-negative integer")?
+                .parsed(c::LOCAL_RANK, "a non-negative integer")?
                 .unwrap_or(0),
             tcp: tcp::TcpConfig {
                 rank,
@@ -150,10 +162,10 @@ impl DistEnv {
                 master_port: rendezvous.master_port,
                 session: job.join("/"),
                 rendezvous_timeout: seconds(
-                    "DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS",
+                    c::DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS,
                     RENDEZVOUS_TIMEOUT,
                 )?,
-                op_timeout: seconds("DINOFLOW_COLLECTIVE_TIMEOUT_SECONDS", OP_TIMEOUT)?,
+                op_timeout: seconds(c::DINOFLOW_COLLECTIVE_TIMEOUT_SECONDS, OP_TIMEOUT)?,
             },
         }))
     }
@@ -393,7 +405,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_half_set_distributed_environment_is_an_error_naming_the_variable() {
-        use crate::launch::env::tests::lookup;
+        use crate::env::tests::lookup;
         assert_eq!(DistEnv::from_lookup(&lookup(&[])).unwrap(), None);
         let err = DistEnv::from_lookup(&lookup(&[("RANK", "1"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert_eq!(err.name(), "MASTER_ADDR");

@@ -20,16 +20,16 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::{Collective, CollectiveError};
 
-const MAGIC: &[u8; 4] = b"DFLW";
-const VERSION: u32 = 1;
-const OP_SUM: u8 = 1;
-const OP_BROADCAST: u8 = 2;
-/// Longest handshake message accepted (the session string).
-const MAX_SESSION: u32 = 4096;
+mod wire;
+
+use wire::{
+    Header, MAGIC, OP_BROADCAST, OP_SUM, VERSION, bytes_of, code_of_kind, read_payload,
+    read_string, read_u32, store,
+};
 
 /// How to form the group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,93 +73,6 @@ impl std::fmt::Debug for TcpCollective {
             .field("world_size", &self.world_size)
             .finish()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Header {
-    op: u8,
-    seq: u64,
-    kind: u8,
-    numel: u64,
-    bytes: u64,
-}
-
-impl Header {
-    fn write(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut buf = [0u8; 26];
-        buf[0] = self.op;
-        buf[1..9].copy_from_slice(&self.seq.to_le_bytes());
-        buf[9] = self.kind;
-        buf[10..18].copy_from_slice(&self.numel.to_le_bytes());
-        buf[18..26].copy_from_slice(&self.bytes.to_le_bytes());
-        w.write_all(&buf)
-    }
-
-    fn read(r: &mut impl Read) -> io::Result<Self> {
-        let mut buf = [0u8; 26];
-        r.read_exact(&mut buf)?;
-        let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-        Ok(Self {
-            op: buf[0],
-            seq: u64_at(1),
-            kind: buf[9],
-            numel: u64_at(10),
-            bytes: u64_at(18),
-        })
-    }
-
-    fn describe(&self) -> String {
-        let op = match self.op {
-            OP_SUM => "all_reduce_sum",
-            OP_BROADCAST => "broadcast",
-            _ => "unknown op",
-        };
-        let kind = kind_of_code(self.kind).map_or_else(|| "?".to_string(), |k| format!("{k:?}"));
-        format!("#{} {op} of {} {kind}", self.seq, self.numel)
-    }
-}
-
-/// Element types the wire format carries.
-const KINDS: [(Kind, u8); 9] = [
-    (Kind::Float, 1),
-    (Kind::Double, 2),
-    (Kind::Half, 3),
-    (Kind::BFloat16, 4),
-    (Kind::Int64, 5),
-    (Kind::Int, 6),
-    (Kind::Int16, 7),
-    (Kind::Int8, 8),
-    (Kind::Uint8, 9),
-];
-
-fn code_of_kind(kind: Kind) -> Option<u8> {
-    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, c)| *c)
-}
-
-fn kind_of_code(code: u8) -> Option<Kind> {
-    KINDS.iter().find(|(_, c)| *c == code).map(|(k, _)| *k)
-}
-
-/// A tensor's contiguous CPU bytes.
-fn bytes_of(t: &Tensor) -> Vec<u8> {
-    let c = t.detach().to_device(Device::Cpu).contiguous();
-    let numel = c.numel();
-    let mut buf = vec![0u8; numel * c.kind().elt_size_in_bytes()];
-    c.copy_data_u8(&mut buf, numel);
-    buf
-}
-
-fn read_payload(r: &mut impl Read, len: u64) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(len).map_err(|_| io::Error::other("payload too large"))?;
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
-/// Writes `bytes` (a tensor of `t`'s shape and dtype) into `t`, on `t`'s device.
-fn store(t: &mut Tensor, bytes: &[u8]) {
-    let src = Tensor::from_data_size(bytes, &t.size(), t.kind());
-    tch::no_grad(|| t.copy_(&src));
 }
 
 impl TcpCollective {
@@ -365,18 +278,6 @@ fn connect_once(target: &str) -> io::Result<TcpStream> {
     Err(last)
 }
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_string(r: &mut impl Read) -> io::Result<String> {
-    let len = read_u32(r)?.min(MAX_SESSION);
-    let bytes = read_payload(r, u64::from(len))?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
-}
-
 fn refuse(mut s: TcpStream, why: &str) {
     let mut msg = vec![1u8];
     msg.extend_from_slice(&(why.len() as u32).to_le_bytes());
@@ -550,6 +451,7 @@ pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use tch::Kind;
 
     fn config(world_size: usize, port: u16) -> TcpConfig {
         TcpConfig {

@@ -1,61 +1,33 @@
-//! `dinoflow-trainer distill`: a DistillJob manifest -> frozen teacher + student components ->
-//! the pretraining loop (`train_with`), with the same output directory, checkpoints,
-//! resume, evaluation and exit-code contract as `train`.
-use std::path::Path;
-use std::sync::Arc;
-
+//! Distillation wiring: a DistillJob's frozen teacher + the pretraining components for the
+//! student, as the components [`crate::job::run`] trains (same output directory, checkpoints,
+//! resume and evaluation as pretraining). `dinoflow-trainer distill` reads the manifest and
+//! calls [`build`].
 use dinoflow_api::TrainingConfig;
-use dinoflow_api::distill::{CheckpointFormat, TeacherCheckpoint, TeacherSource};
+use dinoflow_api::distill::TeacherSource;
 
 use super::teacher::torch_home;
 use super::{
     DistillData, DistillError, DistillModel, DistillSettings, FrozenTeacher, load_teacher,
 };
-use crate::cli::TrainArgs;
-use crate::config;
-use crate::dist::Collective;
-use crate::launch::env::JobKind;
+use crate::config::{self, MappingError};
+use crate::dist::World;
 use crate::meta_arch::MetaArchConfig;
 use crate::optim;
-use crate::train_loop::Outcome;
-use crate::train_loop::run::{Components, TrainError, build_components, local_device, train_with};
+use crate::pretrain::{self, build_components};
+use crate::train_loop::Components;
 
-/// Where the operator also passes the resolved teacher checkpoint of `teacher.pretrainJob`.
-const TEACHER_CHECKPOINT_ENV: &str = "DINOFLOW_TEACHER_CHECKPOINT";
-
-fn permanent(e: DistillError) -> TrainError {
-    TrainError::Permanent(e.to_string())
-}
-
-/// Loads the DistillJob named by `args` and runs it.
-pub fn distill(args: &TrainArgs) -> Result<Outcome, TrainError> {
-    let resolved = dinoflow_api::load_training_config(&args.config)?;
-    let (Some(mut teacher), Some(recipe)) = (resolved.teacher, resolved.distillation) else {
-        return Err(TrainError::Permanent(format!(
-            "{}: kind: expected a DistillJob manifest (apiVersion dinoflow.dev/v1alpha1, kind \
-             DistillJob, spec.teacher naming the frozen teacher); run pretraining configs with \
-             `dinoflow-trainer train`",
-            args.config.display()
-        )));
-    };
-    if teacher.checkpoint.is_none()
-        && let Some(path) = std::env::var(TEACHER_CHECKPOINT_ENV)
-            .ok()
-            .filter(|p| !p.is_empty())
-    {
-        teacher.checkpoint = Some(TeacherCheckpoint {
-            path,
-            format: CheckpointFormat::Dinoflow,
-        });
-    }
-    let settings = DistillSettings::from(&recipe);
-    // Bad flags are refused before any output is written.
-    settings
-        .check(resolved.training.ibot.loss_weight > 0.0)
-        .map_err(permanent)?;
-    train_with(args, JobKind::Distill, |training, out, collective| {
-        build(training, out, collective, &teacher, &settings)
-    })
+/// Why the distillation components could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The student's config.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// The recipe, the frozen teacher, or a student that does not fit it.
+    #[error(transparent)]
+    Distill(#[from] DistillError),
+    /// The student's pretraining components.
+    #[error(transparent)]
+    Student(#[from] pretrain::BuildError),
 }
 
 /// The student config the recipe implies: `dropPath: false` removes stochastic depth.
@@ -71,24 +43,22 @@ pub fn student_config(training: &TrainingConfig, settings: &DistillSettings) -> 
 /// opened), then the pretraining components for the student, wrapped.
 pub fn build(
     training: &TrainingConfig,
-    out: &Path,
-    collective: &Arc<dyn Collective>,
+    world: &World,
     teacher: &TeacherSource,
     settings: &DistillSettings,
-) -> Result<Components<DistillModel, DistillData, optim::Schedules>, TrainError> {
+) -> Result<Components<DistillModel, DistillData, optim::Schedules>, BuildError> {
     let student = student_config(training, settings);
-    let arch =
-        config::meta_arch_config(&student).map_err(|e| TrainError::Permanent(e.to_string()))?;
-    settings.check(arch.do_ibot()).map_err(permanent)?;
-    let frozen = load_teacher(teacher, local_device(), &torch_home()).map_err(permanent)?;
-    check_heads(&frozen, &arch).map_err(permanent)?;
+    let arch = config::meta_arch_config(&student)?;
+    settings.check(arch.do_ibot())?;
+    let frozen = load_teacher(teacher, world.device(), &torch_home())?;
+    check_heads(&frozen, &arch)?;
     tracing::info!(
         format = %frozen.identity.format,
         path = %frozen.identity.path.display(),
         sha256 = %frozen.identity.sha256,
         "frozen teacher loaded"
     );
-    let c = build_components(&student, out, collective)?;
+    let c = build_components(&student, world)?;
     Ok(Components {
         model: DistillModel {
             base: c.model,

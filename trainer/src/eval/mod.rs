@@ -1,7 +1,6 @@
 //! Evaluation hooks on the teacher backbone: k-NN (official protocol) and a linear probe.
 //! [`evaluate_backbone`] runs a frozen backbone over the labelled splits of [`EvalInputs`];
 //! the hooks themselves see features only.
-pub mod command;
 pub mod data;
 pub mod knn;
 pub mod linear;

@@ -162,7 +162,7 @@ fn run(dir: &std::path::Path, total: u64, model: Toy, resume: bool, stop: bool) 
         metrics: &metrics,
         jsonl: &mut jsonl,
         stop: Arc::new(AtomicBool::new(stop)),
-        collective: &crate::dist::Single,
+        world: &crate::dist::World::single(),
         progress: &mut super::NoProgress,
     };
     let start = if resume {

@@ -1,7 +1,11 @@
 //! The pod's environment contract (DESIGN.md, "Contracts between operator and trainer"), read
-//! into one typed value before anything is spawned, so a broken pod spec fails at once with
-//! the variable named instead of as a hang at rendezvous.
+//! into typed values before anything is spawned, so a broken pod spec fails at once with
+//! the variable named instead of as a hang at rendezvous. The variable names come from
+//! [`dinoflow_api::contract`]; this module is the only reader of the process environment for
+//! them (the launcher, [`crate::dist::World`] and the commands go through it).
 use std::fmt;
+
+use dinoflow_api::contract as c;
 
 /// Kind of job a trainer runs for, as the operator names it (`DINOFLOW_JOB_KIND`).
 pub use dinoflow_api::contract::JobKind;
@@ -76,7 +80,6 @@ pub struct LaunchEnv {
     pub world_size: u32,
     pub job: Option<JobIdentity>,
     pub progress: Option<ProgressTarget>,
-    pub teacher_checkpoint: Option<String>,
 }
 
 impl LaunchEnv {
@@ -147,10 +150,10 @@ pub fn process_env() -> Lookup<impl Fn(&str) -> Option<String>> {
 
 /// `MASTER_ADDR` and `MASTER_PORT`.
 pub fn rendezvous<F: Fn(&str) -> Option<String>>(env: &Lookup<F>) -> Result<Rendezvous, EnvError> {
-    let master_addr = env.required("MASTER_ADDR")?;
-    let master_port: u16 = env.required_parsed("MASTER_PORT", "a TCP port 1..65535")?;
+    let master_addr = env.required(c::MASTER_ADDR)?;
+    let master_port: u16 = env.required_parsed(c::MASTER_PORT, "a TCP port 1..65535")?;
     if master_port == 0 {
-        return Err(invalid("MASTER_PORT", "0", "must be a TCP port 1..65535"));
+        return Err(invalid(c::MASTER_PORT, "0", "must be a TCP port 1..65535"));
     }
     Ok(Rendezvous {
         master_addr: master_addr.trim().to_string(),
@@ -164,38 +167,43 @@ pub fn job_and_progress<F: Fn(&str) -> Option<String>>(
     env: &Lookup<F>,
     default_kind: JobKind,
 ) -> Result<(Option<JobIdentity>, Option<ProgressTarget>), EnvError> {
-    let kind = match env.get("DINOFLOW_JOB_KIND") {
+    let kind = match env.get(c::DINOFLOW_JOB_KIND) {
         None => default_kind,
-        Some(k) => JobKind::from_kind(&k)
-            .ok_or_else(|| invalid("DINOFLOW_JOB_KIND", &k, "must be PretrainJob or DistillJob"))?,
+        Some(k) => JobKind::from_kind(&k).ok_or_else(|| {
+            invalid(
+                c::DINOFLOW_JOB_KIND,
+                &k,
+                "must be PretrainJob or DistillJob",
+            )
+        })?,
     };
     let run_attempt = env
-        .parsed("DINOFLOW_RUN_ATTEMPT", "a non-negative integer")?
+        .parsed(c::DINOFLOW_RUN_ATTEMPT, "a non-negative integer")?
         .unwrap_or(0);
-    let job = env.get("DINOFLOW_JOB").map(|name| JobIdentity {
+    let job = env.get(c::DINOFLOW_JOB).map(|name| JobIdentity {
         namespace: env
-            .get("DINOFLOW_NAMESPACE")
+            .get(c::DINOFLOW_NAMESPACE)
             .unwrap_or_else(|| "default".into()),
         name,
         kind,
         run_attempt,
     });
-    let Some(endpoint) = env.get("DINOFLOW_PROGRESS_ENDPOINT") else {
+    let Some(endpoint) = env.get(c::DINOFLOW_PROGRESS_ENDPOINT) else {
         return Ok((job, None));
     };
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(invalid(
-            "DINOFLOW_PROGRESS_ENDPOINT",
+            c::DINOFLOW_PROGRESS_ENDPOINT,
             &endpoint,
             "must be an http:// or https:// URL such as http://dinoflow-operator.dinoflow-system.svc:9090",
         ));
     }
     // Reporting needs to say for whom, and to prove it.
     let Some(job) = job else {
-        return Err(missing("DINOFLOW_JOB"));
+        return Err(missing(c::DINOFLOW_JOB));
     };
-    if env.get("DINOFLOW_NAMESPACE").is_none() {
-        return Err(missing("DINOFLOW_NAMESPACE"));
+    if env.get(c::DINOFLOW_NAMESPACE).is_none() {
+        return Err(missing(c::DINOFLOW_NAMESPACE));
     }
     let token = env.required(dinoflow_api::progress::TOKEN_ENV)?;
     let progress = ProgressTarget {
@@ -212,26 +220,26 @@ pub fn launch_env<F: Fn(&str) -> Option<String>>(
     kind: JobKind,
 ) -> Result<LaunchEnv, EnvError> {
     let rendezvous = rendezvous(env)?;
-    let nnodes: u32 = env.required_parsed("NNODES", "a positive integer")?;
+    let nnodes: u32 = env.required_parsed(c::NNODES, "a positive integer")?;
     if nnodes == 0 {
-        return Err(invalid("NNODES", "0", "must be a positive integer"));
+        return Err(invalid(c::NNODES, "0", "must be a positive integer"));
     }
-    let node_rank: u32 = env.required_parsed("NODE_RANK", "a non-negative integer")?;
+    let node_rank: u32 = env.required_parsed(c::NODE_RANK, "a non-negative integer")?;
     if node_rank >= nnodes {
         return Err(invalid(
-            "NODE_RANK",
+            c::NODE_RANK,
             &node_rank.to_string(),
             format!("must be below NNODES={nnodes}"),
         ));
     }
     // A CPU pod asks for no GPUs; it still runs one process.
     let nproc_per_node = env
-        .required_parsed::<u32>("NPROC_PER_NODE", "a non-negative integer")?
+        .required_parsed::<u32>(c::NPROC_PER_NODE, "a non-negative integer")?
         .max(1);
-    let world_size: u32 = env.required_parsed("WORLD_SIZE", "a positive integer")?;
+    let world_size: u32 = env.required_parsed(c::WORLD_SIZE, "a positive integer")?;
     if u64::from(world_size) != u64::from(nnodes) * u64::from(nproc_per_node) {
         return Err(invalid(
-            "WORLD_SIZE",
+            c::WORLD_SIZE,
             &world_size.to_string(),
             format!(
                 "must equal NNODES × NPROC_PER_NODE = {nnodes} × {nproc_per_node} = {}",
@@ -248,7 +256,6 @@ pub fn launch_env<F: Fn(&str) -> Option<String>>(
         world_size,
         job,
         progress,
-        teacher_checkpoint: env.get("DINOFLOW_TEACHER_CHECKPOINT"),
     })
 }
 

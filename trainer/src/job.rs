@@ -1,0 +1,283 @@
+//! One training job, whatever its kind: config -> output directory -> world -> metrics ->
+//! components (built by the caller: [`crate::pretrain`] or [`crate::distill`]) -> resume ->
+//! [`TrainLoop`]. Shared by `train` and `distill`; the exit code of each failure is decided
+//! by the command layer, from the typed errors here.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use dinoflow_api::contract::{self as c, JobKind};
+use dinoflow_api::{ConfigError, TrainingConfig};
+
+use crate::checkpoint::{self, CheckpointError, CheckpointManager, ResumeMode, check_compatible};
+use crate::cli::TrainArgs;
+use crate::config;
+use crate::dist::{self, World, WorldError};
+use crate::env::{self, EnvError};
+use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
+use crate::progress_client::ProgressReporter;
+use crate::train_loop::{
+    BatchSource, Components, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, Schedules,
+    TrainLoop, Trainable,
+};
+
+/// Why a job failed before, around or inside the loop; `B` is the error of the job kind's
+/// component builder (`pretrain::BuildError`, `distill::run::BuildError`).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError<B: std::error::Error + 'static> {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "output directory {path}: {what}: {source}. Set training.output.dir or --output-dir to a writable directory"
+    )]
+    OutputDir {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "output directory {path}: {source}. Set training.output.dir or --output-dir to a writable directory"
+    )]
+    CheckpointDir {
+        path: PathBuf,
+        #[source]
+        source: CheckpointError,
+    },
+    #[error(
+        "DINOFLOW_PEAK_FLOPS={value:?} is not a positive number; set it to the device's peak \
+         FLOP/s (e.g. 989e12 for an H100 SXM in bf16) or unset it to skip MFU"
+    )]
+    PeakFlops { value: String },
+    /// The progress variables of the environment contract.
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error(transparent)]
+    World(#[from] WorldError),
+    #[error("cannot install the signal handler: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot start the progress reporter: {0}")]
+    Progress(#[source] std::io::Error),
+    #[error(transparent)]
+    Build(B),
+    #[error("resume: {0}")]
+    Resume(#[source] CheckpointError),
+    /// The ranks would start from different iterations.
+    #[error(
+        "{detail}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods"
+    )]
+    RanksDisagree { detail: String },
+    #[error(transparent)]
+    Loop(#[from] LoopError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// Loads the config named by `args` and runs it as a job of `kind` (the kind the progress
+/// reports name) with the components `build` makes for this process's [`World`].
+pub fn run<M, D, S, E, B>(args: &TrainArgs, kind: JobKind, build: B) -> Result<Outcome, JobError<E>>
+where
+    M: Trainable,
+    D: BatchSource<Batch = M::Batch>,
+    S: Schedules,
+    E: std::error::Error + 'static,
+    B: FnOnce(&TrainingConfig, &World) -> Result<Components<M, D, S>, E>,
+{
+    let resolved = dinoflow_api::load_training_config(&args.config)?;
+    let mut training = resolved.training;
+    if let Some(dir) = &args.output_dir {
+        training.output.dir = dir.display().to_string();
+    }
+    let out = PathBuf::from(&training.output.dir);
+    prepare_output_dir(&out)?;
+    let process_env = env::process_env();
+    // Set but empty is an error here, unlike the contract's other variables.
+    let peak_flops = peak_flops((process_env.0)(c::DINOFLOW_PEAK_FLOPS).as_deref())?;
+    if let Some(threads) = (process_env.0)(c::DINOFLOW_THREADS).and_then(|t| t.parse().ok()) {
+        tch::set_num_threads(threads);
+    }
+    // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
+    let (_, progress_target) = env::job_and_progress(&process_env, kind)?;
+    // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from `launch`; unset: one process.
+    let world = World::from_env(&process_env)?;
+    let collective = world.collective().as_ref();
+
+    let metrics = TrainerMetrics::new()?;
+    // One scrape target per pod: the node's first process serves the metrics.
+    let _server = match training.logging.metrics_port {
+        _ if !world.is_node_main() => None,
+        0 => None,
+        port => Some(MetricsServer::start(
+            ([0, 0, 0, 0], port as u16).into(),
+            metrics.clone(),
+        )?),
+    };
+    let mut jsonl = JsonlLog::open(&out.join("metrics.jsonl"))?;
+    // Opening removes unfinished checkpoints: rank 0 does it before the others look.
+    if !world.is_main() {
+        dist::barrier(collective);
+    }
+    let checkpoints = CheckpointManager::open(
+        out.join("checkpoints"),
+        training.checkpoint.keep_last as usize,
+    )
+    .map_err(|source| JobError::CheckpointDir {
+        path: out.join("checkpoints"),
+        source,
+    })?;
+    if world.is_main() {
+        dist::barrier(collective);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(JobError::Signals)?;
+    }
+
+    let Components {
+        mut model,
+        mut data,
+        schedules,
+        flops_per_image,
+        num_classes,
+    } = build(&training, &world).map_err(JobError::Build)?;
+    let total = training.total_iterations();
+    let settings = LoopSettings {
+        total_iterations: args.max_iterations.map_or(total, |m| m.min(total)),
+        log_every: u64::from(training.logging.every_iterations),
+        checkpoint_every: training
+            .checkpoint
+            .period(training.train.official_epoch_length),
+        eval_every: u64::from(training.evaluation.period_iterations),
+        eval_at_start: true,
+        eval_at_end: true,
+        // Only rank 0 has evaluation inputs (`pretrain::build_components`); the others wait
+        // for it at the next collective.
+        eval: config::eval_config(&training, num_classes),
+        world_size: world.world_size(),
+        config_hash: config::config_hash(&training),
+        guarded: {
+            let mut guarded = config::guarded_fields(&training);
+            guarded.extend(model.guarded());
+            guarded
+        },
+        flops_per_image,
+        peak_flops,
+    };
+    let resume_from = match &args.resume {
+        ResumeMode::Never => None,
+        ResumeMode::Auto => checkpoints.latest_verified().map_err(JobError::Resume)?,
+        ResumeMode::Path(path) => Some(checkpoint::verify(path).map_err(JobError::Resume)?),
+    };
+    if let Some(ckpt) = &resume_from {
+        for warning in check_compatible(&ckpt.manifest, &ckpt.path, &settings.guarded, args.force)
+            .map_err(JobError::Resume)?
+        {
+            tracing::warn!("resuming with --force despite a changed config: {warning}");
+        }
+    }
+    let mut reporter = match progress_target {
+        Some(target) if world.is_main() => {
+            Some(ProgressReporter::start(target).map_err(JobError::Progress)?)
+        }
+        _ => None,
+    };
+    let mut no_progress = NoProgress;
+    let progress: &mut dyn ProgressHook = match &mut reporter {
+        Some(r) => r,
+        None => &mut no_progress,
+    };
+    let mut lp = TrainLoop {
+        model: &mut model,
+        data: &mut data,
+        schedules: &schedules,
+        settings,
+        checkpoints: &checkpoints,
+        metrics: &metrics,
+        jsonl: &mut jsonl,
+        stop,
+        world: &world,
+        progress,
+    };
+    let start = match &resume_from {
+        Some(ckpt) => {
+            let it = lp.restore(ckpt)?;
+            tracing::info!(iteration = it, path = %ckpt.path.display(), "resumed from checkpoint");
+            it
+        }
+        None => 0,
+    };
+    // A rank that cannot see rank 0's checkpoints would train another model in lockstep.
+    dist::ensure_same_on_every_rank(collective, start, "start iteration")
+        .map_err(|detail| JobError::RanksDisagree { detail })?;
+    tracing::info!(start, total = lp.settings.total_iterations, output = %out.display(), "training");
+    let outcome = lp.run(start)?;
+    if world.world_size() > 1 {
+        // Replicas must end identical; the digest lets a test or a human compare ranks.
+        tracing::info!(
+            rank = world.rank(),
+            student_sha256 = %dist::digest(model.state().get("student").into_iter().flatten()),
+            "final student weights"
+        );
+    }
+    Ok(outcome)
+}
+
+/// `DINOFLOW_PEAK_FLOPS`: peak FLOP/s of one device, for MFU; unset means MFU is not reported.
+pub(crate) fn peak_flops<B: std::error::Error + 'static>(
+    value: Option<&str>,
+) -> Result<Option<f64>, JobError<B>> {
+    let Some(v) = value else { return Ok(None) };
+    match v.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 => Ok(Some(p)),
+        _ => Err(JobError::PeakFlops { value: v.into() }),
+    }
+}
+
+/// Creates the output directory and proves it writable before any work is done.
+pub(crate) fn prepare_output_dir<B: std::error::Error + 'static>(
+    out: &Path,
+) -> Result<(), JobError<B>> {
+    let err = |what: &'static str| {
+        move |source| JobError::OutputDir {
+            path: out.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    std::fs::create_dir_all(out).map_err(err("cannot create it"))?;
+    let probe = out.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"probe").map_err(err("not writable"))?;
+    std::fs::remove_file(&probe).map_err(err("cannot remove a file in it"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MappingError;
+
+    #[test]
+    fn peak_flops_is_optional_but_must_be_a_positive_number_when_set() {
+        assert_eq!(peak_flops::<MappingError>(None).unwrap(), None);
+        assert_eq!(
+            peak_flops::<MappingError>(Some("989e12")).unwrap(),
+            Some(989e12)
+        );
+        for bad in ["0", "-1", "fast", "inf"] {
+            let err = peak_flops::<MappingError>(Some(bad)).unwrap_err();
+            assert!(matches!(err, JobError::PeakFlops { .. }), "{err}");
+            assert!(err.to_string().contains("DINOFLOW_PEAK_FLOPS"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_output_directory_names_the_flag_and_keeps_the_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = prepare_output_dir::<MappingError>(&file.join("out")).unwrap_err();
+        assert!(err.to_string().contains("--output-dir"), "{err}");
+        assert!(std::error::Error::source(&err).is_some(), "{err}");
+    }
+}

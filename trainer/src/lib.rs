@@ -9,6 +9,7 @@ pub mod distill;
 pub mod eval;
 pub mod export;
 pub mod flops;
+pub mod host_sync;
 pub mod launch;
 pub mod loss;
 pub mod masking;

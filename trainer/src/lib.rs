@@ -12,6 +12,7 @@ pub mod env;
 pub mod eval;
 pub mod export;
 pub mod flops;
+pub mod host_sync;
 pub mod job;
 pub mod launch;
 pub mod loss;

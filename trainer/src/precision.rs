@@ -206,18 +206,17 @@ impl DynamicLossScaler {
     }
 
     /// Divides gradients by the scale in place (multiplying by the float32 inverse, as
-    /// PyTorch) and reports whether any gradient holds inf or NaN.
+    /// PyTorch) and reports whether any gradient holds inf or NaN: one host read for all of
+    /// them, since whether to apply the update is decided on the host.
     pub fn unscale(&self, grads: &mut [Tensor]) -> bool {
         let inv_scale = (1.0 / self.state.scale) as f32 as f64;
         tch::no_grad(|| {
-            let mut found_non_finite = false;
+            let mut finite = Vec::with_capacity(grads.len());
             for g in grads.iter_mut() {
                 let _ = g.g_mul_scalar_(inv_scale);
-                if !found_non_finite {
-                    found_non_finite = !bool::try_from(g.isfinite().all()).unwrap_or(false);
-                }
+                finite.push(g.isfinite().all());
             }
-            found_non_finite
+            !finite.is_empty() && !crate::host_sync::all(&Tensor::stack(&finite, 0))
         })
     }
 

@@ -1,29 +1,21 @@
-//! The training loop, top to bottom: schedules -> step -> teacher EMA -> metrics ->
-//! evaluation -> checkpoint. It is generic over three small traits so the loop itself can be
-//! tested with a toy model; [`components`] holds the real ViT, losses and loader behind them
-//! and `crate::pretrain` / `crate::distill` wire them from a config.
+//! The training loop, top to bottom: schedules -> step (teacher EMA included) -> one read of
+//! its losses -> metrics -> evaluation -> checkpoint. It is generic over three small traits so
+//! the loop itself can be tested with a toy model; [`components`] holds the real ViT, losses
+//! and loader behind them and `crate::pretrain` / `crate::distill` wire them from a config.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::checkpoint::{CheckpointError, CheckpointManager, Snapshot, VerifiedCheckpoint};
 use crate::dist::{self, World};
-use crate::eval::{EvalConfig, EvalError, EvalReport};
+use crate::eval::{EvalConfig, EvalError, EvalInputs, Evaluator};
 use crate::metrics::{JsonlLog, MetricsError, Progress, TrainerMetrics};
+use crate::model::DinoVisionTransformer;
 
-/// Values of every schedule at one iteration (official `CosineScheduler` arrays).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ScheduleValues {
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub teacher_momentum: f64,
-    pub teacher_temperature: f64,
-    pub last_layer_lr: f64,
-}
+pub use crate::optim::ScheduleValues;
 
 /// Schedules are pure functions of the iteration, so a resume is exact by construction.
 pub trait Schedules {
@@ -37,14 +29,19 @@ pub type LossTerms = Vec<(String, f64)>;
 /// The model side: student, teacher and optimiser.
 pub trait Trainable {
     type Batch;
-    /// One optimisation step of the student on `batch` with the schedule values.
+    /// The losses of one step as the step left them (on the device for the real model).
+    type Losses;
+    /// One optimisation step of the student on `batch` with the schedule values, the teacher
+    /// EMA included (the only place it happens). It reads nothing to the host: on a GPU each
+    /// read would stall the device queue mid-step.
     fn train_step(
         &mut self,
         batch: &Self::Batch,
         values: &ScheduleValues,
-    ) -> Result<LossTerms, StepError>;
-    /// Teacher <- momentum * teacher + (1 - momentum) * student.
-    fn update_teacher(&mut self, momentum: f64);
+    ) -> Result<Self::Losses, StepError>;
+    /// The losses of a step on the host (one read, averaged over the ranks): every rank must
+    /// call it at the same iterations.
+    fn read_losses(&self, losses: &Self::Losses) -> LossTerms;
     /// Tensor groups to checkpoint (`student`, `teacher`, `optimizer`, `loss_state`, ...).
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>>;
     /// Restores what `state` returned.
@@ -64,9 +61,16 @@ pub trait Trainable {
     fn guarded(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
-    /// Runs the evaluation hooks on the teacher backbone.
-    fn evaluate(&mut self, _config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
-        Ok(None)
+    /// The backbone evaluated (and exported): the teacher in pretraining, the student EMA in
+    /// distillation; None for a model without one.
+    fn final_backbone(&self) -> Option<&DinoVisionTransformer> {
+        None
+    }
+    /// The labelled splits this rank evaluates on and the compute dtype (None: this rank does
+    /// not evaluate). The command wiring puts them in the model; the loop hands them, with
+    /// [`Self::final_backbone`], to an [`Evaluator`].
+    fn eval_inputs(&self) -> Option<(&EvalInputs, Kind)> {
+        None
     }
 }
 
@@ -274,10 +278,16 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             self.metrics
                 .data_wait_seconds_total
                 .inc_by(wait.elapsed().as_secs_f64());
-            let losses = self
+            let pending = self
                 .model
                 .train_step(&batch, &values)
                 .map_err(|source| LoopError::Step { iteration, source })?;
+            // The step's only host read, after all of its work is queued: metrics.jsonl and the
+            // progress stream carry every iteration's losses, so every iteration reads them,
+            // and the non-finite check below runs on each read. A non-finite loss has already
+            // gone through the update by then; nothing of it is logged or checkpointed, as the
+            // run stops here (exit 79).
+            let losses = self.model.read_losses(&pending);
             if losses.iter().any(|(_, v)| !v.is_finite()) {
                 let (last_iteration, last) = last_finite.unwrap_or((iteration, Vec::new()));
                 let err = LoopError::NonFiniteLoss {
@@ -289,8 +299,6 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 tracing::error!("{err}");
                 return Err(err);
             }
-            // Teacher EMA.
-            self.model.update_teacher(values.teacher_momentum);
             iteration += 1;
             // Metrics.
             self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
@@ -326,9 +334,9 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             m.loss.with_label_values(&[term.as_str()]).set(*v);
         }
         m.lr.set(values.lr);
-        m.weight_decay.set(values.weight_decay);
-        m.teacher_momentum.set(values.teacher_momentum);
-        m.teacher_temperature.set(values.teacher_temperature);
+        m.weight_decay.set(values.wd);
+        m.teacher_momentum.set(values.momentum);
+        m.teacher_temperature.set(values.teacher_temp);
         m.set_skipped_images(self.data.skipped_images());
         m.checkpoint_age_seconds
             .set(last_checkpoint.elapsed().as_secs_f64());
@@ -339,9 +347,9 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "time": unix_now(),
             "losses": losses.iter().cloned().collect::<BTreeMap<_, _>>(),
             "lr": values.lr,
-            "wd": values.weight_decay,
-            "momentum": values.teacher_momentum,
-            "teacher_temp": values.teacher_temperature,
+            "wd": values.wd,
+            "momentum": values.momentum,
+            "teacher_temp": values.teacher_temp,
             "skipped_images": self.data.skipped_images(),
         });
         let p = progress.on_iteration(iteration, images, losses, values.lr);
@@ -383,13 +391,21 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         let Some(config) = self.settings.eval.clone() else {
             return Ok(());
         };
-        let started = Instant::now();
-        self.progress.long_phase(true);
-        let report = self.model.evaluate(&config);
-        self.progress.long_phase(false);
-        let Some(report) = report? else {
+        let (Some(backbone), Some((inputs, kind))) =
+            (self.model.final_backbone(), self.model.eval_inputs())
+        else {
             return Ok(());
         };
+        let evaluator = Evaluator {
+            inputs,
+            config: &config,
+            kind,
+        };
+        let started = Instant::now();
+        self.progress.long_phase(true);
+        let report = evaluator.evaluate(backbone);
+        self.progress.long_phase(false);
+        let report = report?;
         let flat = report.flat();
         for (name, v) in &flat {
             self.metrics

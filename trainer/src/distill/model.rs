@@ -3,10 +3,12 @@
 //! targets.
 use std::collections::BTreeMap;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{DistillSettings, FrozenTeacher};
-use crate::eval::{EvalConfig, EvalError, EvalReport, evaluate_backbone};
+use crate::eval::EvalInputs;
+use crate::meta_arch::{StepLosses, TargetSource};
+use crate::model::DinoVisionTransformer;
 use crate::train_loop::components::{Model, TrainBatch};
 use crate::train_loop::{LossTerms, ScheduleValues, StepError, Trainable};
 
@@ -29,7 +31,7 @@ pub struct DistillModel {
 
 impl DistillModel {
     /// The network evaluated and exported: the student EMA, or the student without one.
-    pub fn final_backbone(&self) -> &crate::model::DinoVisionTransformer {
+    pub fn final_backbone(&self) -> &DinoVisionTransformer {
         if self.settings.student_ema {
             &self.base.arch.teacher.backbone
         } else {
@@ -40,19 +42,25 @@ impl DistillModel {
 
 impl Trainable for DistillModel {
     type Batch = TrainBatch;
+    type Losses = StepLosses;
 
+    /// Targets from the frozen teacher; the student EMA follows the student inside the step
+    /// (after the optimiser, as in pretraining); the frozen teacher never changes.
     fn train_step(
         &mut self,
         batch: &TrainBatch,
         v: &ScheduleValues,
-    ) -> Result<LossTerms, StepError> {
-        let ema = self.settings.ema_momentum(v.teacher_momentum);
-        self.base.step_from(batch, v, Some(&self.teacher.net), ema)
+    ) -> Result<StepLosses, StepError> {
+        let targets = TargetSource::Frozen {
+            teacher: &self.teacher.net,
+            student_ema_momentum: self.settings.ema_momentum(v.momentum),
+        };
+        self.base.step(batch, v, targets)
     }
 
-    /// The student EMA was updated inside the step (after the optimiser, as in pretraining);
-    /// the frozen teacher never is.
-    fn update_teacher(&mut self, _momentum: f64) {}
+    fn read_losses(&self, losses: &StepLosses) -> LossTerms {
+        self.base.read(losses)
+    }
 
     /// Student, student EMA (when kept), optimiser and centers; the frozen teacher is not
     /// stored (it is re-read from its source, whose checksum the guarded fields carry).
@@ -120,13 +128,13 @@ impl Trainable for DistillModel {
         ])
     }
 
-    /// k-NN and the linear probe on the student EMA (the student without one).
-    fn evaluate(&mut self, config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
-        let Some(inputs) = &self.base.eval else {
-            return Ok(None);
-        };
-        let kind = self.base.arch.config.precision.compute_kind();
-        evaluate_backbone(self.final_backbone(), kind, inputs, config).map(Some)
+    /// The student EMA (the student without one).
+    fn final_backbone(&self) -> Option<&DinoVisionTransformer> {
+        Some(DistillModel::final_backbone(self))
+    }
+
+    fn eval_inputs(&self) -> Option<(&EvalInputs, Kind)> {
+        self.base.eval_inputs()
     }
 }
 
@@ -188,11 +196,17 @@ mod tests {
     fn values(momentum: f64) -> ScheduleValues {
         ScheduleValues {
             lr: 1e-3,
-            weight_decay: 0.04,
-            teacher_momentum: momentum,
-            teacher_temperature: 0.04,
+            wd: 0.04,
+            momentum,
+            teacher_temp: 0.04,
             last_layer_lr: 1e-3,
         }
+    }
+
+    /// One step, its losses read as the loop reads them.
+    fn step(m: &mut DistillModel, batch: &TrainBatch, v: &ScheduleValues) -> LossTerms {
+        let pending = m.train_step(batch, v).unwrap();
+        m.read_losses(&pending)
     }
 
     fn batch(iteration: u64, settings: &DistillSettings) -> TrainBatch {
@@ -217,11 +231,10 @@ mod tests {
         let teacher_before = snapshot(&m.teacher.net.vs);
         let student_before = snapshot(&m.base.arch.student.vs);
         for it in 0..3 {
-            let terms = m.train_step(&batch(it, &settings), &values(0.9)).unwrap();
+            let terms = step(&mut m, &batch(it, &settings), &values(0.9));
             let get = |n: &str| terms.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
             assert!(get("total_loss").is_some_and(f64::is_finite), "{terms:?}");
             assert!(get("ibot_loss").is_some_and(f64::is_finite), "{terms:?}");
-            m.update_teacher(0.9);
         }
         for (k, v) in m.teacher.net.vs.variables() {
             let same: bool = v.eq_tensor(&teacher_before[&k]).all().int64_value(&[]) == 1;
@@ -243,7 +256,7 @@ mod tests {
         assert!(m.base.arch.student.ibot_head.is_some());
         let teacher_before = snapshot(&m.teacher.net.vs);
         let ibot_before = snapshot(&m.base.arch.student.vs)["ibot_head.mlp.0.weight"].copy();
-        let terms = m.train_step(&batch(0, &settings), &values(0.9)).unwrap();
+        let terms = step(&mut m, &batch(0, &settings), &values(0.9));
         assert!(terms.iter().all(|(_, v)| v.is_finite()), "{terms:?}");
         assert!(terms.iter().any(|(k, _)| k == "ibot_loss"), "{terms:?}");
         let ibot_after = &m.base.arch.student.vs.variables()["ibot_head.mlp.0.weight"];

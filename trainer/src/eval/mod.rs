@@ -1,6 +1,6 @@
-//! Evaluation hooks on the teacher backbone: k-NN (official protocol) and a linear probe.
-//! [`evaluate_backbone`] runs a frozen backbone over the labelled splits of [`EvalInputs`];
-//! the hooks themselves see features only.
+//! Evaluation hooks on the final backbone: k-NN (official protocol) and a linear probe.
+//! An [`Evaluator`] runs a frozen backbone over the labelled splits of [`EvalInputs`]; the
+//! hooks themselves see features only.
 pub mod data;
 pub mod knn;
 pub mod linear;
@@ -120,27 +120,50 @@ pub fn backbone_features(
     })
 }
 
-/// Runs the hooks on `backbone` (the teacher, frozen, eval mode) over both splits.
+/// The evaluation hooks over labelled splits, given the backbone to evaluate (the final
+/// backbone of a training run, or one loaded from a checkpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluator<'a> {
+    pub inputs: &'a EvalInputs,
+    pub config: &'a EvalConfig,
+    /// Compute dtype of the forwards.
+    pub kind: Kind,
+}
+
+impl Evaluator<'_> {
+    /// Runs the hooks on `backbone` (frozen, eval mode) over both splits.
+    pub fn evaluate(&self, backbone: &DinoVisionTransformer) -> Result<EvalReport, EvalError> {
+        let inputs = self.inputs;
+        let split = |s: &LabelledSplit| {
+            let mut progress = Progress::new(s.name, s.len());
+            extract_features(
+                s.batches(&inputs.transform, inputs.batch_size, inputs.threads),
+                |x| {
+                    let features = backbone_features(backbone, x, self.kind, inputs.n_last_blocks);
+                    progress.advance(x.size()[0] as usize);
+                    features
+                },
+            )
+        };
+        let train = split(&inputs.train)?;
+        let test = split(&inputs.test)?;
+        evaluate(&train, &test, self.config)
+    }
+}
+
+/// [`Evaluator::evaluate`] in one call (the `eval` command's form).
 pub fn evaluate_backbone(
     backbone: &DinoVisionTransformer,
     kind: Kind,
     inputs: &EvalInputs,
     config: &EvalConfig,
 ) -> Result<EvalReport, EvalError> {
-    let split = |s: &LabelledSplit| {
-        let mut progress = Progress::new(s.name, s.len());
-        extract_features(
-            s.batches(&inputs.transform, inputs.batch_size, inputs.threads),
-            |x| {
-                let features = backbone_features(backbone, x, kind, inputs.n_last_blocks);
-                progress.advance(x.size()[0] as usize);
-                features
-            },
-        )
-    };
-    let train = split(&inputs.train)?;
-    let test = split(&inputs.test)?;
-    evaluate(&train, &test, config)
+    Evaluator {
+        inputs,
+        config,
+        kind,
+    }
+    .evaluate(backbone)
 }
 
 /// Feature extraction over a large split takes minutes (ImageNet's 1.28M reference images):

@@ -99,9 +99,14 @@ impl IbotLoss {
             Some(n_masked_patches),
             Some(self.out_dim),
         )?;
-        let mut b = Tensor::from_slice(&[n_masked_patches]).to_device(teacher_masked.device());
-        collective.all_reduce_sum(&mut b);
-        let total = b.int64_value(&[0]);
+        // Alone, the sum over ranks is this rank's count: no round trip through the device.
+        let total = if collective.world_size() == 1 {
+            n_masked_patches
+        } else {
+            let mut b = Tensor::from_slice(&[n_masked_patches]).to_device(teacher_masked.device());
+            collective.all_reduce_sum(&mut b);
+            crate::host_sync::i64_scalar(&b)
+        };
         sinkhorn_knopp(
             teacher_masked,
             teacher_temp,

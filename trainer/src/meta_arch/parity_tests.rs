@@ -4,7 +4,7 @@
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::{MetaArch, MetaArchConfig, SslBatch, StepOutcome};
+use super::{MetaArch, MetaArchConfig, SslBatch, StepReport, TargetSource};
 use crate::dist::Single;
 use crate::loss::CenteringMode;
 use crate::model::DinoHeadConfig;
@@ -96,7 +96,7 @@ fn arch_from_fixture(fx: &Fixture, precision: Precision) -> MetaArch {
     arch
 }
 
-fn run_step(fx: &Fixture, precision: Precision) -> (MetaArch, StepOutcome) {
+fn run_step(fx: &Fixture, precision: Precision) -> (MetaArch, StepReport) {
     let mut arch = arch_from_fixture(fx, precision);
     if precision == Precision::Fp16 {
         // A moderate initial scale keeps this single step from being skipped for overflow.
@@ -109,12 +109,18 @@ fn run_step(fx: &Fixture, precision: Precision) -> (MetaArch, StepOutcome) {
         );
     }
     let out = arch
-        .train_step(&batch_from_fixture(fx), &hyper_from_fixture(fx), &Single)
-        .unwrap();
+        .train_step(
+            &batch_from_fixture(fx),
+            &hyper_from_fixture(fx),
+            &Single,
+            TargetSource::Ema,
+        )
+        .unwrap()
+        .read(&Single);
     (arch, out)
 }
 
-fn clip_coef(out: &StepOutcome, submodule: &str) -> f64 {
+fn clip_coef(out: &StepReport, submodule: &str) -> f64 {
     out.clip
         .iter()
         .find(|(n, _)| n == submodule)

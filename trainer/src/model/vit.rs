@@ -141,9 +141,8 @@ impl VitConfig {
             self.depth,
             (Kind::Float, tch::Device::Cpu),
         );
-        Vec::<f32>::try_from(&rates)
-            .map(|v| v.into_iter().map(f64::from).collect())
-            .unwrap_or_default()
+        // A CPU tensor read once at construction, never in a step.
+        crate::host_sync::f64s(&rates)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

@@ -12,6 +12,31 @@ pub struct ClipStats {
     pub clip_coef: f64,
 }
 
+/// [`ClipStats`] as float32 scalars on the gradients' device, not yet read to the host.
+#[derive(Debug)]
+pub struct ClipTensors {
+    pub total_norm: Tensor,
+    pub clip_coef: Tensor,
+}
+
+impl ClipTensors {
+    /// Both values in one host read.
+    pub fn read(&self) -> ClipStats {
+        let both = Tensor::stack(
+            &[
+                self.total_norm.to_kind(Kind::Double),
+                self.clip_coef.to_kind(Kind::Double),
+            ],
+            0,
+        );
+        let v = crate::host_sync::f64s(&both);
+        ClipStats {
+            total_norm: v[0],
+            clip_coef: v[1],
+        }
+    }
+}
+
 /// Total L2 norm over `grads` (the norm of the per-tensor norms, as
 /// `torch.nn.utils.clip_grad_norm_`), as a float32 scalar tensor; 0 for no gradients.
 pub fn grad_total_norm(grads: &[Tensor]) -> Tensor {
@@ -31,6 +56,11 @@ pub fn grad_total_norm(grads: &[Tensor]) -> Tensor {
 /// `clamp(max_norm / (total_norm + 1e-6), max = 1)`. A non-finite norm propagates into the
 /// gradients (PyTorch's default), which the loss scaler or the NaN check then catches.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> ClipStats {
+    clip_grad_norm_on_device(grads, max_norm).read()
+}
+
+/// [`clip_grad_norm`] without reading the statistics to the host (the training step's form).
+pub fn clip_grad_norm_on_device(grads: &mut [Tensor], max_norm: f64) -> ClipTensors {
     let total = grad_total_norm(grads);
     let coef = tch::no_grad(|| {
         // `max_norm / t` in PyTorch is `t.reciprocal() * max_norm`; same roundings here.
@@ -41,9 +71,9 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> ClipStats {
         }
         coef
     });
-    ClipStats {
-        total_norm: total.double_value(&[]),
-        clip_coef: coef.double_value(&[]),
+    ClipTensors {
+        total_norm: total,
+        clip_coef: coef,
     }
 }
 

@@ -12,7 +12,7 @@ pub mod schedule;
 mod parity;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWParamState, OptimError};
-pub use clip::{ClipStats, clip_grad_norm, grad_total_norm};
+pub use clip::{ClipStats, ClipTensors, clip_grad_norm, clip_grad_norm_on_device, grad_total_norm};
 pub use ema::ema_update;
 pub use param_groups::{
     FusedGroup, ParamGroupConfig, ParamGroupError, ParamMultipliers, fuse_param_groups,

@@ -173,7 +173,8 @@ impl SchedulesConfig {
     }
 }
 
-/// The values of all five schedules at one iteration.
+/// The values of all five schedules at one iteration: what the training loop hands the step
+/// and logs (`metrics.jsonl` uses the same names).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScheduleValues {
     /// Learning rate before per-parameter multipliers.

@@ -10,10 +10,11 @@ use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Traina
 use crate::data::sampler::sample_rng;
 use crate::data::{DataError, Dataset, Loader, LoaderConfig};
 use crate::dist::Collective;
-use crate::eval::{EvalConfig, EvalError, EvalInputs, EvalReport, evaluate_backbone};
+use crate::eval::EvalInputs;
 use crate::loss::{CenterState, TeacherCenter};
 use crate::masking::{MaskCollateConfig, MaskGenerator, collate_masks};
-use crate::meta_arch::{LossValues, MetaArch, MetaArchError, SslBatch};
+use crate::meta_arch::{LossValues, MetaArch, SslBatch, StepLosses, TargetSource};
+use crate::model::DinoVisionTransformer;
 use crate::optim::{self, AdamWParamState};
 use crate::precision::{DynamicLossScaler, LossScalerState};
 
@@ -73,52 +74,44 @@ fn step_err(e: impl std::fmt::Display) -> StepError {
 }
 
 impl Model {
-    /// One optimisation step at the schedule values `v`, targets from `frozen` when given
-    /// (distillation) and the EMA network updated with `ema_momentum` (see
-    /// `MetaArch::train_step_from`). Stochastic depth draws from a seed of the iteration, so
-    /// a resumed run repeats it exactly.
-    pub(crate) fn step_from(
+    /// One optimisation step at the schedule values `v` with the targets from `targets` (see
+    /// `MetaArch::train_step`); the losses stay on the device. Stochastic depth draws from a
+    /// seed of the iteration, so a resumed run repeats it exactly.
+    pub(crate) fn step(
         &mut self,
         batch: &TrainBatch,
         v: &ScheduleValues,
-        frozen: Option<&crate::meta_arch::SslNetwork>,
-        ema_momentum: Option<f64>,
-    ) -> Result<LossTerms, StepError> {
+        targets: TargetSource<'_>,
+    ) -> Result<StepLosses, StepError> {
         tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
-        let hyper = optim::ScheduleValues {
-            lr: v.lr,
-            wd: v.weight_decay,
-            momentum: v.teacher_momentum,
-            teacher_temp: v.teacher_temperature,
-            last_layer_lr: v.last_layer_lr,
-        };
         let collective = self.collective.as_ref();
-        match self
-            .arch
-            .train_step_from(&batch.ssl, &hyper, collective, frozen, ema_momentum)
-        {
-            Ok(outcome) => Ok(terms(&outcome.losses)),
-            // The loop turns a non-finite term into exit code 79 with the last finite values.
-            Err(MetaArchError::NonFiniteLoss(l)) => Ok(terms(&l)),
-            Err(e) => Err(step_err(e)),
-        }
+        self.arch
+            .train_step(&batch.ssl, v, collective, targets)
+            .map(|outcome| outcome.losses)
+            .map_err(step_err)
+    }
+
+    /// The losses of a step as named terms, averaged over the ranks (one host read).
+    pub(crate) fn read(&self, losses: &StepLosses) -> LossTerms {
+        terms(&losses.read(self.collective.as_ref()))
     }
 }
 
 impl Trainable for Model {
     type Batch = TrainBatch;
+    type Losses = StepLosses;
 
     fn train_step(
         &mut self,
         batch: &TrainBatch,
         v: &ScheduleValues,
-    ) -> Result<LossTerms, StepError> {
-        self.step_from(batch, v, None, Some(v.teacher_momentum))
+    ) -> Result<StepLosses, StepError> {
+        self.step(batch, v, TargetSource::Ema)
     }
 
-    /// `MetaArch::train_step` already applied the EMA in the official order (after the
-    /// optimizer step, same momentum), so a second update here would double it.
-    fn update_teacher(&mut self, _momentum: f64) {}
+    fn read_losses(&self, losses: &StepLosses) -> LossTerms {
+        self.read(losses)
+    }
 
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
         let mut out = BTreeMap::new();
@@ -213,13 +206,14 @@ impl Trainable for Model {
         Ok(())
     }
 
-    /// k-NN and the linear probe on the teacher backbone, as the official evaluation does.
-    fn evaluate(&mut self, config: &EvalConfig) -> Result<Option<EvalReport>, EvalError> {
-        let Some(inputs) = &self.eval else {
-            return Ok(None);
-        };
+    /// The teacher backbone, as the official evaluation uses.
+    fn final_backbone(&self) -> Option<&DinoVisionTransformer> {
+        Some(&self.arch.teacher.backbone)
+    }
+
+    fn eval_inputs(&self) -> Option<(&EvalInputs, Kind)> {
         let kind = self.arch.config.precision.compute_kind();
-        evaluate_backbone(&self.arch.teacher.backbone, kind, inputs, config).map(Some)
+        self.eval.as_ref().map(|inputs| (inputs, kind))
     }
 
     fn json_state(&self) -> serde_json::Value {
@@ -391,13 +385,6 @@ impl BatchSource for Data {
 
 impl Schedules for optim::Schedules {
     fn at(&self, iteration: u64) -> ScheduleValues {
-        let v = optim::Schedules::at(self, iteration as usize);
-        ScheduleValues {
-            lr: v.lr,
-            weight_decay: v.wd,
-            teacher_momentum: v.momentum,
-            teacher_temperature: v.teacher_temp,
-            last_layer_lr: v.last_layer_lr,
-        }
+        optim::Schedules::at(self, iteration as usize)
     }
 }

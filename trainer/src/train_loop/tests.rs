@@ -24,6 +24,7 @@ impl Toy {
 
 impl Trainable for Toy {
     type Batch = (Tensor, Tensor);
+    type Losses = LossTerms;
     fn train_step(
         &mut self,
         (x, y): &Self::Batch,
@@ -36,6 +37,9 @@ impl Trainable for Toy {
             self.momentum_buf = &self.momentum_buf * 0.9 + w.grad();
             self.student = &self.student - &self.momentum_buf * v.lr;
         });
+        // Teacher EMA, part of the step as in the real model.
+        let m = v.momentum;
+        self.teacher = &self.teacher * m + &self.student * (1.0 - m);
         self.steps += 1;
         let mut value = loss.double_value(&[]);
         if self.poison_at == Some(self.steps) {
@@ -43,8 +47,8 @@ impl Trainable for Toy {
         }
         Ok(vec![("mse".into(), value), ("total".into(), value)])
     }
-    fn update_teacher(&mut self, m: f64) {
-        self.teacher = &self.teacher * m + &self.student * (1.0 - m);
+    fn read_losses(&self, losses: &LossTerms) -> LossTerms {
+        losses.clone()
     }
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
         [
@@ -115,9 +119,9 @@ impl Schedules for Cosine {
         let c = 0.5 * (1.0 + (std::f64::consts::PI * it as f64 / self.0 as f64).cos());
         ScheduleValues {
             lr: 0.05 * c,
-            weight_decay: 0.04,
-            teacher_momentum: 0.996,
-            teacher_temperature: 0.07,
+            wd: 0.04,
+            momentum: 0.996,
+            teacher_temp: 0.07,
             last_layer_lr: 0.05 * c,
         }
     }

@@ -1,0 +1,398 @@
+//! One training iteration: forward, losses, backward, gradient averaging, clipping, optimizer
+//! and the EMA, in the official order. Nothing is read to the host on the way (fp16 excepted:
+//! one flag decides whether the update is applied); the losses and clipping statistics stay on
+//! the device in the [`StepOutcome`] until the caller reads them.
+
+use tch::Tensor;
+
+use super::{MetaArch, MetaArchError, SUBMODULES, SslBatch, StepLosses, TargetSource};
+use crate::dist::Collective;
+use crate::loss::koleo_per_crop_sum;
+use crate::meta_arch::LossValues;
+use crate::optim::{ClipStats, ClipTensors, ScheduleValues, clip_grad_norm_on_device, ema_update};
+use crate::precision::StepDecision;
+
+/// Result of [`MetaArch::train_step`], still on the device.
+#[derive(Debug)]
+pub struct StepOutcome {
+    pub losses: StepLosses,
+    /// Gradient norm before clipping and clip coefficient, per student sub-module.
+    pub clip: Vec<(String, ClipTensors)>,
+    /// False when fp16 loss scaling found a non-finite gradient and skipped the update.
+    pub applied: bool,
+}
+
+/// A [`StepOutcome`] read to the host.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub losses: LossValues,
+    pub clip: Vec<(String, ClipStats)>,
+    pub applied: bool,
+}
+
+impl StepOutcome {
+    /// Reads losses (averaged over the ranks) and clipping statistics to the host.
+    pub fn read(&self, collective: &dyn Collective) -> StepReport {
+        StepReport {
+            losses: self.losses.read(collective),
+            clip: self
+                .clip
+                .iter()
+                .map(|(name, c)| (name.clone(), c.read()))
+                .collect(),
+            applied: self.applied,
+        }
+    }
+}
+
+impl MetaArch {
+    /// One training iteration in the official order: schedules, zero_grad, forward/backward,
+    /// gradient averaging over the ranks, (fp16: unscale), per-sub-module gradient clipping,
+    /// AdamW, then the EMA network follows the student as `targets` says. This is the only
+    /// place the EMA happens.
+    ///
+    /// A non-finite loss is not checked here (that would read it to the host): it reaches the
+    /// update like any other, and the caller that reads the losses stops the run on it.
+    pub fn train_step(
+        &mut self,
+        batch: &SslBatch,
+        values: &ScheduleValues,
+        collective: &dyn Collective,
+        targets: TargetSource<'_>,
+    ) -> Result<StepOutcome, MetaArchError> {
+        self.optimizer
+            .apply_schedule(values.lr, values.wd, values.last_layer_lr);
+        self.optimizer.zero_grad();
+        let losses = self.forward_backward(batch, values.teacher_temp, collective, targets)?;
+        if collective.world_size() > 1 {
+            // Data parallelism: average before unscaling and clipping, as DDP/FSDP do, so
+            // every rank applies the same update.
+            let mut grads: Vec<Tensor> = SUBMODULES
+                .iter()
+                .flat_map(|m| self.submodule_grads(m))
+                .collect();
+            crate::dist::average_gradients(collective, &mut grads);
+        }
+
+        let mut found_non_finite = false;
+        if let Some(scaler) = &self.loss_scaler {
+            let mut all: Vec<Tensor> = SUBMODULES
+                .iter()
+                .flat_map(|m| self.submodule_grads(m))
+                .collect();
+            found_non_finite = scaler.unscale(&mut all);
+        }
+        let mut clip = Vec::new();
+        if self.config.clip_grad > 0.0 {
+            for name in SUBMODULES {
+                let mut grads = self.submodule_grads(name);
+                if !grads.is_empty() {
+                    clip.push((
+                        name.to_string(),
+                        clip_grad_norm_on_device(&mut grads, self.config.clip_grad),
+                    ));
+                }
+            }
+        }
+        let applied = match &mut self.loss_scaler {
+            Some(scaler) => scaler.update(found_non_finite) == StepDecision::Apply,
+            None => true,
+        };
+        if applied {
+            self.optimizer.step()?;
+        }
+        if let Some(momentum) = targets.ema_momentum(values.momentum) {
+            self.update_ema(momentum)?;
+        }
+        Ok(StepOutcome {
+            losses,
+            clip,
+            applied,
+        })
+    }
+
+    /// The official `forward_backward`: teacher targets, student forward, DINO (local and
+    /// global), KoLeo and iBOT losses, and backward of their weighted sum (scaled in fp16).
+    fn forward_backward(
+        &mut self,
+        batch: &SslBatch,
+        teacher_temp: f64,
+        collective: &dyn Collective,
+        targets: TargetSource<'_>,
+    ) -> Result<StepLosses, MetaArchError> {
+        let cfg = self.config.clone();
+        batch.validate(cfg.n_local_crops)?;
+        let (dino_targets, ibot_targets) =
+            self.teacher_targets(batch, teacher_temp, collective, targets)?;
+        let kind = cfg.precision.compute_kind();
+        let s = self
+            .student
+            .student_outputs(batch, kind, cfg.n_local_crops, cfg.do_ibot())?;
+
+        let mut objective: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            objective = Some(match objective.take() {
+                None => t,
+                Some(acc) => acc + t,
+            });
+        };
+        let (mut local_loss, mut global_loss, mut koleo_loss, mut ibot_loss) =
+            (None, None, None, None);
+        let n_local = cfg.n_local_crops as usize;
+        let local = (n_local > 0).then_some(&s.local_cls_after_head);
+        let dino =
+            self.dino_loss
+                .crop_losses(&s.global_cls_after_head, local, n_local, &dino_targets)?;
+        // The official step always adds the local term (when there are local crops) and
+        // the global term and KoLeo only with DINO on.
+        if let Some(l) = dino.local {
+            local_loss = Some(l.detach());
+            add(l * cfg.dino_loss_weight);
+        }
+        if cfg.do_dino() {
+            global_loss = Some(dino.global.detach());
+            add(dino.global * cfg.dino_loss_weight);
+            if cfg.do_koleo() {
+                let koleo = koleo_per_crop_sum(&s.global_cls_tokens, 2)? * cfg.koleo_loss_weight;
+                koleo_loss = Some(koleo.detach());
+                add(koleo);
+            }
+        }
+        if let (Some(loss), Some(targets), Some(student)) =
+            (&self.ibot_loss, &ibot_targets, &s.masked_patches_after_head)
+        {
+            let n_images = batch.masks.size()[0];
+            // × 2 (both global crops together) × 1/2 (iBOT loss scale) as the official step.
+            let ibot =
+                loss.forward_masked(student, targets, &batch.masks_weight, n_images)? * 2.0 * 0.5;
+            ibot_loss = Some(ibot.detach());
+            add(ibot * cfg.ibot_loss_weight);
+        }
+        let Some(objective) = objective else {
+            return Err(MetaArchError::InvalidConfig {
+                field: "dino.loss_weight",
+                message: "every loss is switched off; enable DINO or iBOT".into(),
+            });
+        };
+        match &self.loss_scaler {
+            Some(scaler) => scaler.scale_loss(&objective).backward(),
+            None => objective.backward(),
+        }
+        Ok(StepLosses {
+            dino_local_crops_loss: local_loss,
+            dino_global_crops_loss: global_loss,
+            koleo: koleo_loss,
+            ibot: ibot_loss,
+            objective: objective.detach(),
+        })
+    }
+
+    /// Gradients of one student sub-module (those that received one).
+    fn submodule_grads(&self, name: &str) -> Vec<Tensor> {
+        self.student
+            .submodule_variables(name)
+            .into_iter()
+            .map(|(_, v)| v.grad())
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    /// EMA over every parameter: `ema = m · ema + (1 − m) · student`.
+    fn update_ema(&self, momentum: f64) -> Result<(), MetaArchError> {
+        let mut ema = Vec::new();
+        let mut student = Vec::new();
+        for name in SUBMODULES {
+            ema.extend(
+                self.teacher
+                    .submodule_variables(name)
+                    .into_iter()
+                    .map(|(_, v)| v),
+            );
+            student.extend(
+                self.student
+                    .submodule_variables(name)
+                    .into_iter()
+                    .map(|(_, v)| v),
+            );
+        }
+        ema_update(&ema, &student, momentum)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind};
+
+    use super::*;
+    use crate::dist::Single;
+    use crate::host_sync;
+    use crate::loss::CenteringMode;
+    use crate::meta_arch::MetaArchConfig;
+    use crate::meta_arch::test_support::{tiny_batch, tiny_config, values};
+    use crate::model::DinoHeadConfig;
+    use crate::precision::Precision;
+
+    fn step(arch: &mut MetaArch, batch: &SslBatch) -> StepReport {
+        arch.train_step(batch, &values(), &Single, TargetSource::Ema)
+            .unwrap()
+            .read(&Single)
+    }
+
+    fn separate_head_sinkhorn() -> MetaArchConfig {
+        let mut cfg = tiny_config();
+        cfg.ibot_head = Some(DinoHeadConfig {
+            out_dim: 12,
+            ..cfg.dino_head.clone()
+        });
+        cfg.centering = CenteringMode::SinkhornKnopp;
+        cfg
+    }
+
+    #[test]
+    fn a_shared_head_step_with_drop_path_updates_student_and_teacher() {
+        let mut arch = MetaArch::new(tiny_config(), Device::Cpu).unwrap();
+        let before = arch.student.vs.variables()["backbone.blocks.1.mlp.fc1.weight"].copy();
+        let teacher_before = arch.teacher.vs.variables()["dino_head.mlp.0.weight"].copy();
+        let out = step(&mut arch, &tiny_batch());
+        assert!(out.applied);
+        let l = &out.losses;
+        for v in [
+            l.dino_local_crops_loss,
+            l.dino_global_crops_loss,
+            l.koleo_loss,
+            l.ibot_loss,
+        ] {
+            assert!(v.is_some_and(f64::is_finite), "{l:?}");
+        }
+        assert_eq!(
+            out.clip.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            ["backbone", "dino_head"]
+        );
+        assert!(!arch.student.vs.variables()["backbone.blocks.1.mlp.fc1.weight"].equal(&before));
+        assert!(!arch.teacher.vs.variables()["dino_head.mlp.0.weight"].equal(&teacher_before));
+    }
+
+    #[test]
+    fn a_separate_head_sinkhorn_step_without_local_crops_runs() {
+        let mut cfg = separate_head_sinkhorn();
+        cfg.n_local_crops = 0;
+        let mut arch = MetaArch::new(cfg, Device::Cpu).unwrap();
+        let mut batch = tiny_batch();
+        batch.local_crops = Tensor::zeros([0, 3, 28, 28], (Kind::Float, Device::Cpu));
+        let out = step(&mut arch, &batch);
+        assert!(out.losses.dino_local_crops_loss.is_none());
+        assert!(out.losses.ibot_loss.is_some());
+        assert_eq!(out.clip.len(), 3);
+        assert!(
+            arch.dino_loss
+                .center()
+                .center()
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                == 0.0
+        );
+    }
+
+    #[test]
+    fn a_batch_with_the_wrong_local_crop_count_is_rejected() {
+        let mut arch = MetaArch::new(tiny_config(), Device::Cpu).unwrap();
+        let mut batch = tiny_batch();
+        batch.local_crops = batch.local_crops.narrow(0, 0, 2);
+        let err = arch
+            .train_step(&batch, &values(), &Single, TargetSource::Ema)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("local_crops"), "{err}");
+    }
+
+    /// Host reads made by `f` on this thread.
+    fn reads_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
+        let before = host_sync::reads();
+        let out = f();
+        (out, host_sync::reads() - before)
+    }
+
+    #[test]
+    fn a_step_reads_nothing_to_the_host_until_its_losses_are_read_once() {
+        let frozen = MetaArch::new(tiny_config(), Device::Cpu).unwrap().teacher;
+        let bf16 = MetaArchConfig {
+            precision: Precision::Bf16,
+            ..tiny_config()
+        };
+        let cases: [(&str, MetaArchConfig, TargetSource<'_>); 5] = [
+            ("shared head, centering", tiny_config(), TargetSource::Ema),
+            (
+                "separate head, sinkhorn",
+                separate_head_sinkhorn(),
+                TargetSource::Ema,
+            ),
+            ("bf16", bf16, TargetSource::Ema),
+            (
+                "frozen teacher with a student EMA",
+                tiny_config(),
+                TargetSource::Frozen {
+                    teacher: &frozen,
+                    student_ema_momentum: Some(0.5),
+                },
+            ),
+            (
+                "frozen teacher without a student EMA",
+                tiny_config(),
+                TargetSource::Frozen {
+                    teacher: &frozen,
+                    student_ema_momentum: None,
+                },
+            ),
+        ];
+        for (name, cfg, targets) in cases {
+            let mut arch = MetaArch::new(cfg, Device::Cpu).unwrap();
+            let batch = tiny_batch();
+            let (out, during) = reads_of(|| {
+                arch.train_step(&batch, &values(), &Single, targets)
+                    .unwrap()
+            });
+            assert_eq!(during, 0, "{name}: the step read from the device");
+            let (losses, reading) = reads_of(|| out.losses.read(&Single));
+            assert_eq!(reading, 1, "{name}: reading the losses is one fused read");
+            assert!(losses.objective.is_finite(), "{name}: {losses:?}");
+        }
+    }
+
+    #[test]
+    fn an_fp16_step_reads_one_flag_to_decide_whether_to_apply_the_update() {
+        let cfg = MetaArchConfig {
+            precision: Precision::Fp16,
+            ..tiny_config()
+        };
+        let mut arch = MetaArch::new(cfg, Device::Cpu).unwrap();
+        let batch = tiny_batch();
+        let (_, during) = reads_of(|| {
+            arch.train_step(&batch, &values(), &Single, TargetSource::Ema)
+                .unwrap()
+        });
+        assert_eq!(during, 1);
+    }
+
+    #[test]
+    fn read_losses_are_the_device_values_halved_where_the_official_loss_dict_halves_them() {
+        let mut arch = MetaArch::new(tiny_config(), Device::Cpu).unwrap();
+        let out = arch
+            .train_step(&tiny_batch(), &values(), &Single, TargetSource::Ema)
+            .unwrap();
+        let read = out.losses.read(&Single);
+        let value = |t: &Option<Tensor>| t.as_ref().unwrap().double_value(&[]);
+        assert_eq!(
+            read.dino_local_crops_loss,
+            Some(value(&out.losses.dino_local_crops_loss))
+        );
+        assert_eq!(
+            read.dino_global_crops_loss,
+            Some(value(&out.losses.dino_global_crops_loss))
+        );
+        assert_eq!(read.koleo_loss, Some(value(&out.losses.koleo) / 2.0));
+        assert_eq!(read.ibot_loss, Some(value(&out.losses.ibot) / 2.0));
+        assert_eq!(read.objective, out.losses.objective.double_value(&[]));
+    }
+}

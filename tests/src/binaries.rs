@@ -10,7 +10,7 @@ use crate::HarnessError;
 /// and returns its path. `cargo test -p dinoflow-e2e` does not build other packages'
 /// binaries, and a binary found on disk may be older than its sources, so the tests always
 /// ask cargo: a no-op of about a second when it is fresh.
-pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, AgentError> {
+pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
     let exe = std::env::current_exe().map_err(HarnessError::io("current executable"))?;
     let (target, profile) = target_dir_of(&exe).ok_or_else(|| HarnessError::Build {
         command: format!("cargo build -p {package} --bin {bin}"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a local default (README's first command), through the real path: set up,
 # bring up the local control plane in out/cluster, install the CRDs, start the operator and
-# the local node agent (a Node whose pods run as local processes, tests/src/node_agent.rs),
+# the local node agent (a Node whose pods run as local processes, tests/node-agent),
 # `kubectl apply` the tiny CPU example job, watch `kubectl get pretrainjobs` until it
 # succeeds, and print where its checkpoint is.
 # The example is applied with a visible override (shown below): 2 epochs of 10 iterations
@@ -42,7 +42,7 @@ built_from=$SECONDS
 # dependencies' features differently and would recompile them.
 cargo build -q -p dinoflow-trainer --bin dinoflow-trainer
 cargo build -q -p dinoflow-operator --bin dinoflow-operator
-cargo build -q -p dinoflow-e2e --bin dinoflow-node-agent
+cargo build -q -p dinoflow-node-agent --bin dinoflow-node-agent
 log "built in $((SECONDS - built_from)) s"
 BIN="$CARGO_TARGET_DIR/debug"
 

@@ -1,5 +1,55 @@
 //! The pod side of the contract between operator and trainer (`DESIGN.md`, "Contracts
-//! between operator and trainer"): the job kinds both sides name, in one place.
+//! between operator and trainer"): the job kinds, environment variables and label keys that
+//! more than one component names, in one place. Each env constant is named like its variable
+//! without the `DINOFLOW_` prefix.
+
+// Environment of a trainer pod, set by the operator and read by the launcher (torchrun names,
+// so other tools feel at home).
+/// Host of rank 0's pod, the rendezvous point.
+pub const MASTER_ADDR: &str = "MASTER_ADDR";
+/// Rendezvous port on [`MASTER_ADDR`].
+pub const MASTER_PORT: &str = "MASTER_PORT";
+/// Number of pods (nodes) in the gang.
+pub const NNODES: &str = "NNODES";
+/// This pod's rank among the nodes, 0-based.
+pub const NODE_RANK: &str = "NODE_RANK";
+/// Trainer processes per pod (one per GPU, one on CPU).
+pub const NPROC_PER_NODE: &str = "NPROC_PER_NODE";
+/// Processes in the whole gang.
+pub const WORLD_SIZE: &str = "WORLD_SIZE";
+/// Name of the job.
+pub const JOB: &str = "DINOFLOW_JOB";
+/// Namespace of the job.
+pub const NAMESPACE: &str = "DINOFLOW_NAMESPACE";
+/// Kind of the job ([`JobKind::as_str`]).
+pub const JOB_KIND: &str = "DINOFLOW_JOB_KIND";
+/// Run attempt of the gang (0 first, +1 per gang restart).
+pub const RUN_ATTEMPT: &str = "DINOFLOW_RUN_ATTEMPT";
+/// The operator's progress endpoint rank 0 streams to.
+pub const PROGRESS_ENDPOINT: &str = "DINOFLOW_PROGRESS_ENDPOINT";
+/// The job's progress token (from its Secret).
+pub const PROGRESS_TOKEN: &str = "DINOFLOW_PROGRESS_TOKEN";
+/// Path of the trainer config inside the pod.
+pub const CONFIG: &str = "DINOFLOW_CONFIG";
+/// DistillJob: the teacher checkpoint the operator resolved (also honoured outside a cluster).
+pub const TEACHER_CHECKPOINT: &str = "DINOFLOW_TEACHER_CHECKPOINT";
+
+// Label keys on the objects the operator creates.
+/// Names the job on every child.
+pub const LABEL_JOB: &str = "dinoflow.dev/job";
+/// Names the job's kind (a PretrainJob and a DistillJob may share a name).
+pub const LABEL_JOB_KIND: &str = "dinoflow.dev/job-kind";
+/// Pod label: node rank within the gang.
+pub const LABEL_NODE_RANK: &str = "dinoflow.dev/node-rank";
+/// Pod label: run attempt the pod belongs to.
+pub const LABEL_RUN_ATTEMPT: &str = "dinoflow.dev/run-attempt";
+
+/// The trainer container's command: the trainer binary on the image's PATH (the node agent
+/// maps it to a local build).
+pub const TRAINER_COMMAND: &str = "dinoflow-trainer";
+
+/// Extended resource of a GPU: what the operator requests per pod and a node offers.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// The two kinds of job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,36 +89,12 @@ impl JobKind {
 // reads them and sets the per-process ones for its workers (DESIGN.md, "Contracts between
 // operator and trainer"). Each constant is named like its variable.
 
-/// Host of rank 0's rendezvous (the first pod's stable DNS name).
-pub const MASTER_ADDR: &str = "MASTER_ADDR";
-/// TCP port of rank 0's rendezvous.
-pub const MASTER_PORT: &str = "MASTER_PORT";
-/// Number of pods (nodes) of the gang.
-pub const NNODES: &str = "NNODES";
-/// This pod's index in `0..NNODES`.
-pub const NODE_RANK: &str = "NODE_RANK";
-/// Processes the launcher forks on this node (GPUs per node; 0, a CPU pod, means 1).
-pub const NPROC_PER_NODE: &str = "NPROC_PER_NODE";
-/// Processes of the whole gang (`NNODES * NPROC_PER_NODE`).
-pub const WORLD_SIZE: &str = "WORLD_SIZE";
 /// A worker's global rank (set by the launcher, torchrun's numbering).
 pub const RANK: &str = "RANK";
 /// A worker's rank on its node (set by the launcher; picks the GPU).
 pub const LOCAL_RANK: &str = "LOCAL_RANK";
 /// Workers on this node (set by the launcher).
 pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
-/// Namespace of the job.
-pub const DINOFLOW_NAMESPACE: &str = "DINOFLOW_NAMESPACE";
-/// Name of the job.
-pub const DINOFLOW_JOB: &str = "DINOFLOW_JOB";
-/// Kind of the job ([`JobKind::as_str`]).
-pub const DINOFLOW_JOB_KIND: &str = "DINOFLOW_JOB_KIND";
-/// Which attempt (gang restart) of the job the pod belongs to.
-pub const DINOFLOW_RUN_ATTEMPT: &str = "DINOFLOW_RUN_ATTEMPT";
-/// The operator's progress endpoint (`http://...`), where rank 0 reports.
-pub const DINOFLOW_PROGRESS_ENDPOINT: &str = "DINOFLOW_PROGRESS_ENDPOINT";
-/// The resolved checkpoint of a DistillJob's `teacher.pretrainJob`.
-pub const TEACHER_CHECKPOINT: &str = "DINOFLOW_TEACHER_CHECKPOINT";
 /// Seconds the ranks wait for each other at start (default 900).
 pub const DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS: &str = "DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS";
 /// Seconds one collective may wait (default 1800).

@@ -1,14 +1,11 @@
 //! `DistillJob`: distillation of a smaller student from a frozen, larger teacher (the
 //! DINOv2 recipe that produced the released ViT-S/B/L from ViT-g).
-// clippy reads the repeated keys of kube's `printcolumn(...)` lists as duplicated attributes.
-#![allow(clippy::duplicated_attributes)]
 
 use kube_derive::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterSpec;
-use crate::status::JobStatus;
 use crate::training::{ModelConfig, TrainingConfig};
 
 /// Format of a teacher checkpoint.
@@ -191,39 +188,14 @@ impl Default for DistillationConfig {
     }
 }
 
+crate::job_resource::job_resource! {
 /// A DINOv2 distillation run: `training` describes the (smaller) student; the teacher is
 /// frozen and loaded from `teacher`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
-    crates(kube_core = "::kube_core"),
-    group = "dinoflow.dev",
-    version = "v1alpha1",
     kind = "DistillJob",
     plural = "distilljobs",
-    shortname = "dsj",
-    category = "dinoflow",
-    namespaced,
-    status = "JobStatus",
-    derive = "PartialEq",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Iteration", type_ = "integer", json_path = ".status.iteration"),
-    printcolumn(
-        name = "Total",
-        type_ = "integer",
-        json_path = ".status.totalIterations"
-    ),
-    printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.cluster.nodes"),
-    printcolumn(
-        name = "GPUs/Node",
-        type_ = "integer",
-        json_path = ".spec.cluster.gpusPerNode"
-    ),
-    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    shortname = "dsj"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(transform = crate::pretrain::training_is_immutable, transform = teacher_is_immutable)]
@@ -239,6 +211,7 @@ pub struct DistillJobSpec {
     /// How the job is laid out on the cluster.
     #[serde(default)]
     pub cluster: ClusterSpec,
+}
 }
 
 /// Schema transform: the teacher cannot change after creation.

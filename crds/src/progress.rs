@@ -7,4 +7,4 @@ tonic::include_proto!("dinoflow.progress.v1");
 /// gRPC metadata key carrying `Bearer <token>`.
 pub const AUTHORIZATION_METADATA: &str = "authorization";
 /// Environment variable through which the operator hands the job's token to the trainer.
-pub const TOKEN_ENV: &str = "DINOFLOW_PROGRESS_TOKEN";
+pub const TOKEN_ENV: &str = crate::contract::PROGRESS_TOKEN;

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::{Error, Result};
 
 /// API group and version of the custom resources.
-pub const API_VERSION: &str = "dinoflow.dev/v1alpha1";
+pub use dinoflow_api::load::API_VERSION;
 
 /// The two kinds of job (shared with the trainer).
 pub use dinoflow_api::contract::JobKind;

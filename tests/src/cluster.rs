@@ -14,6 +14,10 @@ use crate::{HarnessError, KubectlOutput, cluster_script, kubectl};
 /// starting their own (and leave it running).
 pub const KUBECONFIG_ENV: &str = "DINOFLOW_TEST_KUBECONFIG";
 
+/// The label a test's Node carries (value: the test's namespace) and its pods select, so that
+/// concurrent tests, each with its own node agent, never run each other's pods.
+pub const NODE_LABEL: &str = "dinoflow.dev/e2e-node";
+
 /// A local control plane for a test: started by `scripts/cluster.sh up` in a temporary
 /// directory, stopped with `down` when dropped. The script gets this process as
 /// `--owner-pid`, so a watchdog also stops it if the test process dies without dropping it.

@@ -42,6 +42,9 @@ pub enum HarnessError {
 
     #[error(transparent)]
     Kube(#[from] kube::Error),
+
+    #[error("{command} failed:\n{output}")]
+    Build { command: String, output: String },
 }
 
 impl HarnessError {

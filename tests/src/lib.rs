@@ -6,18 +6,19 @@
 //! message says to run `scripts/setup.sh`. Set `DINOFLOW_TEST_KUBECONFIG` to run the tests
 //! against a cluster that is already up instead of starting one.
 mod apply;
+mod binaries;
 mod cluster;
 mod error;
 mod invalid;
 mod kubectl;
-pub mod node_agent;
 mod paths;
 
 pub use apply::{apply_object, parse_manifests};
-pub use cluster::{KUBECONFIG_ENV, TestCluster, wait_for};
+pub use binaries::build_workspace_binary;
+pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};
 pub use error::HarnessError;
 pub use invalid::{InvalidCase, load_invalid_cases};
 pub use kubectl::KubectlOutput;
 pub use paths::{
-    cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
+    CACHE_ENV, cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
 };

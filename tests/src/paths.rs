@@ -10,9 +10,12 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Overrides [`cache_dir`] (scripts/env.sh reads it too).
+pub const CACHE_ENV: &str = "DINOFLOW_CACHE";
+
 /// Where scripts/setup.sh keeps the venv and the control-plane binaries.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DINOFLOW_CACHE") {
+    if let Some(dir) = std::env::var_os(CACHE_ENV) {
         return PathBuf::from(dir);
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());

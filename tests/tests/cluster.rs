@@ -4,7 +4,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dinoflow_e2e::{TestCluster, cluster_script, processes_mentioning, wait_for};
+use dinoflow_e2e::{CACHE_ENV, TestCluster, cluster_script, processes_mentioning, wait_for};
 
 /// Clusters of these tests start one after the other: the start-up time is asserted, and on
 /// two cores three clusters starting at once would measure the machine, not the script.
@@ -176,7 +176,7 @@ fn up_without_the_control_plane_binaries_fails_naming_the_fix() {
         .arg(cluster_script())
         .args(["up", "--dir"])
         .arg(dir.path())
-        .env("DINOFLOW_CACHE", dir.path().join("no-cache"))
+        .env(CACHE_ENV, dir.path().join("no-cache"))
         .env("PATH", "/usr/bin:/bin")
         .output()
         .unwrap();

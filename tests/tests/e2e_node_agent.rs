@@ -1,17 +1,17 @@
-//! The local node agent (tests/src/node_agent.rs) against the real control plane with plain
+//! The local node agent (crate `dinoflow-node-agent`, tests/node-agent) against the real control plane with plain
 //! pods (`sh`), no operator: the scheduler binds them to the agent's Node, the agent runs them
 //! with their env and volumes resolved, reports real exit codes, and ends them on deletion.
 
 use std::time::Duration;
 
-use dinoflow_e2e::TestCluster;
-use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent, terminated_state};
+use dinoflow_api::contract;
+use dinoflow_e2e::{NODE_LABEL, TestCluster};
+use dinoflow_node_agent::{AgentConfig, NodeAgent, terminated_state};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
-const NODE_LABEL: &str = "dinoflow.dev/e2e-node";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Env {
@@ -204,7 +204,7 @@ async fn a_pod_runs_with_its_env_and_volumes_resolved_and_reports_its_real_exit_
             "env": [
                 { "name": "TOKEN", "valueFrom": { "secretKeyRef": { "name": "token", "key": "token" } } },
                 { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                { "name": "MASTER_ADDR", "value": format!("p1.svc-name.{}.svc", env.ns) },
+                { "name": contract::MASTER_ADDR, "value": format!("p1.svc-name.{}.svc", env.ns) },
                 { "name": "OUT", "value": "/scratch/run" },
             ],
             "volumeMounts": [

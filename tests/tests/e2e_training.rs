@@ -1,6 +1,6 @@
 //! From `kubectl apply` to a trained, checkpointed model on one machine: the shared local
 //! control plane (kube-scheduler included), the CRDs from crds/, the real operator and the
-//! local node agent (tests/src/node_agent.rs) running the operator's pods as trainer
+//! local node agent (crate `dinoflow-node-agent`, tests/node-agent) running the operator's pods as trainer
 //! processes. A small job derived from manifests/examples/tiny-cpu-fashion-mnist.yaml.
 //!
 //! The operator runs in-process (its controllers and its gRPC progress endpoint on an
@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use dinoflow_api::contract::{LABEL_JOB, TRAINER_COMMAND};
 use dinoflow_api::status::JobStatus;
 use dinoflow_api::{DistillJob, PretrainJob};
-use dinoflow_e2e::node_agent::{AgentConfig, NodeAgent, build_workspace_binary, terminated_state};
-use dinoflow_e2e::{TestCluster, repo_root, yaml_files};
+use dinoflow_e2e::{NODE_LABEL, TestCluster, build_workspace_binary, repo_root, yaml_files};
+use dinoflow_node_agent::{AgentConfig, NodeAgent, terminated_state};
 use dinoflow_operator::controller::{self, Scope};
 use dinoflow_operator::health::Readiness;
 use dinoflow_operator::leader::Leadership;
@@ -29,9 +30,6 @@ use kube::{Client, ResourceExt};
 use serde_yaml_ng::Value;
 use tokio_util::sync::CancellationToken;
 
-/// The label the test's Node carries and its jobs select, so that concurrent tests (each
-/// with its own agent) never run each other's pods.
-const NODE_LABEL: &str = "dinoflow.dev/e2e-node";
 const PROGRESS_KEY: &[u8] = b"e2e-training-progress-key";
 
 /// The trainer binary, built once per test binary.
@@ -106,7 +104,7 @@ impl World {
             .unwrap()
             .keep();
         let config = AgentConfig::new(format!("local-{ns}"), dir.join("agent"))
-            .binary("dinoflow-trainer", trainer)
+            .binary(TRAINER_COMMAND, trainer)
             .label(NODE_LABEL, &ns);
         let agent = NodeAgent::start(client.clone(), config)
             .await
@@ -221,7 +219,7 @@ impl World {
 
     async fn pods(&self, job: &str) -> Vec<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        let lp = ListParams::default().labels(&format!("dinoflow.dev/job={job}"));
+        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={job}"));
         let mut pods = pods.list(&lp).await.expect("list pods").items;
         pods.sort_by_key(|p| p.name_any());
         pods

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use dinoflow_api::contract::{LABEL_JOB, LABEL_RUN_ATTEMPT};
 use dinoflow_api::status::JobStatus;
 use dinoflow_api::{DistillJob, PretrainJob};
 use dinoflow_e2e::TestCluster;
@@ -196,7 +197,7 @@ impl Env {
 
     /// Pods of `job` (any attempt), sorted by name.
     async fn job_pods(&self, job: &str) -> Vec<Pod> {
-        let lp = ListParams::default().labels(&format!("dinoflow.dev/job={job}"));
+        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={job}"));
         let mut pods = self.pods().list(&lp).await.expect("list pods").items;
         pods.sort_by_key(|p| p.name_any());
         pods
@@ -209,9 +210,9 @@ impl Env {
             &format!("{n} pods of attempt {attempt}"),
             || async {
                 let pods = self.job_pods(job).await;
-                let all_current = pods.iter().all(|p| {
-                    p.labels().get("dinoflow.dev/run-attempt") == Some(&attempt.to_string())
-                });
+                let all_current = pods
+                    .iter()
+                    .all(|p| p.labels().get(LABEL_RUN_ATTEMPT) == Some(&attempt.to_string()));
                 (pods.len() == n && all_current).then_some(pods)
             },
         )
@@ -228,7 +229,7 @@ impl Env {
         K::DynamicType: Default,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), &self.ns);
-        let selector = format!("dinoflow.dev/job={job}");
+        let selector = format!("{LABEL_JOB}={job}");
         wait(
             TIMEOUT,
             &format!("{n} {} of job {job}", K::kind(&Default::default())),

@@ -167,43 +167,43 @@ pub fn job_and_progress<F: Fn(&str) -> Option<String>>(
     env: &Lookup<F>,
     default_kind: JobKind,
 ) -> Result<(Option<JobIdentity>, Option<ProgressTarget>), EnvError> {
-    let kind = match env.get(c::DINOFLOW_JOB_KIND) {
+    let kind = match env.get(c::JOB_KIND) {
         None => default_kind,
         Some(k) => JobKind::from_kind(&k).ok_or_else(|| {
             invalid(
-                c::DINOFLOW_JOB_KIND,
+                c::JOB_KIND,
                 &k,
                 "must be PretrainJob or DistillJob",
             )
         })?,
     };
     let run_attempt = env
-        .parsed(c::DINOFLOW_RUN_ATTEMPT, "a non-negative integer")?
+        .parsed(c::RUN_ATTEMPT, "a non-negative integer")?
         .unwrap_or(0);
-    let job = env.get(c::DINOFLOW_JOB).map(|name| JobIdentity {
+    let job = env.get(c::JOB).map(|name| JobIdentity {
         namespace: env
-            .get(c::DINOFLOW_NAMESPACE)
+            .get(c::NAMESPACE)
             .unwrap_or_else(|| "default".into()),
         name,
         kind,
         run_attempt,
     });
-    let Some(endpoint) = env.get(c::DINOFLOW_PROGRESS_ENDPOINT) else {
+    let Some(endpoint) = env.get(c::PROGRESS_ENDPOINT) else {
         return Ok((job, None));
     };
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(invalid(
-            c::DINOFLOW_PROGRESS_ENDPOINT,
+            c::PROGRESS_ENDPOINT,
             &endpoint,
             "must be an http:// or https:// URL such as http://dinoflow-operator.dinoflow-system.svc:9090",
         ));
     }
     // Reporting needs to say for whom, and to prove it.
     let Some(job) = job else {
-        return Err(missing(c::DINOFLOW_JOB));
+        return Err(missing(c::JOB));
     };
-    if env.get(c::DINOFLOW_NAMESPACE).is_none() {
-        return Err(missing(c::DINOFLOW_NAMESPACE));
+    if env.get(c::NAMESPACE).is_none() {
+        return Err(missing(c::NAMESPACE));
     }
     let token = env.required(dinoflow_api::progress::TOKEN_ENV)?;
     let progress = ProgressTarget {

@@ -1,10 +1,10 @@
 //! Observability of a run: Prometheus metrics (`dinoflow_trainer_*`) served over HTTP, a
 //! JSON-lines metrics file in the output directory, and the periodic progress log line.
 use std::fs::{File, OpenOptions};
+use std::future::IntoFuture;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -156,10 +156,11 @@ pub fn resident_memory_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// A tiny HTTP endpoint serving `/metrics`. tiny_http keeps this to one thread without an
-/// async runtime, which the training loop does not otherwise need.
+/// The HTTP endpoint serving `/metrics` (axum, the workspace's one HTTP stack) on a thread of
+/// its own with a single-threaded tokio runtime, so a scrape never waits on the training loop
+/// and the loop never waits on a scrape.
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     pub addr: SocketAddr,
 }
@@ -173,48 +174,75 @@ impl std::fmt::Debug for MetricsServer {
 }
 
 impl MetricsServer {
+    /// Binds `addr` (port 0 picks a free port; [`addr`](Self::addr) is the bound one) and
+    /// serves until dropped.
     pub fn start(addr: SocketAddr, metrics: TrainerMetrics) -> Result<Self, MetricsError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Bind {
-            addr,
-            reason: e.to_string(),
-        })?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| MetricsError::Bind {
-                addr,
-                reason: "not an IP socket".into(),
-            })?;
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
+        let bind_error = |reason: String| MetricsError::Bind { addr, reason };
+        // Bound here rather than on the server thread, so a taken port is this call's error.
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(e.to_string()))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| bind_error(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| bind_error(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| bind_error(e.to_string()))?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    if let Some(bytes) = resident_memory_bytes() {
+                        metrics.memory_bytes.set(bytes as f64);
+                    }
+                    let body = metrics.render();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            body,
+                        )
+                    }
+                }),
+            )
+            .fallback(|| async {
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    "not found; try /metrics\n",
+                )
+            });
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("metrics-http".into())
             .spawn(move || {
-                for request in serving.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        if let Some(bytes) = resident_memory_bytes() {
-                            metrics.memory_bytes.set(bytes as f64);
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            tracing::warn!("metrics endpoint on {bound} not served: {e}");
+                            return;
                         }
-                        let header = tiny_http::Header::from_bytes(
-                            &b"Content-Type"[..],
-                            &b"text/plain; version=0.0.4"[..],
-                        )
-                        .expect("static header is valid");
-                        tiny_http::Response::from_string(metrics.render()).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("not found; try /metrics\n")
-                            .with_status_code(404)
                     };
-                    // A client that hung up is not the trainer's problem.
-                    let _ = request.respond(response);
-                }
+                    // Stops at once on shutdown: dropping the runtime afterwards ends any
+                    // connection still open, so dropping the server never waits on a client.
+                    let serve = axum::serve(listener, app).into_future();
+                    tokio::select! {
+                        served = serve => {
+                            if let Err(e) = served {
+                                tracing::warn!("metrics endpoint on {bound} stopped: {e}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
             })
-            .map_err(|e| MetricsError::Bind {
-                addr,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| bind_error(e.to_string()))?;
         Ok(Self {
-            server,
+            shutdown: Some(shutdown),
             thread: Some(thread),
             addr: bound,
         })
@@ -223,7 +251,9 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

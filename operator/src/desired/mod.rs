@@ -18,14 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::job::JobRef;
 
-/// Label naming the job on every child.
-pub const LABEL_JOB: &str = "dinoflow.dev/job";
-/// Label naming the job's kind (a PretrainJob and a DistillJob may share a name).
-pub const LABEL_JOB_KIND: &str = "dinoflow.dev/job-kind";
-/// Pod label: node rank within the gang.
-pub const LABEL_NODE_RANK: &str = "dinoflow.dev/node-rank";
-/// Pod label: run attempt the pod belongs to.
-pub const LABEL_RUN_ATTEMPT: &str = "dinoflow.dev/run-attempt";
+pub use dinoflow_api::contract::{LABEL_JOB, LABEL_JOB_KIND, LABEL_NODE_RANK, LABEL_RUN_ATTEMPT};
 /// Standard label naming the managing controller.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].

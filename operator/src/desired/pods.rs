@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use dinoflow_api::cluster::{ClusterSpec, GangMode, NcclProfile};
+use dinoflow_api::contract::{self, GPU_RESOURCE};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     Pod, PodSpec, ResourceRequirements, SecretKeySelector, Volume, VolumeMount,
@@ -19,24 +20,20 @@ use crate::settings::Settings;
 
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
-/// GPU resource name requested per pod.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// Environment variable pointing a DistillJob's trainer at the teacher checkpoint.
-pub const TEACHER_CHECKPOINT_ENV: &str = "DINOFLOW_TEACHER_CHECKPOINT";
 
 /// Env names that make up the rendezvous contract; user overrides cannot replace them.
 pub const CONTRACT_ENV: [&str; 11] = [
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NNODES",
-    "NODE_RANK",
-    "NPROC_PER_NODE",
-    "WORLD_SIZE",
-    "DINOFLOW_JOB",
-    "DINOFLOW_NAMESPACE",
-    "DINOFLOW_RUN_ATTEMPT",
-    "DINOFLOW_PROGRESS_ENDPOINT",
-    "DINOFLOW_PROGRESS_TOKEN",
+    contract::MASTER_ADDR,
+    contract::MASTER_PORT,
+    contract::NNODES,
+    contract::NODE_RANK,
+    contract::NPROC_PER_NODE,
+    contract::WORLD_SIZE,
+    contract::JOB,
+    contract::NAMESPACE,
+    contract::RUN_ATTEMPT,
+    contract::PROGRESS_ENDPOINT,
+    contract::PROGRESS_TOKEN,
 ];
 
 /// What one pod depends on besides the job's identity and cluster spec.
@@ -171,19 +168,19 @@ pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
         teacher_checkpoint,
     } = *inputs;
     let mut vars = vec![
-        env("MASTER_ADDR", names::pod_dns(job, attempt, 0)),
-        env("MASTER_PORT", cluster.master_port),
-        env("NNODES", cluster.nodes),
-        env("NODE_RANK", rank),
-        env("NPROC_PER_NODE", cluster.procs_per_node()),
-        env("WORLD_SIZE", cluster.world_size()),
-        env("DINOFLOW_JOB", &job.name),
-        env("DINOFLOW_NAMESPACE", &job.namespace),
-        env("DINOFLOW_JOB_KIND", job.kind.as_str()),
-        env("DINOFLOW_RUN_ATTEMPT", attempt),
-        env("DINOFLOW_PROGRESS_ENDPOINT", &settings.progress_endpoint),
+        env(contract::MASTER_ADDR, names::pod_dns(job, attempt, 0)),
+        env(contract::MASTER_PORT, cluster.master_port),
+        env(contract::NNODES, cluster.nodes),
+        env(contract::NODE_RANK, rank),
+        env(contract::NPROC_PER_NODE, cluster.procs_per_node()),
+        env(contract::WORLD_SIZE, cluster.world_size()),
+        env(contract::JOB, &job.name),
+        env(contract::NAMESPACE, &job.namespace),
+        env(contract::JOB_KIND, job.kind.as_str()),
+        env(contract::RUN_ATTEMPT, attempt),
+        env(contract::PROGRESS_ENDPOINT, &settings.progress_endpoint),
         EnvVar {
-            name: dinoflow_api::progress::TOKEN_ENV.into(),
+            name: contract::PROGRESS_TOKEN.into(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
@@ -194,10 +191,10 @@ pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
                 ..Default::default()
             }),
         },
-        env("DINOFLOW_CONFIG", config_path()),
+        env(contract::CONFIG, config_path()),
     ];
     if let Some(path) = teacher_checkpoint {
-        vars.push(env(TEACHER_CHECKPOINT_ENV, path));
+        vars.push(env(contract::TEACHER_CHECKPOINT, path));
     }
     if cluster.gpus_per_node == 0 {
         // No GPUs: keep CUDA from grabbing a device the pod was not given.
@@ -298,7 +295,7 @@ fn trainer_container(inputs: &PodInputs<'_>, rank: i32) -> Container {
                 .unwrap_or_else(|| settings.default_image.clone()),
         ),
         image_pull_policy: cluster.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec!["dinoflow-trainer".into()]),
+        command: Some(vec![contract::TRAINER_COMMAND.into()]),
         args: Some(vec![
             "launch".into(),
             job.kind.trainer_subcommand().into(),
@@ -650,6 +647,9 @@ mod tests {
         let c = &pods[0].spec.as_ref().unwrap().containers[0];
         assert_eq!(c.image.as_deref(), Some(settings.default_image.as_str()));
         assert_eq!(c.args.as_ref().unwrap()[1], "distill");
-        assert_eq!(env_of(&pods[0])[TEACHER_CHECKPOINT_ENV], "/ckpt/big/final");
+        assert_eq!(
+            env_of(&pods[0])["DINOFLOW_TEACHER_CHECKPOINT"],
+            "/ckpt/big/final"
+        );
     }
 }

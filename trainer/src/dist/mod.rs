@@ -144,9 +144,9 @@ impl DistEnv {
                 .map(|v| v.map_or(default, Duration::from_secs))
         };
         let job = [
-            c::DINOFLOW_NAMESPACE,
-            c::DINOFLOW_JOB,
-            c::DINOFLOW_RUN_ATTEMPT,
+            c::NAMESPACE,
+            c::JOB,
+            c::RUN_ATTEMPT,
         ]
         .map(|n| env.get(n).unwrap_or_default());
         Ok(Some(Self {

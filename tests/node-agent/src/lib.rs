@@ -36,7 +36,6 @@
 //!   [`NodeAgent::start`] waits for.
 //!
 //! Each process's stdout and stderr go to `<pod dir>/<container>.log`.
-mod binaries;
 mod error;
 mod mapping;
 mod node;
@@ -58,7 +57,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use binaries::build_workspace_binary;
 pub use error::AgentError;
 pub use mapping::{PathMap, is_cluster_dns_name};
 pub use node::Capacity;

@@ -1,13 +1,13 @@
-//! `dinoflow-node-agent`: the local node agent of the e2e tests as a process, for
-//! scripts/demo.sh. Registers a Node with the cluster of `--kubeconfig` and runs the pods
-//! scheduled to it as local processes (see `dinoflow_e2e::node_agent` for what that means,
-//! path mapping included) until SIGINT or SIGTERM, then ends them and removes the Node.
+//! `dinoflow-node-agent`: the local node agent as a process, for scripts/demo.sh. Registers a
+//! Node with the cluster of `--kubeconfig` and runs the pods scheduled to it as local processes
+//! (see the `dinoflow_node_agent` library for what that means, path mapping included) until
+//! SIGINT or SIGTERM, then ends them and removes the Node.
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use dinoflow_e2e::node_agent::{AgentConfig, Capacity, NodeAgent};
+use dinoflow_node_agent::{AgentConfig, Capacity, NodeAgent};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 #[derive(Debug, Parser)]

@@ -1,17 +1,18 @@
-//! The local executables the agent maps container commands to, built on demand.
+//! Workspace binaries the tests run (the trainer the node agent maps `dinoflow-trainer` to),
+//! built on demand.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::AgentError;
+use crate::HarnessError;
 
 /// Builds `bin` of `package` with cargo into the target directory this executable lives in
 /// and returns its path. `cargo test -p dinoflow-e2e` does not build other packages'
 /// binaries, and a binary found on disk may be older than its sources, so the tests always
 /// ask cargo: a no-op of about a second when it is fresh.
-pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, AgentError> {
-    let exe = std::env::current_exe().map_err(AgentError::io("current executable"))?;
-    let (target, profile) = target_dir_of(&exe).ok_or_else(|| AgentError::Build {
+pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(HarnessError::io("current executable"))?;
+    let (target, profile) = target_dir_of(&exe).ok_or_else(|| HarnessError::Build {
         command: format!("cargo build -p {package} --bin {bin}"),
         output: format!(
             "{} is not inside a cargo target directory (<target>/<profile>/[deps/]exe)",
@@ -30,12 +31,12 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Agent
         "CARGO_TARGET_DIR={} cargo build -p {package} --bin {bin}",
         target.display()
     );
-    eprintln!("[node-agent] building {bin}: {shown}");
+    eprintln!("[e2e] building {bin}: {shown}");
     let output = cmd
         .output()
-        .map_err(AgentError::io(PathBuf::from(&cargo)))?;
+        .map_err(HarnessError::io(PathBuf::from(&cargo)))?;
     if !output.status.success() {
-        return Err(AgentError::Build {
+        return Err(HarnessError::Build {
             command: shown,
             output: String::from_utf8_lossy(&output.stderr).into_owned(),
         });
@@ -44,7 +45,7 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Agent
     if path.is_file() {
         Ok(path)
     } else {
-        Err(AgentError::Build {
+        Err(HarnessError::Build {
             command: shown,
             output: format!("cargo succeeded but {} does not exist", path.display()),
         })

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use dinoflow_api::contract::GPU_RESOURCE;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -21,8 +22,8 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 const LEASE_SECONDS: i32 = 40;
 /// A kubelet renews every quarter of the lease duration.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
-/// Extended resource name of GPUs (what the operator requests).
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Label every agent's Node carries, telling it apart from a real kubelet's.
+const AGENT_NODE_LABEL: &str = "dinoflow.dev/node-agent";
 
 /// Capacity of the Node.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,7 +73,7 @@ pub fn node(name: &str, labels: &BTreeMap<String, String>) -> Value {
         ("kubernetes.io/hostname".to_string(), name.to_string()),
         ("kubernetes.io/os".to_string(), "linux".to_string()),
         ("kubernetes.io/arch".to_string(), arch().to_string()),
-        ("dinoflow.dev/node-agent".to_string(), "true".to_string()),
+        (AGENT_NODE_LABEL.to_string(), "true".to_string()),
     ]);
     all.extend(labels.clone());
     json!({

@@ -34,9 +34,6 @@ pub enum AgentError {
         known: String,
     },
 
-    #[error("{command} failed:\n{output}")]
-    Build { command: String, output: String },
-
     #[error(
         "node {node} is not schedulable after {seconds} s: taints {taints}; is kube-controller-manager running?"
     )]

@@ -623,6 +623,7 @@ fn command(
 
 #[cfg(test)]
 mod tests {
+    use dinoflow_api::contract;
     use k8s_openapi::ByteString;
     use serde_json::json;
 
@@ -633,18 +634,18 @@ mod tests {
     fn operator_pod() -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": "tiny-a0-0", "namespace": "ml", "uid": "0123456789abcdef",
-                         "labels": {"dinoflow.dev/node-rank": "0"}},
+                         "labels": {(contract::LABEL_NODE_RANK): "0"}},
             "spec": {
                 "containers": [{
                     "name": "trainer",
                     "command": ["dinoflow-trainer"],
                     "args": ["launch", "train", "--config", "/etc/dinoflow/config.yaml"],
                     "env": [
-                        {"name": "MASTER_ADDR", "value": "tiny-a0-0.tiny.ml.svc"},
-                        {"name": "MASTER_PORT", "value": "29500"},
-                        {"name": "DINOFLOW_CONFIG", "value": "/etc/dinoflow/config.yaml"},
-                        {"name": "DINOFLOW_PROGRESS_TOKEN", "valueFrom": {"secretKeyRef": {"name": "tiny-progress", "key": "token"}}},
-                        {"name": "RANK_LABEL", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['dinoflow.dev/node-rank']"}}},
+                        {"name": contract::MASTER_ADDR, "value": "tiny-a0-0.tiny.ml.svc"},
+                        {"name": contract::MASTER_PORT, "value": "29500"},
+                        {"name": contract::CONFIG, "value": "/etc/dinoflow/config.yaml"},
+                        {"name": contract::PROGRESS_TOKEN, "valueFrom": {"secretKeyRef": {"name": "tiny-progress", "key": "token"}}},
+                        {"name": "RANK_LABEL", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.labels['{}']", contract::LABEL_NODE_RANK)}}},
                         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "OUT", "value": "/ckpt/run"}
                     ],
@@ -732,9 +733,9 @@ mod tests {
     fn env_references_are_resolved_and_the_master_address_is_this_host() {
         let plan = plan(&operator_pod(), &refs(), &host()).unwrap();
         let env = env_of(&plan);
-        assert_eq!(env["MASTER_ADDR"], "127.0.0.1");
-        assert_eq!(env["MASTER_PORT"], "29500");
-        assert_eq!(env["DINOFLOW_PROGRESS_TOKEN"], "s3cret");
+        assert_eq!(env[contract::MASTER_ADDR], "127.0.0.1");
+        assert_eq!(env[contract::MASTER_PORT], "29500");
+        assert_eq!(env[contract::PROGRESS_TOKEN], "s3cret");
         assert_eq!(env["RANK_LABEL"], "0");
         assert_eq!(env["POD"], "tiny-a0-0");
         assert_eq!(env["OUT"], "/agent/claims/ml/checkpoints/run");

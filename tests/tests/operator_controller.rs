@@ -575,3 +575,161 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     b_election.release().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_whose_name_cannot_name_a_service_fails_as_invalid_instead_of_retrying_forever() {
+    let env = Env::start("op-badname").await;
+    // A valid custom-resource name, but no valid Service name (DNS-1035 starts with a letter).
+    env.create_pretrain("7b", json!({"nodes": 1, "gpusPerNode": 0}))
+        .await;
+    let s = env
+        .wait_status("7b", "phase Failed", |s| s.is_true("Failed"))
+        .await;
+    let failed = s.condition("Failed").unwrap();
+    assert_eq!(failed.reason, "InvalidJob");
+    assert!(failed.message.contains("DNS-1035"), "{}", failed.message);
+    assert!(env.job_pods("7b").await.is_empty());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_deleted_pod_restarts_the_running_gang_instead_of_joining_a_replacement() {
+    let env = Env::start("op-vanish").await;
+    env.create_pretrain("v", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("v", 0, 2).await;
+    for p in &pods {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.wait_status("v", "phase Running", |s| {
+        s.phase.map(|p| p.as_str()) == Some("Running")
+    })
+    .await;
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    env.pods().delete("v-a0-1", &force).await.unwrap();
+    // The whole gang restarts as attempt 1; no lone attempt-0 replacement is created.
+    env.wait_gang("v", 1, 2).await;
+    let s = env
+        .wait_status("v", "disruption recorded", |s| s.disruptions == Some(1))
+        .await;
+    assert_eq!((s.restarts, s.run_attempt), (Some(0), Some(1)));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_stuck_terminating_on_a_lost_node_are_force_deleted_so_the_job_restarts() {
+    use k8s_openapi::api::core::v1::Node;
+    let env = Env::start("op-lostnode").await;
+    // A node without a kubelet: a pod bound to it is never confirmed deleted (node loss).
+    // Unschedulable and tainted so the scheduler never puts another test's pods there.
+    let node_name = format!("lost-{}", env.ns);
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": { "name": node_name },
+        "spec": { "unschedulable": true,
+                  "taints": [{"key": "dinoflow.dev/test-lost-node", "effect": "NoSchedule"}] },
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    env.create_pretrain(
+        "n",
+        json!({"nodes": 2, "gpusPerNode": 0, "terminationGracePeriodSeconds": 1}),
+    )
+    .await;
+    let pods = env.wait_gang("n", 0, 2).await;
+    for p in &pods {
+        let binding = json!({
+            "apiVersion": "v1", "kind": "Binding", "metadata": { "name": p.name_any() },
+            "target": { "apiVersion": "v1", "kind": "Node", "name": node_name },
+        });
+        env.pods()
+            .create_subresource::<serde_json::Value>(
+                "binding",
+                &p.name_any(),
+                &PostParams::default(),
+                serde_json::to_vec(&binding).unwrap(),
+            )
+            .await
+            .expect("bind the pod to the lost node");
+        env.run_pod(&p.name_any()).await;
+    }
+    env.exit_pod("n-a0-1", 1).await;
+    env.wait_status("n", "restart recorded", |s| s.restarts == Some(1))
+        .await;
+    // Deleted gracefully, the running pod stays Terminating: no kubelet confirms.
+    wait(TIMEOUT, "old pod terminating", || async {
+        let pods = env.job_pods("n").await;
+        let stuck = pods.iter().any(|p| p.metadata.deletion_timestamp.is_some());
+        stuck.then_some(())
+    })
+    .await;
+    // 1 s grace + 60 s stuck bound, then force deletion and the next attempt.
+    let deadline = Duration::from_secs(60 + 1 + 40);
+    wait(deadline, "attempt 1 after force deletion", || async {
+        let pods = env.job_pods("n").await;
+        let fresh = pods.iter().all(|p| {
+            p.labels()
+                .get("dinoflow.dev/run-attempt")
+                .map(String::as_str)
+                == Some("1")
+        });
+        (pods.len() == 2 && fresh).then_some(())
+    })
+    .await;
+    let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distill_job_keeps_restarting_from_its_pinned_teacher_after_the_teacher_is_deleted() {
+    let env = Env::start("op-teachergone").await;
+    let distill: Api<DistillJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let student: DistillJob = serde_json::from_value(json!({
+        "apiVersion": "dinoflow.dev/v1alpha1", "kind": "DistillJob",
+        "metadata": { "name": "small" },
+        "spec": { "teacher": { "pretrainJob": "big" }, "training": { "data": { "path": "/data/train" } }, "cluster": { "nodes": 1, "gpusPerNode": 0 } },
+    }))
+    .expect("valid DistillJob");
+    env.create_pretrain(
+        "big",
+        json!({"nodes": 1, "gpusPerNode": 0, "runPolicy": {"suspend": true}}),
+    )
+    .await;
+    let done = json!({"status": {"phase": "Succeeded",
+        "lastCheckpoint": {"iteration": 100, "path": "/ckpt/big/iter-100", "time": "2026-01-01T00:00:00Z"}}});
+    env.pretrain()
+        .patch_status("big", &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .unwrap();
+    distill
+        .create(&PostParams::default(), &student)
+        .await
+        .unwrap();
+    env.wait_gang("small", 0, 1).await;
+    // The teacher goes (its TTL, or a person); then the student's pod fails.
+    env.pretrain()
+        .delete("big", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(TIMEOUT, "teacher gone", || async {
+        env.pretrain()
+            .get_opt("big")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    env.exit_pod("small-a0-0", 1).await;
+    let pods = env.wait_gang("small", 1, 1).await;
+    assert_eq!(
+        env_map(&pods[0])["DINOFLOW_TEACHER_CHECKPOINT"],
+        "/ckpt/big/iter-100"
+    );
+    let s = distill.get("small").await.unwrap().status.unwrap();
+    assert!(!s.is_true("WaitingForTeacher"));
+    env.stop().await;
+}

@@ -325,11 +325,27 @@ pub struct PodTemplateOverrides {
 #[x_kube(crates(kube_core = "::kube_core"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunPolicy {
-    /// Gang restarts allowed after retryable failures before the job fails. Evictions and
-    /// node loss restart the gang without using up this budget.
+    /// Gang restarts allowed after retryable failures without progress (no new verified
+    /// checkpoint since the gang last started; hangs included) before the job fails.
+    /// Failures after progress use `progressRestartLimit` first; evictions and node loss
+    /// use `disruptionLimit`.
     #[serde(default = "default_backoff_limit")]
     #[x_kube(validation = Rule::new("self >= 0").message("cluster.runPolicy.backoffLimit must be >= 0 (0: never restart)"))]
     pub backoff_limit: i32,
+
+    /// Gang restarts allowed after retryable failures that followed a new verified
+    /// checkpoint (the run made progress since the gang last started) without using up
+    /// `backoffLimit`, so a long run survives occasional crashes. Past it, such failures count
+    /// against `backoffLimit` like any other; 0 makes every failure count there.
+    #[serde(default = "default_progress_restart_limit")]
+    #[x_kube(validation = Rule::new("self >= 0").message("cluster.runPolicy.progressRestartLimit must be >= 0 (0: failures after progress count against backoffLimit too)"))]
+    pub progress_restart_limit: i32,
+
+    /// Gang restarts allowed after disruptions (eviction, preemption, node loss or shutdown,
+    /// a pod deleted from outside) before the job fails. Raise it on preemptible capacity.
+    #[serde(default = "default_disruption_limit")]
+    #[x_kube(validation = Rule::new("self >= 0").message("cluster.runPolicy.disruptionLimit must be >= 0"))]
+    pub disruption_limit: i32,
 
     /// Exit codes that fail the job at once, in addition to the trainer's permanent codes
     /// 78 (bad config, missing data) and 79 (non-finite loss).
@@ -355,7 +371,9 @@ pub struct RunPolicy {
     pub suspend: bool,
 
     /// Seconds without a progress report from a running gang before it counts as hung and
-    /// is restarted (a retryable failure). Unset: no hang detection.
+    /// is restarted (a retryable failure). Counted from the latest of: every pod running
+    /// (scheduling and image pulls never count), the last report, the operator's own start
+    /// (no report reaches a stopped operator). Unset: no hang detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 30").message("cluster.runPolicy.hangTimeoutSeconds must be >= 30 (the trainer heartbeats every 30 s)"))]
     pub hang_timeout_seconds: Option<i64>,
@@ -375,6 +393,12 @@ pub struct RunPolicy {
 fn default_backoff_limit() -> i32 {
     3
 }
+fn default_progress_restart_limit() -> i32 {
+    20
+}
+fn default_disruption_limit() -> i32 {
+    50
+}
 fn default_pending_timeout() -> i64 {
     600
 }
@@ -383,6 +407,8 @@ impl Default for RunPolicy {
     fn default() -> Self {
         Self {
             backoff_limit: default_backoff_limit(),
+            progress_restart_limit: default_progress_restart_limit(),
+            disruption_limit: default_disruption_limit(),
             permanent_exit_codes: Vec::new(),
             active_deadline_seconds: None,
             ttl_seconds_after_finished: None,

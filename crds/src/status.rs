@@ -25,6 +25,10 @@ pub mod condition {
     pub const FAILED: &str = "Failed";
     /// A DistillJob waits for its teacher PretrainJob to succeed.
     pub const WAITING_FOR_TEACHER: &str = "WaitingForTeacher";
+    /// Whether the operator's last attempt to act on the job worked. Set to False (reason
+    /// `ReconcileError`, the error as message) when acting failed; the operator retries with
+    /// exponential backoff and sets it back to True once it succeeds. Absent until an error.
+    pub const SYNCED: &str = "Synced";
 }
 
 /// Where the job is in its life; `kubectl get` shows it.
@@ -83,7 +87,7 @@ impl JobPhase {
 pub struct JobStatus {
     // ---- written by the controller ----
     /// Latest observations of the job's state (Created, Running, Restarting, Suspended,
-    /// Succeeded, Failed, WaitingForTeacher).
+    /// Succeeded, Failed, WaitingForTeacher; Synced once the operator failed to act on it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -104,13 +108,28 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_attempt: Option<i32>,
 
-    /// Gang restarts that count against `backoffLimit` (evictions and node loss do not).
+    /// Gang restarts counted against `runPolicy.backoffLimit`: after failures without
+    /// progress (no new verified checkpoint since the gang last started; hangs included), and
+    /// after failures with progress once `progressRestartLimit` is used up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<i32>,
 
-    /// Gang restarts caused by disruptions (eviction, preemption, node loss, hang excluded).
+    /// Gang restarts after failures that followed a new verified checkpoint (progress since
+    /// the gang last started); they count against `runPolicy.progressRestartLimit`, not
+    /// `backoffLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_restarts: Option<i32>,
+
+    /// Gang restarts caused by disruptions (eviction, preemption, node loss, a pod deleted
+    /// or vanished from outside); they count against `runPolicy.disruptionLimit` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruptions: Option<i32>,
+
+    /// Iteration of the newest verified checkpoint (`lastCheckpoint`) when the current
+    /// attempt started; a failure after a newer checkpoint is a failure with progress.
+    /// Unset: the attempt started with no checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_checkpoint_iteration: Option<i64>,
 
     /// Pods of the current attempt by state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,10 +140,15 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
 
-    /// When the pods of the current attempt were created; hang detection counts from here
-    /// until the first progress report.
+    /// When the pods of the current attempt were created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_start_time: Option<Time>,
+
+    /// When every pod of the current attempt was first seen running. Hang detection counts
+    /// from the latest of this, the last progress report and the operator's own start (it
+    /// cannot receive reports while it is down), so scheduling and image pulls never count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_running_time: Option<Time>,
 
     /// When the job succeeded or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

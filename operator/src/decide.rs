@@ -6,7 +6,13 @@
 //! deleted or created. Pods carry their attempt, so a decision replayed after a crash, or
 //! made on a stale cache, finds old-attempt pods and deletes them rather than counting the
 //! same failure twice.
+//!
+//! Budgets: a retryable failure after a new verified checkpoint (progress since the gang last
+//! started) uses `progressRestartLimit`, one without progress (or past that limit) uses
+//! `backoffLimit`, a disruption (eviction, preemption, node loss, a pod deleted or vanished
+//! from outside) uses `disruptionLimit`; the status counts each.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use dinoflow_api::cluster::{CleanPodPolicy, ClusterSpec};
@@ -38,8 +44,27 @@ pub struct JobFacts<'a> {
     pub status: &'a JobStatus,
     /// None for jobs that need no teacher.
     pub teacher: Option<TeacherState>,
+    /// Why the job's children cannot be created whatever the operator does (its name cannot
+    /// name a Service); the job fails with `InvalidJob`.
+    pub invalid: Option<String>,
+    /// When this operator replica started acting (its controllers and progress endpoint). No
+    /// trainer can report while no operator listens, so hang detection counts from no earlier
+    /// than this: an operator outage never makes a healthy gang look hung. None: unknown.
+    pub operating_since: Option<Timestamp>,
     pub now: Timestamp,
 }
+
+/// How long, after a rank exited with a peer's code (70, 143) while others still run, the
+/// decision waits for the gang to settle: the rank that caused it (a permanent 78, an
+/// evicted pod) usually shows up within seconds, and deciding on the symptom first would
+/// retry a permanent failure or charge a disruption to the budget.
+pub const PEER_EXIT_SETTLE_SECONDS: i64 = 15;
+
+/// How long past its deletion deadline (`deletionTimestamp`, the end of its grace period) a
+/// pod may stay before it is force-deleted. A live kubelet kills the container at the
+/// deadline and removes the pod within seconds; one still there a minute later is on a node
+/// that is gone or unreachable, and only a force deletion lets the next attempt start.
+pub const STUCK_TERMINATING_SECONDS: i64 = 60;
 
 /// An event to record on the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +83,8 @@ pub struct Decision {
     pub ensure_gang: bool,
     /// Pods to delete, by name.
     pub delete_pods: Vec<String>,
+    /// Pods to delete at once (grace period 0): stuck terminating on a lost node.
+    pub force_delete_pods: Vec<String>,
     pub events: Vec<JobEvent>,
     /// Look again after this long even if nothing changes (deadlines, timeouts, TTL).
     pub requeue_after: Option<Duration>,
@@ -78,6 +105,10 @@ pub mod reason {
     pub const WAITING_FOR_OLD_PODS: &str = "WaitingForOldPods";
     pub const PERMANENT_FAILURE: &str = "PermanentFailure";
     pub const BACKOFF_LIMIT_EXCEEDED: &str = "BackoffLimitExceeded";
+    pub const DISRUPTION_LIMIT_EXCEEDED: &str = "DisruptionLimitExceeded";
+    pub const POD_VANISHED: &str = "PodVanished";
+    pub const FORCE_DELETING: &str = "ForceDeletingStuckPods";
+    pub const INVALID_JOB: &str = "InvalidJob";
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     pub const SUCCEEDED: &str = "Completed";
     pub const SUSPENDED: &str = "Suspended";
@@ -110,6 +141,11 @@ pub fn decide(facts: &JobFacts<'_>, pods: &[PodObservation]) -> Decision {
         return d.finish();
     }
 
+    if let Some(why) = &facts.invalid {
+        d.fail(reason::INVALID_JOB, why.clone(), pods);
+        return d.finish();
+    }
+
     if policy.suspend {
         d.suspend(pods, !current.is_empty());
         return d.finish();
@@ -128,7 +164,15 @@ pub fn decide(facts: &JobFacts<'_>, pods: &[PodObservation]) -> Decision {
         );
     }
 
-    match facts.teacher.clone() {
+    // Once pinned, the teacher's checkpoint is all the job needs: the teacher job may be gone
+    // (its TTL) or replaced, and every restart must distil from the same checkpoint anyway.
+    let teacher = match (facts.teacher.clone(), &d.status.teacher_checkpoint) {
+        (Some(_), Some(pinned)) => Some(TeacherState::Ready {
+            checkpoint: pinned.clone(),
+        }),
+        (teacher, _) => teacher,
+    };
+    match teacher {
         None => {}
         Some(TeacherState::Ready { checkpoint }) => {
             if d.status.is_true(condition::WAITING_FOR_TEACHER) {
@@ -180,12 +224,23 @@ pub fn decide(facts: &JobFacts<'_>, pods: &[PodObservation]) -> Decision {
     // Old attempts must be gone before the next gang starts: two gangs writing the same
     // checkpoint directory, or a dying rank answering a new rendezvous, corrupts the run.
     if !stale.is_empty() {
+        // A rank's own permanent failure seen only after the restart was decided (its status
+        // came after a peer's 70): the job fails, whatever order the exits arrived in.
+        if let Some((p, code)) = stale.iter().find_map(|p| failed_by_itself(p, facts)) {
+            let note = format!(
+                "{} exited with permanent failure code {code} (seen after the gang restart began); not restarting",
+                describe(p)
+            );
+            d.fail(reason::PERMANENT_FAILURE, note, pods);
+            return d.finish();
+        }
         d.delete(
             stale
                 .iter()
                 .filter(|p| !p.terminating)
                 .map(|p| p.name.clone()),
         );
+        d.force_delete_stuck(&stale);
         d.status.phase = Some(JobPhase::Restarting);
         d.status.message = Some(format!(
             "waiting for {} pod(s) of earlier attempts to terminate",
@@ -195,9 +250,21 @@ pub fn decide(facts: &JobFacts<'_>, pods: &[PodObservation]) -> Decision {
         return d.finish();
     }
 
-    if let Some(failure) = first_failure(&current, facts) {
-        d.handle_failure(failure, &current);
-        return d.finish();
+    match first_failure(&current, facts) {
+        Verdict::Healthy => {}
+        Verdict::Failed(failure) => {
+            d.handle_failure(failure, &current);
+            return d.finish();
+        }
+        Verdict::Settling { pod, wait } => {
+            d.status.message = Some(format!(
+                "{} exited with code {} (a peer's failure); waiting up to {wait}s for the rest of the gang to show the cause",
+                describe(pod),
+                pod.state.exit_code().unwrap_or_default()
+            ));
+            d.requeue_in(wait);
+            return d.finish();
+        }
     }
 
     let succeeded = current
@@ -220,53 +287,124 @@ enum Failure<'a> {
     Permanent(&'a PodObservation, i32),
     Retryable(&'a PodObservation),
     Disrupted(&'a PodObservation, String),
+    /// Ranks whose pods vanished from a gang that had been running.
+    Vanished(Vec<i32>),
     Hung(i64),
 }
 
-fn first_failure<'a>(current: &[&'a PodObservation], facts: &JobFacts<'_>) -> Option<Failure<'a>> {
+/// What the current gang's pods say.
+enum Verdict<'a> {
+    Healthy,
+    Failed(Failure<'a>),
+    /// Only peers' exit codes so far, and ranks still running: look again in `wait` seconds.
+    Settling {
+        pod: &'a PodObservation,
+        wait: i64,
+    },
+}
+
+/// Classifies the current gang the same way whatever order its pods' states arrived in: a
+/// permanent exit wins over everything, a rank's own retryable failure over a disruption, and
+/// a disruption over the peers' exits (70, 143) it caused.
+fn first_failure<'a>(current: &[&'a PodObservation], facts: &JobFacts<'_>) -> Verdict<'a> {
     let policy = &facts.cluster.run_policy;
     let mut ranked: Vec<_> = current.to_vec();
     ranked.sort_by_key(|p| p.rank);
     for p in &ranked {
-        if let PodState::Failed {
-            exit_code: Some(code),
-            ..
-        } = p.state
+        if let Some(code) = p.state.exit_code()
             && policy.is_permanent_exit_code(code)
         {
-            return Some(Failure::Permanent(p, code));
+            return Verdict::Failed(Failure::Permanent(p, code));
         }
     }
-    if let Some(p) = ranked
+    let failed: Vec<_> = ranked
         .iter()
-        .find(|p| matches!(p.state, PodState::Failed { .. }))
-    {
-        return Some(Failure::Retryable(p));
+        .copied()
+        .filter(|p| matches!(p.state, PodState::Failed { .. }))
+        .collect();
+    if let Some(p) = failed.iter().copied().find(|p| !p.state.is_peer_exit()) {
+        return Verdict::Failed(Failure::Retryable(p));
     }
-    if let Some(p) = ranked
-        .iter()
-        .find(|p| matches!(p.state, PodState::Disrupted { .. }))
-    {
-        let PodState::Disrupted { reason } = &p.state else {
-            unreachable!()
-        };
-        return Some(Failure::Disrupted(p, reason.clone()));
+    if let Some((p, reason)) = ranked.iter().find_map(|p| match &p.state {
+        PodState::Disrupted { reason } => Some((*p, reason.clone())),
+        _ => None,
+    }) {
+        return Verdict::Failed(Failure::Disrupted(p, reason));
+    }
+    if let Some(&first) = failed.first() {
+        let active = ranked
+            .iter()
+            .any(|p| matches!(p.state, PodState::Running | PodState::Pending));
+        let since = failed
+            .iter()
+            .filter_map(|p| p.finished)
+            .map(|t| facts.now.as_second() - t.as_second())
+            .max();
+        if let (true, Some(since)) = (active, since)
+            && since < PEER_EXIT_SETTLE_SECONDS
+        {
+            return Verdict::Settling {
+                pod: first,
+                wait: PEER_EXIT_SETTLE_SECONDS - since,
+            };
+        }
+        return Verdict::Failed(Failure::Retryable(first));
     }
     let status = facts.status;
-    if let (Some(limit), Some(JobPhase::Running)) = (policy.hang_timeout_seconds, status.phase) {
-        let last = [&status.last_progress_time, &status.attempt_start_time]
-            .into_iter()
-            .flatten()
-            .map(|t| t.0.as_second())
-            .max();
-        if let Some(last) = last {
-            let quiet = facts.now.as_second() - last;
-            if quiet >= limit {
-                return Some(Failure::Hung(quiet));
-            }
+    // A pod missing from a gang that has run was force-deleted or garbage-collected: a
+    // replacement would wait alone at the rendezvous the others left long ago.
+    let has_run = status.attempt_running_time.is_some() || status.phase == Some(JobPhase::Running);
+    if has_run {
+        let present: BTreeSet<i32> = current.iter().filter_map(|p| p.rank).collect();
+        let missing: Vec<i32> = (0..facts.cluster.nodes)
+            .filter(|r| !present.contains(r))
+            .collect();
+        if !missing.is_empty() {
+            return Verdict::Failed(Failure::Vanished(missing));
         }
     }
-    None
+    if let (Some(limit), Some(JobPhase::Running)) = (policy.hang_timeout_seconds, status.phase)
+        && let Some(since) = hang_clock(status, facts.operating_since)
+    {
+        let quiet = facts.now.as_second() - since;
+        if quiet >= limit {
+            return Verdict::Failed(Failure::Hung(quiet));
+        }
+    }
+    Verdict::Healthy
+}
+
+/// Second from which a running gang's silence counts: the latest of when it was first seen
+/// running, its last progress report, and when this operator started listening.
+fn hang_clock(status: &JobStatus, operating_since: Option<Timestamp>) -> Option<i64> {
+    [&status.attempt_running_time, &status.last_progress_time]
+        .into_iter()
+        .flatten()
+        .map(|t| t.0)
+        .chain(operating_since)
+        .map(|t| t.as_second())
+        .max()
+}
+
+/// A stale pod's permanent exit code, if the trainer failed by itself rather than while
+/// being stopped (a pod deleted by the restart may exit with anything).
+fn failed_by_itself<'a>(
+    p: &'a PodObservation,
+    facts: &JobFacts<'_>,
+) -> Option<(&'a PodObservation, i32)> {
+    let code = p.state.exit_code()?;
+    if !facts.cluster.run_policy.is_permanent_exit_code(code) {
+        return None;
+    }
+    let stopped_at = p
+        .deletion_deadline
+        .map(|t| t.as_second() - facts.cluster.termination_grace_period_seconds);
+    let by_itself = match (stopped_at, p.finished) {
+        (None, _) => true,
+        (Some(stopped), Some(finished)) => finished.as_second() < stopped,
+        (Some(_), None) => false,
+    };
+    by_itself.then_some((p, code))
 }
 
 fn count(current: &[&PodObservation], expected: i32) -> PodCounts {
@@ -291,12 +429,24 @@ fn describe(p: &PodObservation) -> String {
     format!("pod {} (rank {rank}) on {node}", p.name)
 }
 
+/// Which budget a restart uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Budget {
+    /// A failure without progress: `backoffLimit`, counted in `restarts`.
+    Backoff,
+    /// A failure after a new checkpoint: `progressRestartLimit`, in `progressRestarts`.
+    Progress,
+    /// Not the trainer's fault: `disruptionLimit`, in `disruptions`.
+    Disruption,
+}
+
 /// The decision being built.
 struct Step<'f> {
     facts: &'f JobFacts<'f>,
     status: JobStatus,
     ensure_gang: bool,
     delete_pods: Vec<String>,
+    force_delete_pods: Vec<String>,
     events: Vec<JobEvent>,
     requeue_secs: Option<i64>,
     delete_job: bool,
@@ -313,6 +463,7 @@ impl<'f> Step<'f> {
             status,
             ensure_gang: false,
             delete_pods: Vec::new(),
+            force_delete_pods: Vec::new(),
             events: Vec::new(),
             requeue_secs: None,
             delete_job: false,
@@ -322,10 +473,13 @@ impl<'f> Step<'f> {
     fn finish(mut self) -> Decision {
         self.delete_pods.sort();
         self.delete_pods.dedup();
+        self.force_delete_pods.sort();
+        self.force_delete_pods.dedup();
         Decision {
             status: self.status,
             ensure_gang: self.ensure_gang,
             delete_pods: self.delete_pods,
+            force_delete_pods: self.force_delete_pods,
             events: self.events,
             requeue_after: self
                 .requeue_secs
@@ -366,6 +520,52 @@ impl<'f> Step<'f> {
         self.delete_pods.extend(names);
     }
 
+    /// Force-deletes pods stuck terminating well past their deadline (a lost node's).
+    fn force_delete_stuck(&mut self, pods: &[&PodObservation]) {
+        let now = self.facts.now.as_second();
+        let stuck: Vec<&PodObservation> = pods
+            .iter()
+            .copied()
+            .filter(|p| {
+                p.deletion_deadline
+                    .is_some_and(|t| now - t.as_second() >= STUCK_TERMINATING_SECONDS)
+            })
+            .collect();
+        if stuck.is_empty() {
+            return;
+        }
+        let names: Vec<String> = stuck.iter().map(|p| p.name.clone()).collect();
+        let note = format!(
+            "force-deleting {} still terminating {STUCK_TERMINATING_SECONDS}s after its grace period ended (its node is gone or unreachable)",
+            stuck
+                .iter()
+                .map(|p| describe(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.event(true, reason::FORCE_DELETING, note);
+        self.force_delete_pods.extend(names);
+    }
+
+    /// The run made progress since the gang last started: a newer verified checkpoint.
+    fn made_progress(&self) -> bool {
+        let newest = self.status.last_checkpoint.as_ref().map(|c| c.iteration);
+        match (newest, self.status.attempt_checkpoint_iteration) {
+            (Some(newest), Some(start)) => newest > start,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// A new attempt starts: what it starts from.
+    fn begin_attempt(&mut self, attempt: i32) {
+        self.status.run_attempt = Some(attempt);
+        self.status.attempt_start_time = None;
+        self.status.attempt_running_time = None;
+        self.status.attempt_checkpoint_iteration =
+            self.status.last_checkpoint.as_ref().map(|c| c.iteration);
+    }
+
     fn phase_changes_to(&self, phase: JobPhase) -> bool {
         self.facts.status.phase != Some(phase)
     }
@@ -385,7 +585,7 @@ impl<'f> Step<'f> {
             );
             if gang_exists || self.status.attempt_start_time.is_some() {
                 // The resumed gang is a new attempt, so the suspended pods count as stale.
-                self.status.run_attempt = Some(self.status.run_attempt.unwrap_or(0) + 1);
+                self.begin_attempt(self.status.run_attempt.unwrap_or(0) + 1);
             }
         }
         self.status.phase = Some(JobPhase::Suspended);
@@ -393,6 +593,7 @@ impl<'f> Step<'f> {
         // The active deadline counts from the resume, as for a suspended batch Job.
         self.status.start_time = None;
         self.status.attempt_start_time = None;
+        self.status.attempt_running_time = None;
         self.set(
             condition::SUSPENDED,
             true,
@@ -500,7 +701,6 @@ impl<'f> Step<'f> {
     fn handle_failure(&mut self, failure: Failure<'_>, current: &[&PodObservation]) {
         let facts = self.facts;
         let policy = &facts.cluster.run_policy;
-        let restarts = self.status.restarts.unwrap_or(0);
         let all: Vec<PodObservation> = current.iter().map(|p| (*p).clone()).collect();
         match failure {
             Failure::Permanent(p, code) => {
@@ -517,23 +717,13 @@ impl<'f> Step<'f> {
                 self.fail(reason::PERMANENT_FAILURE, note, &all);
             }
             Failure::Retryable(p) => {
-                let code = match p.state {
-                    PodState::Failed {
-                        exit_code: Some(c), ..
-                    } => c.to_string(),
-                    _ => "none".into(),
-                };
+                let code = p
+                    .state
+                    .exit_code()
+                    .map_or_else(|| "none".into(), |c| c.to_string());
                 let note = format!("{} failed with exit code {code}", describe(p));
                 self.event(true, reason::POD_FAILED, note.clone());
-                if restarts >= policy.backoff_limit {
-                    let msg = format!(
-                        "{note}; backoffLimit {} reached after {restarts} restart(s)",
-                        policy.backoff_limit
-                    );
-                    self.fail(reason::BACKOFF_LIMIT_EXCEEDED, msg, &all);
-                } else {
-                    self.restart(true, reason::POD_FAILED, note, current);
-                }
+                self.retry(reason::POD_FAILED, note, current, &all);
             }
             Failure::Disrupted(p, why) => {
                 let note = format!(
@@ -541,7 +731,16 @@ impl<'f> Step<'f> {
                     describe(p)
                 );
                 self.event(true, reason::POD_DISRUPTED, note.clone());
-                self.restart(false, reason::POD_DISRUPTED, note, current);
+                self.disrupt(reason::POD_DISRUPTED, note, current, &all);
+            }
+            Failure::Vanished(ranks) => {
+                let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+                let note = format!(
+                    "the pod(s) of rank(s) {} vanished from the running gang (deleted at once or garbage-collected); restarting the whole gang, which does not count against backoffLimit",
+                    ranks.join(", ")
+                );
+                self.event(true, reason::POD_VANISHED, note.clone());
+                self.disrupt(reason::POD_VANISHED, note, current, &all);
             }
             Failure::Hung(quiet) => {
                 let note = format!(
@@ -549,40 +748,98 @@ impl<'f> Step<'f> {
                     policy.hang_timeout_seconds.unwrap_or_default()
                 );
                 self.event(true, reason::HUNG, note.clone());
-                if restarts >= policy.backoff_limit {
-                    let msg = format!("{note}; backoffLimit {} reached", policy.backoff_limit);
-                    self.fail(reason::BACKOFF_LIMIT_EXCEEDED, msg, &all);
-                } else {
-                    self.restart(true, reason::HUNG, note, current);
-                }
+                self.retry(reason::HUNG, note, current, &all);
             }
+        }
+    }
+
+    /// A retryable failure: restarts after progress use their own budget; the rest (and
+    /// those past it) use backoffLimit.
+    fn retry(
+        &mut self,
+        why: &'static str,
+        note: String,
+        current: &[&PodObservation],
+        all: &[PodObservation],
+    ) {
+        let facts = self.facts;
+        let policy = &facts.cluster.run_policy;
+        let after_progress = self.status.progress_restarts.unwrap_or(0);
+        if self.made_progress() && after_progress < policy.progress_restart_limit {
+            return self.restart(Budget::Progress, why, note, current);
+        }
+        let restarts = self.status.restarts.unwrap_or(0);
+        if restarts >= policy.backoff_limit {
+            let msg = format!(
+                "{note}; backoffLimit {} reached after {restarts} restart(s) without progress",
+                policy.backoff_limit
+            );
+            self.fail(reason::BACKOFF_LIMIT_EXCEEDED, msg, all);
+        } else {
+            self.restart(Budget::Backoff, why, note, current);
+        }
+    }
+
+    /// A disruption: restarts without using backoffLimit, up to disruptionLimit.
+    fn disrupt(
+        &mut self,
+        why: &'static str,
+        note: String,
+        current: &[&PodObservation],
+        all: &[PodObservation],
+    ) {
+        let limit = self.facts.cluster.run_policy.disruption_limit;
+        let disruptions = self.status.disruptions.unwrap_or(0);
+        if disruptions >= limit {
+            let msg = format!(
+                "{note}; cluster.runPolicy.disruptionLimit {limit} reached after {disruptions} disruption(s)"
+            );
+            self.fail(reason::DISRUPTION_LIMIT_EXCEEDED, msg, all);
+        } else {
+            self.restart(Budget::Disruption, why, note, current);
         }
     }
 
     /// Tears the gang down; the next attempt is created once every old pod is gone.
     fn restart(
         &mut self,
-        counted: bool,
+        budget: Budget,
         why: &'static str,
         note: String,
         current: &[&PodObservation],
     ) {
         let attempt = self.status.run_attempt.unwrap_or(0) + 1;
-        self.status.run_attempt = Some(attempt);
-        let limit = self.facts.cluster.run_policy.backoff_limit;
-        let progress = if counted {
-            let r = self.status.restarts.unwrap_or(0) + 1;
-            self.status.restarts = Some(r);
-            format!("restart {r}/{limit}")
-        } else {
-            let d = self.status.disruptions.unwrap_or(0) + 1;
-            self.status.disruptions = Some(d);
-            format!("disruption {d}, not counted")
+        let facts = self.facts;
+        let policy = &facts.cluster.run_policy;
+        let progress = match budget {
+            Budget::Backoff => {
+                let r = self.status.restarts.unwrap_or(0) + 1;
+                self.status.restarts = Some(r);
+                format!("restart {r}/{}", policy.backoff_limit)
+            }
+            Budget::Progress => {
+                let r = self.status.progress_restarts.unwrap_or(0) + 1;
+                self.status.progress_restarts = Some(r);
+                let at = self
+                    .status
+                    .last_checkpoint
+                    .as_ref()
+                    .map_or(0, |c| c.iteration);
+                format!(
+                    "restart {r}/{} after progress to the checkpoint of iteration {at}, not counted against backoffLimit",
+                    policy.progress_restart_limit
+                )
+            }
+            Budget::Disruption => {
+                let d = self.status.disruptions.unwrap_or(0) + 1;
+                self.status.disruptions = Some(d);
+                format!("disruption {d}/{}, not counted", policy.disruption_limit)
+            }
         };
+        self.begin_attempt(attempt);
         let msg = format!("restarting the gang as attempt {attempt} ({progress}): {note}");
         self.status.phase = Some(JobPhase::Restarting);
         self.status.message = Some(msg.clone());
-        self.status.attempt_start_time = None;
         self.set(condition::RESTARTING, true, why, msg.clone());
         self.set(condition::RUNNING, false, why, "the gang is restarting");
         self.set(
@@ -642,6 +899,9 @@ impl<'f> Step<'f> {
             }
             self.status.phase = Some(JobPhase::Running);
             self.status.message = Some(format!("{running} pod(s) running"));
+            if self.status.attempt_running_time.is_none() {
+                self.status.attempt_running_time = Some(self.now());
+            }
             self.set(
                 condition::RUNNING,
                 true,
@@ -656,8 +916,11 @@ impl<'f> Step<'f> {
                     format!("attempt {attempt} running"),
                 );
             }
-            if let Some(limit) = cluster.run_policy.hang_timeout_seconds {
-                self.requeue_in(limit);
+            if let (Some(limit), Some(since)) = (
+                cluster.run_policy.hang_timeout_seconds,
+                hang_clock(&self.status, self.facts.operating_since),
+            ) {
+                self.requeue_in(since + limit - self.facts.now.as_second());
             }
             return;
         }

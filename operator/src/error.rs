@@ -34,6 +34,11 @@ pub enum Error {
     /// Leader election failed.
     #[error("leader election: {0}")]
     Lease(String),
+
+    /// A reconcile took longer than its time limit and was abandoned (it is retried; what it
+    /// left half done is what a crash would leave, which the next reconcile completes).
+    #[error("reconcile abandoned after {0:?} (API server slow or unreachable); retrying")]
+    Timeout(std::time::Duration),
 }
 
 impl Error {
@@ -47,7 +52,28 @@ impl Error {
             Self::InvalidJob(_) => "invalid_job",
             Self::NotLeader => "not_leader",
             Self::Lease(_) => "lease",
+            Self::Timeout(_) => "timeout",
         }
+    }
+
+    /// Reason of the job's `Synced=False` condition for this error (CamelCase, as reasons are).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "KubernetesAPIError",
+            Self::Serde { .. } => "SerializationError",
+            Self::Yaml(_) => "ConfigRenderError",
+            Self::MissingField(_) => "MissingField",
+            Self::InvalidJob(_) => "InvalidJob",
+            Self::NotLeader => "NotLeader",
+            Self::Lease(_) => "LeaseError",
+            Self::Timeout(_) => "ReconcileTimeout",
+        }
+    }
+
+    /// A write refused because this view of the object is stale (409): retry at once on a
+    /// fresh view; it is no fault worth reporting.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Kube(kube::Error::Api(s)) if s.code == 409)
     }
 }
 
@@ -75,10 +101,15 @@ mod tests {
             Error::InvalidJob("x".into()),
             Error::NotLeader,
             Error::Lease("x".into()),
+            Error::Timeout(std::time::Duration::from_secs(1)),
         ];
         let mut labels: Vec<_> = errors.iter().map(Error::metric_label).collect();
         labels.sort_unstable();
         labels.dedup();
         assert_eq!(labels.len(), errors.len());
+        let mut reasons: Vec<_> = errors.iter().map(Error::reason).collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        assert_eq!(reasons.len(), errors.len());
     }
 }

@@ -38,6 +38,28 @@ impl JobRef {
         }
     }
 
+    /// Why the job's name cannot name its children, if it cannot. A custom resource's name
+    /// is a DNS subdomain (`7b`, `vit.l` are valid), but the headless Service is named after
+    /// the job and must be a DNS-1035 label, and each pod's hostname a DNS label: the API
+    /// server would refuse them (422) on every attempt, however often it is retried.
+    pub fn child_name_problem(&self) -> Option<String> {
+        let name = &self.name;
+        let starts_with_letter = name.starts_with(|c: char| c.is_ascii_lowercase());
+        let label_chars = name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if starts_with_letter && label_chars {
+            return None;
+        }
+        Some(format!(
+            "metadata.name {name:?} cannot name the job's headless Service and pod hostnames: \
+             it must start with a lowercase letter and hold only lowercase letters, digits and \
+             '-' (a DNS-1035 label, no '.'); delete the job and create it again under such a \
+             name, e.g. \"job-{}\"",
+            name.replace('.', "-")
+        ))
+    }
+
     /// Test fixture.
     pub fn test(name: &str) -> Self {
         Self {
@@ -110,3 +132,22 @@ pub trait TrainingJob:
 }
 
 mod api_impls;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_name_a_service_are_reported_with_the_fix() {
+        for ok in ["vitl", "vit-l-14", "a7"] {
+            assert_eq!(JobRef::test(ok).child_name_problem(), None, "{ok}");
+        }
+        for bad in ["7b", "vit.l", "-x"] {
+            let why = JobRef::test(bad).child_name_problem().expect(bad);
+            assert!(why.contains("metadata.name"), "{why}");
+            assert!(why.contains("DNS-1035"), "{why}");
+        }
+        let why = JobRef::test("7b").child_name_problem().unwrap();
+        assert!(why.contains("\"job-7b\""), "{why}");
+    }
+}

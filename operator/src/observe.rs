@@ -4,6 +4,8 @@
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
+use dinoflow_api::exit_codes;
+
 use crate::desired::pods::TRAINER_CONTAINER;
 use crate::desired::{LABEL_NODE_RANK, LABEL_RUN_ATTEMPT};
 
@@ -20,6 +22,11 @@ pub struct PodObservation {
     pub created: Option<Timestamp>,
     /// The pod is being deleted.
     pub terminating: bool,
+    /// `metadata.deletionTimestamp`: when a graceful deletion's grace period ends (the kubelet
+    /// kills the container then and removes the pod).
+    pub deletion_deadline: Option<Timestamp>,
+    /// When the trainer container terminated, if it has.
+    pub finished: Option<Timestamp>,
     /// The scheduler's reason the pod is unscheduled (`PodScheduled=False`).
     pub unschedulable: Option<String>,
 }
@@ -132,7 +139,30 @@ pub fn observe(pod: &Pod) -> PodObservation {
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
         terminating,
+        deletion_deadline: pod.metadata.deletion_timestamp.as_ref().map(|t| t.0),
+        finished: terminated.and_then(|t| t.finished_at.as_ref()).map(|t| t.0),
         unschedulable,
+    }
+}
+
+impl PodState {
+    /// The trainer's exit code, for a failed pod that has one.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Self::Failed { exit_code, .. } => *exit_code,
+            _ => None,
+        }
+    }
+
+    /// Whether the pod failed with an exit code a rank shows when *another* rank ended the
+    /// gang: 70 (a collective failed: a peer is gone) or 143 (stopped by SIGTERM, as the
+    /// launcher stops the rest of its gang). Such a failure is a symptom; its cause is
+    /// elsewhere in the gang (a permanent failure, an eviction) or unknown.
+    pub fn is_peer_exit(&self) -> bool {
+        matches!(
+            self.exit_code(),
+            Some(exit_codes::COLLECTIVE_FAILED | exit_codes::STOPPED_BY_SIGNAL)
+        )
     }
 }
 
@@ -186,6 +216,28 @@ pub(crate) mod fixtures {
             }),
             ..Default::default()
         }]);
+        pod
+    }
+
+    /// The trainer container terminated at `secs` (as a kubelet reports `finishedAt`).
+    pub fn finished_at(mut pod: Pod, secs: i64) -> Pod {
+        let at = Time(Timestamp::from_second(secs).unwrap());
+        let statuses = pod
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .expect("finished_at needs an exited pod");
+        for c in statuses {
+            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                t.finished_at = Some(at.clone());
+            }
+        }
+        pod
+    }
+
+    /// The pod is being deleted; its grace period ends at `deadline`.
+    pub fn deleting(mut pod: Pod, deadline: i64) -> Pod {
+        pod.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(deadline).unwrap()));
         pod
     }
 

@@ -576,3 +576,30 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     b_election.release().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_deleted_pod_restarts_the_running_gang_instead_of_joining_a_replacement() {
+    let env = Env::start("op-vanish").await;
+    env.create_pretrain("v", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let pods = env.wait_gang("v", 0, 2).await;
+    for p in &pods {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.wait_status("v", "phase Running", |s| {
+        s.phase.map(|p| p.as_str()) == Some("Running")
+    })
+    .await;
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    env.pods().delete("v-a0-1", &force).await.unwrap();
+    // The whole gang restarts as attempt 1; no lone attempt-0 replacement is created.
+    env.wait_gang("v", 1, 2).await;
+    let s = env
+        .wait_status("v", "disruption recorded", |s| s.disruptions == Some(1))
+        .await;
+    assert_eq!((s.restarts, s.run_attempt), (Some(0), Some(1)));
+    env.stop().await;
+}

@@ -71,6 +71,22 @@ impl Applier<'_> {
         }
     }
 
+    /// Deletes a pod at once (grace period 0, `kubectl delete --force`): for a pod whose
+    /// node is gone, which no kubelet will ever confirm. One already gone is fine.
+    pub async fn force_delete_pod(&self, name: &str) -> Result<()> {
+        self.leadership.ensure()?;
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.job.namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::background()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes the controller's half of the status, guarded by the job's resourceVersion so a
     /// decision made on a stale view of the job is refused (409) instead of double-counting.
     /// Returns the job's resourceVersion after the write (unchanged when nothing changed).

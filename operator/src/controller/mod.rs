@@ -1,6 +1,7 @@
 //! The two controllers (PretrainJob, DistillJob) over one shared Pod watch.
 
 pub mod apply;
+pub mod backoff;
 mod expectations;
 mod own_writes;
 pub mod pod_stream;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use dinoflow_api::status::JobPhase;
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::events::{Recorder, Reporter};
@@ -20,6 +22,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+pub use backoff::Backoff;
 pub use expectations::Expectations;
 pub use own_writes::OwnStatusWrites;
 pub use reconcile::{error_policy, reconcile};
@@ -44,6 +47,11 @@ pub struct Context {
     pub expectations: Expectations,
     /// Job versions this replica's status writes replaced.
     pub own_writes: OwnStatusWrites,
+    /// Consecutive failed reconciles by job.
+    pub backoff: Backoff,
+    /// When these controllers (and, in the operator, its progress endpoint) started: the
+    /// earliest time a trainer's report could have been received.
+    pub operating_since: Timestamp,
 }
 
 /// How many reconciles run at once per controller, unless [`Tuning`] says otherwise. Each
@@ -164,6 +172,8 @@ pub async fn run_tuned<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
         pods: pods.clone(),
         expectations: Expectations::default(),
         own_writes: OwnStatusWrites::default(),
+        backoff: Backoff::default(),
+        operating_since: Timestamp::now(),
     });
     let config = ControllerConfig::default().concurrency(tuning.concurrency);
 

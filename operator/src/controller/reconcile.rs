@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinoflow_api::status::{JobPhase, JobStatus};
+use dinoflow_api::status::{JobPhase, JobStatus, condition};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::Action;
@@ -26,14 +27,44 @@ use crate::{Error, Result};
 /// Look again at least this often, whatever happens (a safety net for missed events).
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Reconciles one job: observe its pods, decide, then write status, delete, create, record.
+/// Longest a reconcile may take. One normally takes milliseconds; one stuck on a stalled API
+/// call would hold a worker (and the job) forever. Abandoning it midway is safe: it leaves
+/// what a crash would, which the next reconcile completes (status first, then pods).
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a job is looked at again while the pod cache has not synced yet.
+const CACHE_SYNC_POLL: Duration = Duration::from_secs(1);
+/// Event reason of a failed reconcile.
+pub const RECONCILE_ERROR: &str = "ReconcileError";
+/// Reason of `Synced=True` once reconciling works again.
+const RECONCILE_SUCCEEDED: &str = "ReconcileSucceeded";
+
+/// Reconciles one job within [`RECONCILE_TIMEOUT`]; a failure is recorded on the job (a
+/// `Synced=False` condition and a Warning event) before it is retried with backoff.
 pub async fn reconcile<K: TrainingJob>(job: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
     let kind = K::KIND.as_str();
     let _timer = ctx.metrics.reconcile_started(kind);
+    let result = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_job(&*job, &ctx))
+        .await
+        .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
+    match &result {
+        Ok(_) => ctx.backoff.succeeded(&backoff_key(&*job)),
+        Err(error) => report_error(&*job, error, &ctx).await,
+    }
+    result
+}
+
+/// Observe the job's pods, decide, then write status, delete, create, record.
+async fn reconcile_job<K: TrainingJob>(job: &K, ctx: &Context) -> Result<Action> {
     ctx.leadership.ensure()?;
     if job.meta().deletion_timestamp.is_some() {
         // Children carry owner references; the garbage collector removes them.
         return Ok(Action::await_change());
+    }
+    // An empty pod cache (start-up, a new leader) would look like a job without pods: a
+    // Restarting job would start its next gang while the old one still writes its last
+    // checkpoint. Act only on a synced cache.
+    if !matches!(ctx.pods.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        return Ok(Action::requeue(CACHE_SYNC_POLL));
     }
     let jr = job.job_ref()?;
     if ctx
@@ -45,25 +76,112 @@ pub async fn reconcile<K: TrainingJob>(job: Arc<K>, ctx: Arc<Context>) -> Result
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let status = job.job_status().cloned().unwrap_or_default();
-    let pods = owned_pods(&ctx, &jr);
+    let pods = owned_pods(ctx, &jr);
     let teacher = match job.teacher() {
         None => None,
         // A checkpoint path needs no waiting; the trainer reads it from spec.teacher as written.
         Some(TeacherSource::Checkpoint(_)) => None,
-        Some(TeacherSource::PretrainJob(name)) => {
-            Some(teacher_state(&ctx, &jr.namespace, &name).await?)
-        }
+        // Once pinned, the teacher job is not needed any more (it may be gone).
+        Some(TeacherSource::PretrainJob(name)) => match &status.teacher_checkpoint {
+            Some(pinned) => Some(TeacherState::Ready {
+                checkpoint: pinned.clone(),
+            }),
+            None => Some(teacher_state(ctx, &jr.namespace, &name).await?),
+        },
     };
+    let now = Timestamp::now();
     let facts = JobFacts {
         job: &jr,
         cluster: job.cluster(),
         status: &status,
         teacher,
-        now: Timestamp::now(),
+        invalid: jr.child_name_problem(),
+        operating_since: Some(ctx.operating_since),
+        now,
     };
-    let decision = decide(&facts, &pods);
-    tracing::debug!(job = %jr.name, namespace = %jr.namespace, kind, phase = ?decision.status.phase, "decided");
-    act(&*job, &jr, &status, &pods, decision, &ctx).await
+    let mut decision = decide(&facts, &pods);
+    if decision
+        .status
+        .condition(condition::SYNCED)
+        .is_some_and(|c| c.status == "False")
+    {
+        decision.status.set_condition(
+            condition::SYNCED,
+            true,
+            RECONCILE_SUCCEEDED,
+            "the operator acts on the job again",
+            Time(now),
+            jr.generation,
+        );
+    }
+    tracing::debug!(job = %jr.name, namespace = %jr.namespace, kind = K::KIND.as_str(), phase = ?decision.status.phase, "decided");
+    act(job, &jr, &status, &pods, decision, ctx).await
+}
+
+/// Key of a job in [`Context::backoff`].
+fn backoff_key<K: TrainingJob>(job: &K) -> String {
+    let meta = job.meta();
+    meta.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        )
+    })
+}
+
+/// Makes a failed reconcile visible on the job: a Warning event every time, and the
+/// `Synced=False` condition when it changes (first failure, or another kind of error).
+/// Rewriting the condition on every failure would wake the job at once through its own
+/// watch and defeat the backoff. Best effort: the API server may be what failed.
+async fn report_error<K: TrainingJob>(job: &K, error: &Error, ctx: &Context) {
+    if matches!(error, Error::NotLeader) || error.is_conflict() {
+        return;
+    }
+    let name = job.meta().name.clone().unwrap_or_default();
+    tracing::warn!(job = %name, error = %error, "reconcile failed");
+    let Ok(jr) = job.job_ref() else { return };
+    let message = error.to_string();
+    publish_events::<K>(
+        job,
+        &jr,
+        vec![JobEvent {
+            warning: true,
+            reason: RECONCILE_ERROR,
+            note: message.clone(),
+        }],
+        ctx,
+    );
+    let status = job.job_status().cloned().unwrap_or_default();
+    let unchanged = status
+        .condition(condition::SYNCED)
+        .is_some_and(|c| c.status == "False" && c.reason == error.reason());
+    if unchanged || ctx.leadership.ensure().is_err() {
+        return;
+    }
+    let mut status = status;
+    status.set_condition(
+        condition::SYNCED,
+        false,
+        error.reason(),
+        message,
+        Time(Timestamp::now()),
+        jr.generation,
+    );
+    let applier = Applier {
+        client: &ctx.client,
+        leadership: &ctx.leadership,
+        job: &jr,
+    };
+    let rv = job.meta().resource_version.as_deref();
+    let write = applier.write_status::<K>(&status, rv);
+    match tokio::time::timeout(Duration::from_secs(5), write).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(job = %name, error = %e, "could not record the error in status")
+        }
+        Err(_) => tracing::debug!(job = %name, "recording the error in status timed out"),
+    }
 }
 
 /// Pods of the job from the shared cache, matched by controller owner uid.
@@ -136,6 +254,7 @@ async fn act<K: TrainingJob>(
     // conditions) is written alongside the gang's first objects: a crash in between leaves
     // nothing a later reconcile cannot re-derive, and it saves a round trip per reconcile.
     let status_first = !decision.delete_pods.is_empty()
+        || !decision.force_delete_pods.is_empty()
         || (status_changed && status_must_precede_children(before, &decision.status));
     let rv = job.meta().resource_version.as_deref();
     let (applier_ref, new_status) = (&applier, &decision.status);
@@ -160,8 +279,14 @@ async fn act<K: TrainingJob>(
         pending_status_write = Some(write_status());
     }
 
-    // 2. Deletions, all at once (each tolerates a pod already gone).
-    future::try_join_all(decision.delete_pods.iter().map(|n| applier.delete_pod(n))).await?;
+    // 2. Deletions, all at once (each tolerates a pod already gone); pods stuck terminating
+    // on a lost node go at once (grace period 0).
+    let deletes = decision
+        .delete_pods
+        .iter()
+        .map(|n| applier.delete_pod(n).boxed());
+    let forced = (decision.force_delete_pods.iter()).map(|n| applier.force_delete_pod(n).boxed());
+    future::try_join_all(deletes.chain(forced)).await?;
 
     // 3. The gang of the current attempt, with the pending status write in its first wave.
     if decision.ensure_gang {
@@ -200,24 +325,29 @@ async fn act<K: TrainingJob>(
 fn status_must_precede_children(before: &JobStatus, after: &JobStatus) -> bool {
     before.run_attempt.unwrap_or(0) != after.run_attempt.unwrap_or(0)
         || before.restarts.unwrap_or(0) != after.restarts.unwrap_or(0)
+        || before.progress_restarts.unwrap_or(0) != after.progress_restarts.unwrap_or(0)
         || before.disruptions.unwrap_or(0) != after.disruptions.unwrap_or(0)
         || before.teacher_checkpoint != after.teacher_checkpoint
 }
 
 fn count_restarts(kind: &str, before: &JobStatus, after: &JobStatus, metrics: &Metrics) {
-    let counted = after.restarts.unwrap_or(0) - before.restarts.unwrap_or(0);
-    let disruptions = after.disruptions.unwrap_or(0) - before.disruptions.unwrap_or(0);
-    if counted > 0 {
-        metrics
-            .restarts
-            .with_label_values(&[kind, "counted"])
-            .inc_by(counted as u64);
-    }
-    if disruptions > 0 {
-        metrics
-            .restarts
-            .with_label_values(&[kind, "disruption"])
-            .inc_by(disruptions as u64);
+    let counts = [
+        ("counted", before.restarts, after.restarts),
+        (
+            "progress",
+            before.progress_restarts,
+            after.progress_restarts,
+        ),
+        ("disruption", before.disruptions, after.disruptions),
+    ];
+    for (cause, before, after) in counts {
+        let new = after.unwrap_or(0) - before.unwrap_or(0);
+        if new > 0 {
+            metrics
+                .restarts
+                .with_label_values(&[kind, cause])
+                .inc_by(new as u64);
+        }
     }
 }
 
@@ -331,26 +461,98 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
     }
 }
 
-/// Counts the failure and retries with a short backoff; conflicts (a stale view) retry at once.
+/// Counts the failure and retries after the job's exponential backoff (with jitter);
+/// conflicts (a stale view) start from a much shorter delay.
 pub fn error_policy<K: TrainingJob>(job: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(K::KIND.as_str(), error);
-    let name = job.meta().name.clone().unwrap_or_default();
-    match error {
-        Error::Kube(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(job = %name, "status conflict; retrying on a fresh view");
-            Action::requeue(Duration::from_millis(200))
-        }
-        Error::NotLeader => Action::await_change(),
-        _ => {
-            tracing::warn!(job = %name, error = %error, "reconcile failed");
-            Action::requeue(Duration::from_secs(5))
-        }
+    if let Error::NotLeader = error {
+        return Action::await_change();
     }
+    let key = backoff_key(&*job);
+    let delay = ctx
+        .backoff
+        .failed(&key, error.is_conflict(), Instant::now());
+    let name = job.meta().name.clone().unwrap_or_default();
+    tracing::debug!(job = %name, error = %error, retry_in = ?delay, "retrying the reconcile");
+    Action::requeue(delay)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::{Backoff, Expectations, OwnStatusWrites};
+    use crate::leader::Leadership;
+    use crate::settings::Settings;
+    use kube::runtime::events::{Recorder, Reporter};
+    use kube::runtime::reflector;
+
+    /// A context whose client points at a closed port: any API call fails at once.
+    fn offline_context(pods: reflector::Store<Pod>) -> Context {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("valid URL"));
+        let client = kube::Client::try_from(config).expect("client");
+        Context {
+            recorder: Recorder::new(client.clone(), Reporter::from("test")),
+            client,
+            settings: Settings::for_tests(),
+            metrics: Metrics::default(),
+            leadership: Leadership::always(),
+            pods,
+            expectations: Expectations::default(),
+            own_writes: OwnStatusWrites::default(),
+            backoff: Backoff::default(),
+            operating_since: Timestamp::now(),
+        }
+    }
+
+    /// A job restarting into attempt 1, whose attempt-0 pods are still terminating.
+    fn restarting_job() -> dinoflow_api::PretrainJob {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "dinoflow.dev/v1alpha1", "kind": "PretrainJob",
+            "metadata": {"name": "r", "namespace": "ml", "uid": "uid-r", "resourceVersion": "7"},
+            "spec": {"training": {"data": {"path": "/data"}}, "cluster": {"nodes": 2, "gpusPerNode": 0}},
+            "status": {"phase": "Restarting", "runAttempt": 1, "restarts": 1},
+        }))
+        .expect("valid PretrainJob")
+    }
+
+    #[tokio::test]
+    async fn a_job_is_not_acted_on_before_the_pod_cache_has_synced() {
+        // The pod cache has not listed yet: the old gang's pods are unknown, not absent.
+        let (pods, _writer) = reflector::store::<Pod>();
+        let ctx = Arc::new(offline_context(pods));
+        let action = reconcile(Arc::new(restarting_job()), ctx.clone())
+            .await
+            .expect("no API call is made (creating the next gang would fail here)");
+        assert_eq!(action, Action::requeue(CACHE_SYNC_POLL));
+    }
+
+    #[tokio::test]
+    async fn a_failed_reconcile_backs_off_exponentially_per_job() {
+        let (pods, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        let ctx = Arc::new(offline_context(pods));
+        let job = Arc::new(restarting_job());
+        let mut failures = Vec::new();
+        for _ in 0..4 {
+            let error = reconcile(job.clone(), ctx.clone())
+                .await
+                .expect_err("the API server is unreachable");
+            error_policy(job.clone(), &error, ctx.clone());
+            failures.push(ctx.backoff.failures("uid-r"));
+        }
+        assert_eq!(failures, [1, 2, 3, 4]);
+        let counted = ctx
+            .metrics
+            .errors
+            .with_label_values(&["PretrainJob", "kube"]);
+        assert_eq!(counted.get(), 4);
+        // A successful reconcile (here: of the job being deleted) starts the backoff over.
+        let mut deleted = restarting_job();
+        deleted.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        reconcile(Arc::new(deleted), ctx.clone()).await.unwrap();
+        assert_eq!(ctx.backoff.failures("uid-r"), 0);
+    }
 
     #[test]
     fn a_new_attempt_restart_disruption_or_teacher_must_be_durable_before_the_pods() {

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::*;
-use crate::observe::fixtures::{exited, pod, with_condition};
+use crate::observe::fixtures::{deleting, exited, finished_at, pod, with_condition};
 use crate::observe::observe;
 
 const NOW: i64 = 10_000;
@@ -20,6 +20,8 @@ struct World {
     cluster: ClusterSpec,
     status: JobStatus,
     teacher: Option<TeacherState>,
+    invalid: Option<String>,
+    operating_since: Option<i64>,
     now: i64,
 }
 
@@ -33,6 +35,8 @@ impl World {
             },
             status: JobStatus::default(),
             teacher: None,
+            invalid: None,
+            operating_since: None,
             now: NOW,
         }
     }
@@ -48,6 +52,10 @@ impl World {
             cluster: &self.cluster,
             status: &self.status,
             teacher: self.teacher.clone(),
+            invalid: self.invalid.clone(),
+            operating_since: self
+                .operating_since
+                .map(|t| Timestamp::from_second(t).unwrap()),
             now: Timestamp::from_second(self.now).unwrap(),
         };
         let observed: Vec<_> = pods.iter().map(observe).collect();
@@ -479,4 +487,326 @@ fn pods_of_a_newer_attempt_mean_a_stale_view_and_nothing_is_done() {
     assert!(!d.ensure_gang);
     assert!(d.events.is_empty());
     assert_eq!(d.requeue_after, Some(Duration::from_secs(1)));
+}
+
+fn checkpoint(iteration: i64) -> Option<dinoflow_api::status::CheckpointRef> {
+    Some(dinoflow_api::status::CheckpointRef {
+        iteration,
+        path: format!("/ckpt/iter-{iteration}"),
+        time: at(NOW),
+    })
+}
+
+/// A pod that exited with `code` at `secs` (finishedAt).
+fn exited_at(rank: i32, attempt: i32, code: i32, secs: i64) -> k8s_openapi::api::core::v1::Pod {
+    finished_at(exited(pod(rank, attempt, "Running"), code), secs)
+}
+
+#[test]
+fn gang_pending_longer_than_the_hang_timeout_is_not_hung_once_it_runs() {
+    let mut w = World::new(2).policy(|p| p.hang_timeout_seconds = Some(600));
+    w.step(&[]);
+    // Scheduling and image pulls take longer than the hang timeout.
+    w.now = NOW + 900;
+    let pending = [pod(0, 0, "Pending"), pod(1, 0, "Pending")];
+    assert_eq!(w.step(&pending).status.phase, Some(JobPhase::Pending));
+    w.now = NOW + 1000;
+    let d = w.step(&running_gang(2, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Running));
+    assert_eq!(d.status.attempt_running_time, Some(at(NOW + 1000)));
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(600)));
+    // The gang has been running for one second: not hung, nothing restarted.
+    w.now = NOW + 1001;
+    let d = w.step(&running_gang(2, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Running));
+    assert_eq!(d.status.restarts, Some(0));
+    // Silent for the whole timeout once running: hung.
+    w.now = NOW + 1600;
+    let d = w.step(&running_gang(2, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(reasons(&d), [reason::HUNG, reason::RESTARTING]);
+}
+
+#[test]
+fn operator_outage_longer_than_the_hang_timeout_does_not_restart_a_healthy_gang() {
+    let mut w = World::new(1).policy(|p| p.hang_timeout_seconds = Some(600));
+    w.step(&[]);
+    w.step(&running_gang(1, 0));
+    w.status.last_progress_time = Some(at(NOW + 100));
+    // The operator was down from NOW+150 to NOW+2000: no report could reach it.
+    w.operating_since = Some(NOW + 2000);
+    w.now = NOW + 2001;
+    let d = w.step(&running_gang(1, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Running));
+    assert_eq!(d.status.restarts, Some(0));
+    assert!(d.events.is_empty());
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(599)));
+    // A gang that stays silent a whole timeout after the operator is back is hung.
+    w.now = NOW + 2600;
+    let d = w.step(&running_gang(1, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(reasons(&d), [reason::HUNG, reason::RESTARTING]);
+}
+
+#[test]
+fn peer_exit_beside_an_evicted_pod_is_a_disruption_not_a_counted_restart() {
+    for peer_code in [70, 143] {
+        let mut w = World::new(2);
+        w.step(&[]);
+        w.step(&running_gang(2, 0));
+        let mut evicted = exited(pod(1, 0, "Running"), 143);
+        evicted.status.as_mut().unwrap().reason = Some("Evicted".into());
+        // Rank 0 sorts first and only shows its peer's failure.
+        let d = w.step(&[exited_at(0, 0, peer_code, NOW - 1), evicted]);
+        assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+        assert_eq!(
+            (d.status.restarts, d.status.disruptions),
+            (Some(0), Some(1)),
+            "peer code {peer_code}"
+        );
+        assert_eq!(reasons(&d), [reason::POD_DISRUPTED, reason::RESTARTING]);
+    }
+}
+
+#[test]
+fn permanent_exit_seen_after_a_peers_collective_failure_still_fails_the_job() {
+    let mut w = World::new(2);
+    w.step(&[]);
+    w.step(&running_gang(2, 0));
+    // Rank 1's collective failed a second ago; rank 0's own status has not arrived yet.
+    let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW - 1)]);
+    assert_eq!(d.status.restarts, Some(0));
+    assert_eq!(d.status.run_attempt, Some(0));
+    assert!(d.delete_pods.is_empty() && !d.ensure_gang);
+    assert_eq!(
+        d.requeue_after,
+        Some(Duration::from_secs(PEER_EXIT_SETTLE_SECONDS as u64 - 1))
+    );
+    // Then rank 0's permanent failure arrives: it wins.
+    w.now = NOW + 2;
+    let d = w.step(&[exited_at(0, 0, 78, NOW), exited_at(1, 0, 70, NOW - 1)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    assert_eq!(
+        d.status.condition(condition::FAILED).unwrap().reason,
+        reason::PERMANENT_FAILURE
+    );
+    assert_eq!(d.status.restarts, Some(0));
+}
+
+#[test]
+fn permanent_exit_arriving_after_the_restart_was_decided_fails_the_job() {
+    let mut w = World::new(2);
+    w.step(&[]);
+    w.step(&running_gang(2, 0));
+    // The peer's 70 is old news (past the settle window): the restart goes ahead.
+    w.now = NOW + PEER_EXIT_SETTLE_SECONDS + 5;
+    let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(d.status.restarts, Some(1));
+    // Rank 0 had failed by itself with 78 before its deletion: the job fails.
+    w.now += 1;
+    let d = w.step(&[exited_at(0, 0, 78, NOW + 1), exited_at(1, 0, 70, NOW)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    assert_eq!(
+        d.status.condition(condition::FAILED).unwrap().reason,
+        reason::PERMANENT_FAILURE
+    );
+    assert!(!d.ensure_gang);
+}
+
+#[test]
+fn permanent_code_from_a_pod_stopped_by_the_restart_does_not_fail_the_job() {
+    let mut w = World::new(2).policy(|p| p.permanent_exit_codes = vec![1]);
+    w.status.run_attempt = Some(1);
+    w.status.restarts = Some(1);
+    // Deleted by the restart at NOW (grace 300 s), it then exited 1 while stopping.
+    let stopped = deleting(exited_at(0, 0, 1, NOW + 10), NOW + 300);
+    let d = w.step(&[stopped]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+}
+
+#[test]
+fn peer_exit_alone_is_retried_once_the_gang_has_settled() {
+    let mut w = World::new(2);
+    w.step(&[]);
+    w.step(&running_gang(2, 0));
+    w.now = NOW + PEER_EXIT_SETTLE_SECONDS;
+    let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(d.status.restarts, Some(1));
+    assert_eq!(reasons(&d), [reason::POD_FAILED, reason::RESTARTING]);
+}
+
+#[test]
+fn disruptions_past_the_disruption_limit_fail_the_job() {
+    let mut w = World::new(1).policy(|p| p.disruption_limit = 2);
+    w.status.disruptions = Some(2);
+    w.step(&[]);
+    let mut evicted = exited(pod(0, 0, "Running"), 137);
+    evicted.status.as_mut().unwrap().reason = Some("Evicted".into());
+    let d = w.step(&[evicted]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    assert_eq!(
+        d.status.condition(condition::FAILED).unwrap().reason,
+        reason::DISRUPTION_LIMIT_EXCEEDED
+    );
+    assert_eq!(d.status.disruptions, Some(2));
+}
+
+#[test]
+fn failure_after_a_new_checkpoint_does_not_use_the_backoff_limit() {
+    let mut w = World::new(1);
+    w.status.restarts = Some(3); // backoffLimit used up
+    w.status.run_attempt = Some(3);
+    w.status.attempt_checkpoint_iteration = Some(100);
+    w.status.last_checkpoint = checkpoint(200);
+    w.step(&[]);
+    let d = w.step(&[exited(pod(0, 3, "Running"), 1)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(
+        (d.status.restarts, d.status.progress_restarts),
+        (Some(3), Some(1))
+    );
+    assert_eq!(d.status.attempt_checkpoint_iteration, Some(200));
+    assert!(
+        d.events[1].note.contains("after progress"),
+        "{}",
+        d.events[1].note
+    );
+    // The next attempt fails before writing a newer checkpoint: no progress, budget gone.
+    w.step(&[]);
+    let d = w.step(&[exited(pod(0, 4, "Running"), 1)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    assert_eq!(
+        d.status.condition(condition::FAILED).unwrap().reason,
+        reason::BACKOFF_LIMIT_EXCEEDED
+    );
+}
+
+#[test]
+fn first_failure_after_the_first_checkpoint_is_progress_and_hangs_count_alike() {
+    let mut w = World::new(1).policy(|p| p.hang_timeout_seconds = Some(600));
+    w.step(&[]);
+    w.step(&running_gang(1, 0));
+    w.status.last_checkpoint = checkpoint(50);
+    w.now = NOW + 600;
+    let d = w.step(&running_gang(1, 0));
+    assert_eq!(reasons(&d), [reason::HUNG, reason::RESTARTING]);
+    assert_eq!(
+        (d.status.restarts, d.status.progress_restarts),
+        (Some(0), Some(1))
+    );
+}
+
+#[test]
+fn failures_after_progress_past_their_limit_count_against_the_backoff_limit() {
+    let mut w = World::new(1).policy(|p| p.progress_restart_limit = 1);
+    w.status.progress_restarts = Some(1);
+    w.status.run_attempt = Some(1);
+    w.status.attempt_checkpoint_iteration = Some(100);
+    w.status.last_checkpoint = checkpoint(200);
+    w.step(&[]);
+    let d = w.step(&[exited(pod(0, 1, "Running"), 1)]);
+    assert_eq!(
+        (d.status.restarts, d.status.progress_restarts),
+        (Some(1), Some(1))
+    );
+}
+
+#[test]
+fn vanished_pod_restarts_the_running_gang_as_a_disruption() {
+    let mut w = World::new(2);
+    w.step(&[]);
+    w.step(&running_gang(2, 0));
+    // Rank 1's pod was force-deleted (or garbage-collected): it is simply gone.
+    let d = w.step(&[pod(0, 0, "Running")]);
+    assert!(!d.ensure_gang, "no replacement joins a running gang");
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(d.status.run_attempt, Some(1));
+    assert_eq!(
+        (d.status.restarts, d.status.disruptions),
+        (Some(0), Some(1))
+    );
+    assert_eq!(d.delete_pods, ["j-a0-0"]);
+    assert_eq!(reasons(&d), [reason::POD_VANISHED, reason::RESTARTING]);
+}
+
+#[test]
+fn missing_pod_of_a_gang_that_never_ran_is_simply_created() {
+    let mut w = World::new(2);
+    w.now = 1010;
+    w.step(&[]);
+    let d = w.step(&[pod(0, 0, "Pending")]);
+    assert!(d.ensure_gang);
+    assert_eq!(d.status.phase, Some(JobPhase::Pending));
+    assert_eq!(d.status.disruptions, None);
+}
+
+#[test]
+fn pod_stuck_terminating_past_its_grace_period_is_force_deleted() {
+    let mut w = World::new(1);
+    w.status.run_attempt = Some(1);
+    let within = deleting(pod(0, 0, "Running"), NOW - STUCK_TERMINATING_SECONDS + 1);
+    let d = w.step(&[within]);
+    assert!(d.force_delete_pods.is_empty());
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    let stuck = deleting(pod(0, 0, "Running"), NOW - STUCK_TERMINATING_SECONDS);
+    let d = w.step(&[stuck]);
+    assert_eq!(d.force_delete_pods, ["j-a0-0"]);
+    assert!(
+        !d.ensure_gang,
+        "the next gang waits until the pod is really gone"
+    );
+    assert_eq!(reasons(&d), [reason::FORCE_DELETING]);
+}
+
+#[test]
+fn distill_job_whose_teacher_vanished_after_pinning_its_checkpoint_proceeds() {
+    let mut w = World::new(1);
+    w.teacher = Some(TeacherState::Ready {
+        checkpoint: "/ckpt/big/final".into(),
+    });
+    w.step(&[]);
+    // The teacher PretrainJob is deleted (its TTL) while the student trains.
+    w.teacher = Some(TeacherState::Missing("big".into()));
+    let d = w.step(&running_gang(1, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Running));
+    assert!(d.ensure_gang);
+    assert_eq!(
+        d.status.teacher_checkpoint.as_deref(),
+        Some("/ckpt/big/final")
+    );
+    // A teacher recreated under the same name does not change the pinned checkpoint.
+    w.teacher = Some(TeacherState::Waiting {
+        name: "big".into(),
+        phase: JobPhase::Running,
+    });
+    let d = w.step(&running_gang(1, 0));
+    assert_eq!(d.status.phase, Some(JobPhase::Running));
+    assert!(d.events.is_empty());
+}
+
+#[test]
+fn job_whose_children_cannot_be_named_fails_as_invalid() {
+    let mut w = World::new(1);
+    w.invalid = Some("metadata.name \"7b\" must start with a letter".into());
+    let d = w.step(&[]);
+    assert!(!d.ensure_gang);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    let failed = d.status.condition(condition::FAILED).unwrap();
+    assert_eq!(failed.reason, reason::INVALID_JOB);
+    assert!(failed.message.contains("7b"));
+    assert_eq!(reasons(&d), [reason::INVALID_JOB]);
+}
+
+#[test]
+fn transient_exit_codes_restart_the_gang() {
+    // 75 (EX_TEMPFAIL: transient storage or I/O errors), 74 (EX_IOERR), 1, 137 (OOM kill).
+    for code in [75, 74, 1, 137] {
+        let mut w = World::new(1);
+        w.step(&[]);
+        let d = w.step(&[exited(pod(0, 0, "Running"), code)]);
+        assert_eq!(d.status.phase, Some(JobPhase::Restarting), "code {code}");
+        assert_eq!(d.status.restarts, Some(1));
+    }
 }

@@ -130,7 +130,10 @@ mod tests {
             "POD_NAMESPACE",
             "RUST_LOG",
         ] {
-            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} missing from {names:?}"
+            );
         }
         // A flag without an env name is not in the list (the chart cannot set it).
         assert!(!names.iter().any(|n| n.contains("LEASE_NAME")));

@@ -297,7 +297,11 @@ fn the_deployment_sets_only_env_vars_the_operator_reads() {
         };
         assert_eq!(value("DINOFLOW_LEADER_ELECT").as_deref(), Some("true"));
         if extra.is_empty() {
-            assert_eq!(value("DINOFLOW_WATCH_NAMESPACE"), None, "empty: all namespaces");
+            assert_eq!(
+                value("DINOFLOW_WATCH_NAMESPACE"),
+                None,
+                "empty: all namespaces"
+            );
             assert_eq!(value("DINOFLOW_LOG_FORMAT").as_deref(), Some("json"));
         } else {
             assert_eq!(value("DINOFLOW_WATCH_NAMESPACE").as_deref(), Some("ml"));
@@ -379,13 +383,23 @@ fn rbac_grants_no_wildcards_or_unused_verbs_and_the_lease_only_in_the_release_na
     let cluster_role = rules(object(&objects, "ClusterRole", "dinoflow-operator"));
     for (group, resource, _, verb) in &cluster_role {
         assert!(
-            !["*", "update", "deletecollection", "escalate", "bind", "impersonate"]
-                .contains(&verb.as_str())
+            ![
+                "*",
+                "update",
+                "deletecollection",
+                "escalate",
+                "bind",
+                "impersonate"
+            ]
+            .contains(&verb.as_str())
                 && group != "*"
                 && resource != "*",
             "{group}/{resource}: {verb}"
         );
-        assert_ne!(resource, "leases", "the Lease belongs in the namespaced Role");
+        assert_ne!(
+            resource, "leases",
+            "the Lease belongs in the namespaced Role"
+        );
     }
     for needed in [
         ("", "secrets", "create"),
@@ -438,10 +452,7 @@ fn the_admission_policy_checks_only_what_the_admin_did_not_allow() {
     ];
     let sets: Vec<&str> = everything.iter().flat_map(|s| ["--set", s]).collect();
     assert_eq!(policy(&sets), None, "nothing left to refuse");
-    assert_eq!(
-        policy(&["--set", "admissionPolicy.enabled=false"]),
-        None
-    );
+    assert_eq!(policy(&["--set", "admissionPolicy.enabled=false"]), None);
 }
 
 #[test]

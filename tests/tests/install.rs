@@ -239,10 +239,7 @@ fn the_admission_policy_refuses_each_forbidden_power() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The secure defaults themselves pass, in both kinds.
-    for (name, manifest) in [
-        ("ok-pretrain", OK_PRETRAIN),
-        ("ok-distill", OK_DISTILL),
-    ] {
+    for (name, manifest) in [("ok-pretrain", OK_PRETRAIN), ("ok-distill", OK_DISTILL)] {
         let out = dry_run(name, manifest);
         assert!(out.success(), "{name} rejected: {}", out.stderr);
     }
@@ -272,9 +269,10 @@ spec:
 /// call has exactly the chart's permissions.
 async fn operator_client() -> Client {
     let kubeconfig = Kubeconfig::read_from(cluster().kubeconfig()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
     config.auth_info.impersonate = Some(SERVICE_ACCOUNT.into());
     config.auth_info.impersonate_groups = Some(vec![
         "system:serviceaccounts".into(),
@@ -393,7 +391,13 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
     })
     .await;
     for pod in &gang {
-        let ctx = pod.spec.as_ref().unwrap().security_context.as_ref().unwrap();
+        let ctx = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .security_context
+            .as_ref()
+            .unwrap();
         assert_eq!(ctx.run_as_non_root, Some(true), "secure by default");
     }
     Api::<Service>::namespaced(admin.clone(), &ns)
@@ -430,9 +434,8 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
     for pod in &gang {
         set_pod(&pods, &pod.name_any(), None).await;
     }
-    let status = |job: Option<PretrainJob>| -> JobStatus {
-        job.and_then(|j| j.status).unwrap_or_default()
-    };
+    let status =
+        |job: Option<PretrainJob>| -> JobStatus { job.and_then(|j| j.status).unwrap_or_default() };
     wait("the job Running", || async {
         let s = status(jobs.get_opt("lp").await.ok()?);
         (s.phase() == JobPhase::Running).then_some(())

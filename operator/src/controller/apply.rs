@@ -4,8 +4,8 @@
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -241,11 +241,24 @@ mod tests {
     #[test]
     fn only_a_child_the_job_controls_is_taken_as_its_own() {
         let job = JobRef::test("vitl");
-        assert!(check_owner(&job, "Service", "vitl", &owned_by("PretrainJob", &job.uid, true)).is_ok());
+        assert!(
+            check_owner(
+                &job,
+                "Service",
+                "vitl",
+                &owned_by("PretrainJob", &job.uid, true)
+            )
+            .is_ok()
+        );
         // The same-named DistillJob's Service: refused, naming the owner and the fix.
-        let err = check_owner(&job, "Service", "vitl", &owned_by("DistillJob", "other", true))
-            .unwrap_err()
-            .to_string();
+        let err = check_owner(
+            &job,
+            "Service",
+            "vitl",
+            &owned_by("DistillJob", "other", true),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("belongs to DistillJob vitl"), "{err}");
         assert!(err.contains("rename the job"), "{err}");
         // Not controlled (a person's object, or only a non-controller reference).

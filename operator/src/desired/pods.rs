@@ -753,7 +753,10 @@ mod tests {
         let ctx = spec.security_context.as_ref().unwrap();
         assert_eq!(ctx.run_as_non_root, Some(true));
         assert_eq!(ctx.run_as_user, Some(DEFAULT_RUN_AS_USER));
-        assert_eq!(ctx.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(
+            ctx.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
         let c = spec.containers[0].security_context.as_ref().unwrap();
         assert_eq!(c.allow_privilege_escalation, Some(false));
         assert_eq!(
@@ -794,7 +797,11 @@ mod tests {
         let spec = pod.spec.as_ref().unwrap();
         let ctx = spec.security_context.as_ref().unwrap();
         assert_eq!(ctx.run_as_user, Some(4242));
-        assert_eq!(ctx.run_as_non_root, Some(true), "unset fields keep the default");
+        assert_eq!(
+            ctx.run_as_non_root,
+            Some(true),
+            "unset fields keep the default"
+        );
         let trainer = spec.containers[0].security_context.as_ref().unwrap();
         let caps = trainer.capabilities.as_ref().unwrap();
         assert_eq!(caps.add.as_deref(), Some(&["IPC_LOCK".to_string()][..]));

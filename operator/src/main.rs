@@ -1,85 +1,15 @@
 //! `dinoflow-operator`: reconciles PretrainJob and DistillJob into gangs of pods.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dinoflow_operator::controller;
 use dinoflow_operator::health::{self, Readiness};
 use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
 use dinoflow_operator::metrics::Metrics;
 use dinoflow_operator::progress::{KubeJobStore, ProgressService};
-use dinoflow_operator::settings::Settings;
+use dinoflow_operator::settings::{Args, LogFormat, Settings};
 use kube::Client;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
-
-/// Reconciles Dinoflow PretrainJob and DistillJob resources into gangs of GPU pods.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Kubeconfig to use; unset: $KUBECONFIG, ~/.kube/config, or the in-cluster service account.
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// Trainer image for jobs that set no cluster.image.
-    #[arg(
-        long,
-        env = "DINOFLOW_DEFAULT_IMAGE",
-        default_value = "ghcr.io/dinoflow/trainer:latest"
-    )]
-    default_image: String,
-    /// Address trainers reach the progress endpoint at (DINOFLOW_PROGRESS_ENDPOINT).
-    #[arg(
-        long,
-        env = "DINOFLOW_PROGRESS_ENDPOINT",
-        default_value = "http://dinoflow-operator.dinoflow-system.svc:9090"
-    )]
-    progress_endpoint: String,
-    /// File holding the key per-job progress tokens are derived from (keep it stable).
-    #[arg(long, env = "DINOFLOW_PROGRESS_KEY_FILE")]
-    progress_key_file: Option<PathBuf>,
-    /// The key itself (prefer --progress-key-file).
-    #[arg(long, env = "DINOFLOW_PROGRESS_KEY", hide_env_values = true)]
-    progress_key: Option<String>,
-    /// Listen address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "DINOFLOW_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
-    health_addr: SocketAddr,
-    /// Listen address of the gRPC progress endpoint.
-    #[arg(long, env = "DINOFLOW_PROGRESS_ADDR", default_value = "0.0.0.0:9090")]
-    progress_addr: SocketAddr,
-    /// Elect a leader over a Lease, so only one replica acts.
-    #[arg(long, env = "DINOFLOW_LEADER_ELECT", default_value_t = false)]
-    leader_elect: bool,
-    /// Namespace of the leader Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "dinoflow-system")]
-    lease_namespace: String,
-    /// Name of the leader Lease.
-    #[arg(long, default_value = "dinoflow-operator-leader")]
-    lease_name: String,
-    /// This replica's identity in the Lease; defaults to the pod name.
-    #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
-    /// Seconds a leader's Lease stays valid without renewal.
-    #[arg(long, default_value_t = 15)]
-    lease_duration_seconds: u64,
-    /// Watch only this namespace (a namespaced install); unset: the whole cluster.
-    #[arg(long, env = "DINOFLOW_WATCH_NAMESPACE")]
-    watch_namespace: Option<String>,
-    /// Reconciles running at once per job kind. Each can make a gang's worth of concurrent
-    /// writes; lower it when the API server is small or shared.
-    #[arg(long, env = "DINOFLOW_MAX_CONCURRENT_RECONCILES", default_value_t = controller::DEFAULT_CONCURRENCY,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    max_concurrent_reconciles: u16,
-    /// Log format.
-    #[arg(long, env = "DINOFLOW_LOG_FORMAT", value_enum, default_value = "json")]
-    log_format: LogFormat,
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {

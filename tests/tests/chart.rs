@@ -238,3 +238,263 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
         .unwrap();
     assert!(applied.success(), "{}", applied.stderr);
 }
+
+/// The rendered object of `kind` named `name`.
+fn object<'a>(objects: &'a [DynamicObject], kind: &str, name: &str) -> &'a DynamicObject {
+    objects
+        .iter()
+        .find(|o| {
+            o.types.as_ref().is_some_and(|t| t.kind == kind)
+                && o.metadata.name.as_deref() == Some(name)
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name} in the render"))
+}
+
+/// The operator container of the rendered Deployment.
+fn operator_container(objects: &[DynamicObject]) -> serde_json::Value {
+    let deployment = object(objects, "Deployment", "dinoflow-operator");
+    deployment.data["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+#[test]
+fn the_deployment_sets_only_env_vars_the_operator_reads() {
+    let known = dinoflow_operator::settings::env_names();
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "operator.watchNamespace=ml",
+            "--set",
+            "operator.logFormat=text",
+        ][..],
+    ] {
+        let objects = render(extra);
+        let container = operator_container(&objects);
+        let env = container["env"].as_array().expect("env list");
+        let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        for name in &names {
+            assert!(
+                known.iter().any(|k| k == name),
+                "the chart sets {name}, which dinoflow-operator does not read (it reads {known:?})"
+            );
+        }
+        // The settings a production install depends on are really passed.
+        for needed in [
+            "DINOFLOW_LEADER_ELECT",
+            "DINOFLOW_PROGRESS_KEY_FILE",
+            "DINOFLOW_PROGRESS_ENDPOINT",
+            "DINOFLOW_HEALTH_ADDR",
+            "DINOFLOW_PROGRESS_ADDR",
+            "POD_NAMESPACE",
+        ] {
+            assert!(names.contains(&needed), "{needed} not set: {names:?}");
+        }
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .and_then(|e| e["value"].as_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(value("DINOFLOW_LEADER_ELECT").as_deref(), Some("true"));
+        if extra.is_empty() {
+            assert_eq!(
+                value("DINOFLOW_WATCH_NAMESPACE"),
+                None,
+                "empty: all namespaces"
+            );
+            assert_eq!(value("DINOFLOW_LOG_FORMAT").as_deref(), Some("json"));
+        } else {
+            assert_eq!(value("DINOFLOW_WATCH_NAMESPACE").as_deref(), Some("ml"));
+            assert_eq!(value("DINOFLOW_LOG_FORMAT").as_deref(), Some("text"));
+        }
+    }
+}
+
+#[test]
+fn the_progress_key_is_a_generated_secret_mounted_where_the_operator_reads_it() {
+    let objects = render(&[]);
+    let secret = object(&objects, "Secret", "dinoflow-progress-key");
+    let key = secret.data["data"]["key"].as_str().expect("data.key");
+    assert!(key.len() >= 24, "a key of at least 16 bytes, base64: {key}");
+    let container = operator_container(&objects);
+    let file = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DINOFLOW_PROGRESS_KEY_FILE")
+        .and_then(|e| e["value"].as_str())
+        .unwrap()
+        .to_owned();
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("no volume mounted at {file}"));
+    let deployment = object(&objects, "Deployment", "dinoflow-operator");
+    let volume = deployment.data["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap()
+        .clone();
+    assert_eq!(volume["secret"]["secretName"], "dinoflow-progress-key");
+    assert_eq!(file.rsplit('/').next(), Some("key"), "the Secret's key");
+
+    // A user's own Secret: nothing generated, theirs mounted.
+    let objects = render(&["--set", "progressKey.existingSecret=mine"]);
+    assert!(!kinds(&objects).iter().any(|k| k == "Secret"));
+    let deployment = object(&objects, "Deployment", "dinoflow-operator");
+    assert_eq!(
+        deployment.data["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        "mine"
+    );
+}
+
+/// Rules of a rendered (Cluster)Role as (apiGroup, resource, resourceNames, verb) tuples.
+fn rules(role: &DynamicObject) -> Vec<(String, String, Vec<String>, String)> {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for rule in role.data["rules"].as_array().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    out.push((
+                        group.clone(),
+                        resource.clone(),
+                        strings(&rule["resourceNames"]),
+                        verb,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_grants_no_wildcards_or_unused_verbs_and_the_lease_only_in_the_release_namespace() {
+    let objects = render(&[]);
+    let cluster_role = rules(object(&objects, "ClusterRole", "dinoflow-operator"));
+    for (group, resource, _, verb) in &cluster_role {
+        assert!(
+            ![
+                "*",
+                "update",
+                "deletecollection",
+                "escalate",
+                "bind",
+                "impersonate"
+            ]
+            .contains(&verb.as_str())
+                && group != "*"
+                && resource != "*",
+            "{group}/{resource}: {verb}"
+        );
+        assert_ne!(
+            resource, "leases",
+            "the Lease belongs in the namespaced Role"
+        );
+    }
+    for needed in [
+        ("", "secrets", "create"),
+        ("dinoflow.dev", "pretrainjobs", "delete"),
+        ("dinoflow.dev", "distilljobs/status", "patch"),
+    ] {
+        assert!(
+            cluster_role
+                .iter()
+                .any(|(g, r, _, v)| (g.as_str(), r.as_str(), v.as_str()) == needed),
+            "{needed:?} missing"
+        );
+    }
+    let role = object(&objects, "Role", "dinoflow-operator-leader");
+    assert_eq!(role.metadata.namespace.as_deref(), Some("dinoflow-system"));
+    assert!(
+        rules(role)
+            .iter()
+            .all(|(g, r, _, _)| g == "coordination.k8s.io" && r == "leases")
+    );
+    let without = render(&["--set", "operator.leaderElection.enabled=false"]);
+    assert!(!kinds(&without).iter().any(|k| k == "Role"));
+}
+
+#[test]
+fn the_admission_policy_checks_only_what_the_admin_did_not_allow() {
+    let policy = |extra: &[&str]| -> Option<String> {
+        let objects = render(extra);
+        objects
+            .iter()
+            .find(|o| {
+                o.types
+                    .as_ref()
+                    .is_some_and(|t| t.kind == "ValidatingAdmissionPolicy")
+            })
+            .map(|o| o.data["spec"]["validations"].to_string())
+    };
+    let all = policy(&[]).expect("the policy is on by default");
+    for rule in ["privileged", "hostNetwork", "hostPath", "sidecars"] {
+        assert!(all.contains(rule), "no {rule} rule in {all}");
+    }
+    let host_network = policy(&["--set", "admissionPolicy.allow.hostNetwork=true"]).unwrap();
+    assert!(!host_network.contains("hostNetwork"), "{host_network}");
+    assert!(host_network.contains("hostPath"));
+    let everything = [
+        "admissionPolicy.allow.privileged=true",
+        "admissionPolicy.allow.hostNetwork=true",
+        "admissionPolicy.allow.hostPath=true",
+        "admissionPolicy.allow.extraContainers=true",
+    ];
+    let sets: Vec<&str> = everything.iter().flat_map(|s| ["--set", s]).collect();
+    assert_eq!(policy(&sets), None, "nothing left to refuse");
+    assert_eq!(policy(&["--set", "admissionPolicy.enabled=false"]), None);
+}
+
+#[test]
+fn the_plain_install_is_the_rendered_chart() {
+    let fresh = tempfile::tempdir().unwrap();
+    let script = repo_root().join("scripts/install-manifests.sh");
+    let helm = find_binary("helm").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(fresh.path())
+        .env("HELM", helm)
+        .output()
+        .expect("run scripts/install-manifests.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = yaml_files(&repo_root().join("manifests/install")).unwrap();
+    let rendered = yaml_files(fresh.path()).unwrap();
+    let names = |files: &[PathBuf]| -> Vec<_> {
+        files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&committed),
+        names(&rendered),
+        "run scripts/install-manifests.sh"
+    );
+    for (a, b) in committed.iter().zip(&rendered) {
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{} differs from the chart's render: run scripts/install-manifests.sh",
+            a.display()
+        );
+    }
+    // No key in the repository: the user creates the Secret (README).
+    assert!(!committed.iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .contains("kind: Secret\n")
+    }));
+}

@@ -54,3 +54,8 @@ app.kubernetes.io/component: operator
 {{- define "dinoflow.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* Secret holding the progress key under `key`: the user's, or the one the chart generates. */}}
+{{- define "dinoflow.progressKeySecret" -}}
+{{- default (printf "%s-progress-key" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-") .Values.progressKey.existingSecret -}}
+{{- end -}}

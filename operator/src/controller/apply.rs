@@ -1,9 +1,11 @@
-//! The apply layer: server-side apply with a stable field manager, deletes that tolerate
-//! objects already gone, and the write fence on every call.
+//! The apply layer: children created when absent and applied (server-side, stable field
+//! manager) only when the job already owns them, deletes that tolerate objects already gone,
+//! and the write fence on every call.
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,11 +28,14 @@ pub struct Applier<'a> {
 
 impl Applier<'_> {
     fn params() -> PatchParams {
-        // force: the operator owns these fields even if a person edited them with kubectl.
+        // force: on the job's own objects (ownership is checked first) the operator owns these
+        // fields even if a person edited them with kubectl.
         PatchParams::apply(FIELD_MANAGER).force()
     }
 
-    /// Server-side applies a typed namespaced child.
+    /// Creates a typed namespaced child, or, when it exists and this job controls it, brings
+    /// it up to date (a pod is kept as it is: see [`Existing`]). Never writes over an object
+    /// the job does not own.
     pub async fn apply<K>(&self, obj: &K) -> Result<()>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -41,21 +46,58 @@ impl Applier<'_> {
     {
         self.leadership.ensure()?;
         let api: Api<K> = Api::namespaced(self.client.clone(), &self.job.namespace);
-        api.patch(&obj.name_any(), &Self::params(), &Patch::Apply(obj))
-            .await?;
-        Ok(())
+        let kind = K::kind(&());
+        let existing = if kind == "Pod" {
+            Existing::Keep
+        } else {
+            Existing::Update
+        };
+        self.create_or_update(&api, obj, &kind, existing).await
     }
 
-    /// Server-side applies an unstructured child (PodGroup).
-    pub async fn apply_dynamic(
-        &self,
-        obj: &DynamicObject,
-        ar: &kube::api::ApiResource,
-    ) -> Result<()> {
+    /// [`Self::apply`] for an unstructured child (PodGroup).
+    pub async fn apply_dynamic(&self, obj: &DynamicObject, ar: &ApiResource) -> Result<()> {
         self.leadership.ensure()?;
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.job.namespace, ar);
-        api.patch(&obj.name_any(), &Self::params(), &Patch::Apply(obj))
+        self.create_or_update(&api, obj, &ar.kind, Existing::Update)
+            .await
+    }
+
+    /// Create; on AlreadyExists read the object and, only if this job is its controller,
+    /// apply over exactly the version read (a precondition: a replacement in between is a
+    /// conflict, retried on a fresh look). Anything else is refused with the owner named.
+    async fn create_or_update<K>(
+        &self,
+        api: &Api<K>,
+        obj: &K,
+        kind: &str,
+        existing: Existing,
+    ) -> Result<()>
+    where
+        K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    {
+        let create = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.create(&create, obj).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {}
+            Err(e) => return Err(e.into()),
+        }
+        let name = obj.name_any();
+        let found = api.get(&name).await?;
+        check_owner(self.job, kind, &name, found.meta())?;
+        if existing == Existing::Keep {
+            return Ok(());
+        }
+        let mut update = obj.clone();
+        update
+            .meta_mut()
+            .resource_version
+            .clone_from(&found.meta().resource_version);
+        api.patch(&name, &Self::params(), &Patch::Apply(&update))
             .await?;
         Ok(())
     }
@@ -138,6 +180,42 @@ impl Applier<'_> {
     }
 }
 
+/// What to do with a child that already exists and belongs to the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Apply the desired state over it (Service, ConfigMap, Secret, PodGroup: their content
+    /// can change between attempts, e.g. the teacher checkpoint).
+    Update,
+    /// Leave it as it is (pods: immutable, and one that exists is simply not yet in the cache).
+    Keep,
+}
+
+/// Ok when `job` is the controller of the object `meta` describes; otherwise the refusal,
+/// naming the object, its owner and the fix.
+pub fn check_owner(job: &JobRef, kind: &str, name: &str, meta: &ObjectMeta) -> Result<()> {
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if controller.is_some_and(|o| o.uid == job.uid) {
+        return Ok(());
+    }
+    let owner = match controller {
+        Some(o) => format!("it belongs to {} {}", o.kind, o.name),
+        None => "it has no controller".to_string(),
+    };
+    Err(Error::InvalidJob(format!(
+        "{kind} {ns}/{name} already exists and {owner}, not to {job_kind} {job_name}; the \
+         operator does not take over objects it did not create (a PretrainJob and a DistillJob \
+         of the same name in one namespace would share children): rename the job, or delete \
+         that {kind}",
+        ns = job.namespace,
+        job_kind = job.kind.as_str(),
+        job_name = job.name,
+    )))
+}
+
 /// The controller's fields of a status (everything the progress endpoint does not own).
 pub fn controller_fields(status: &JobStatus) -> JobStatus {
     JobStatus {
@@ -159,6 +237,53 @@ mod tests {
     use super::*;
     use crate::progress::progress_fields;
     use dinoflow_api::status::JobPhase;
+
+    fn owned_by(kind: &str, uid: &str, controller: bool) -> ObjectMeta {
+        ObjectMeta {
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: API_VERSION.into(),
+                    kind: kind.into(),
+                    name: "vitl".into(),
+                    uid: uid.into(),
+                    controller: Some(controller),
+                    block_owner_deletion: None,
+                },
+            ]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_child_the_job_controls_is_taken_as_its_own() {
+        let job = JobRef::test("vitl");
+        assert!(
+            check_owner(
+                &job,
+                "Service",
+                "vitl",
+                &owned_by("PretrainJob", &job.uid, true)
+            )
+            .is_ok()
+        );
+        // The same-named DistillJob's Service: refused, naming the owner and the fix.
+        let err = check_owner(
+            &job,
+            "Service",
+            "vitl",
+            &owned_by("DistillJob", "other", true),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("belongs to DistillJob vitl"), "{err}");
+        assert!(err.contains("rename the job"), "{err}");
+        // Not controlled (a person's object, or only a non-controller reference).
+        let err = check_owner(&job, "ConfigMap", "vitl-config", &ObjectMeta::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no controller"), "{err}");
+        assert!(check_owner(&job, "Pod", "p", &owned_by("PretrainJob", &job.uid, false)).is_err());
+    }
 
     #[test]
     fn controller_and_progress_fields_partition_the_status() {

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use dinoflow_api::cluster::{ClusterSpec, GangMode, NcclProfile};
 use dinoflow_api::contract::{self, GPU_RESOURCE};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    Pod, PodSpec, ResourceRequirements, SecretKeySelector, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -20,6 +21,10 @@ use crate::settings::Settings;
 
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
+
+/// User (and group) trainer pods run as unless `podTemplate.securityContext` says otherwise:
+/// the trainer image's non-root user.
+pub const DEFAULT_RUN_AS_USER: i64 = 1000;
 
 /// Env names that make up the rendezvous contract; user overrides cannot replace them.
 pub const CONTRACT_ENV: [&str; 11] = [
@@ -118,7 +123,6 @@ pub fn pod(inputs: &PodInputs<'_>, rank: i32) -> Pod {
         if !o.image_pull_secrets.is_empty() {
             spec.image_pull_secrets = Some(o.image_pull_secrets.clone());
         }
-        spec.security_context.clone_from(&o.security_context);
         spec.runtime_class_name.clone_from(&o.runtime_class_name);
         if o.host_network == Some(true) {
             spec.host_network = Some(true);
@@ -126,10 +130,15 @@ pub fn pod(inputs: &PodInputs<'_>, rank: i32) -> Pod {
             spec.dns_policy = Some("ClusterFirstWithHostNet".into());
         }
         if !o.init_containers.is_empty() {
-            spec.init_containers = Some(o.init_containers.clone());
+            spec.init_containers = Some(o.init_containers.iter().map(secured).collect());
         }
-        spec.containers.extend(o.sidecars.iter().cloned());
+        spec.containers.extend(o.sidecars.iter().map(secured));
     }
+    let user_context = cluster
+        .pod_template
+        .as_ref()
+        .and_then(|o| o.security_context.as_ref());
+    spec.security_context = Some(pod_security_context(user_context));
     if !annotations.is_empty() {
         meta.annotations = Some(annotations);
     }
@@ -313,13 +322,96 @@ fn trainer_container(inputs: &PodInputs<'_>, rank: i32) -> Container {
             ..Default::default()
         }]),
         resources: (resources != ResourceRequirements::default()).then_some(resources),
-        security_context: overrides.and_then(|o| o.container_security_context.clone()),
+        security_context: Some(container_security_context(
+            overrides.and_then(|o| o.container_security_context.as_ref()),
+        )),
         volume_mounts: Some(mounts),
         // The trainer writes its failure reason here; `kubectl describe` and the operator's
         // events show it.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
+}
+
+/// Secure by default: non-root (as [`DEFAULT_RUN_AS_USER`], volumes group-writable by it) under
+/// the runtime's default seccomp profile. Every field the user sets in
+/// `podTemplate.securityContext` wins.
+pub fn pod_security_context(user: Option<&PodSecurityContext>) -> PodSecurityContext {
+    let defaults = PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(DEFAULT_RUN_AS_USER),
+        run_as_group: Some(DEFAULT_RUN_AS_USER),
+        fs_group: Some(DEFAULT_RUN_AS_USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    };
+    overlay(&defaults, user)
+}
+
+/// Secure by default: no capabilities, no privilege escalation. The user's container
+/// `securityContext` wins field by field (`capabilities.add: [IPC_LOCK]` keeps `drop: [ALL]`).
+pub fn container_security_context(user: Option<&SecurityContext>) -> SecurityContext {
+    let defaults = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    };
+    let mut context = overlay(&defaults, user);
+    if context.privileged == Some(true) {
+        // The API server refuses privileged with allowPrivilegeEscalation false; a privileged
+        // container (which an admin must have allowed) escalates anyway.
+        context.allow_privilege_escalation = user.and_then(|u| u.allow_privilege_escalation);
+    }
+    context
+}
+
+/// A user's init or sidecar container with the same secure defaults as the trainer.
+fn secured(container: &Container) -> Container {
+    Container {
+        security_context: Some(container_security_context(
+            container.security_context.as_ref(),
+        )),
+        ..container.clone()
+    }
+}
+
+/// `defaults` with every field set in `user` replacing it; nested objects merge key by key,
+/// lists and scalars are replaced.
+fn overlay<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(
+    defaults: &T,
+    user: Option<&T>,
+) -> T {
+    fn merge(base: &mut serde_json::Value, top: serde_json::Value) {
+        match (base, top) {
+            (serde_json::Value::Object(base), serde_json::Value::Object(top)) => {
+                for (key, value) in top {
+                    match base.get_mut(&key) {
+                        Some(slot) => merge(slot, value),
+                        None => {
+                            base.insert(key, value);
+                        }
+                    }
+                }
+            }
+            (base, top) => *base = top,
+        }
+    }
+    let Some(user) = user else {
+        return defaults.clone();
+    };
+    let (Ok(mut base), Ok(top)) = (serde_json::to_value(defaults), serde_json::to_value(user))
+    else {
+        // Kubernetes types always serialize; keep the user's context whole if one ever fails.
+        return user.clone();
+    };
+    merge(&mut base, top);
+    serde_json::from_value(base).unwrap_or_else(|_| user.clone())
 }
 
 fn volumes(inputs: &PodInputs<'_>) -> Vec<Volume> {
@@ -651,5 +743,74 @@ mod tests {
             env_of(&pods[0])["DINOFLOW_TEACHER_CHECKPOINT"],
             "/ckpt/big/final"
         );
+    }
+
+    #[test]
+    fn pods_run_as_non_root_without_capabilities_or_escalation_by_default() {
+        let cluster = ClusterSpec::default();
+        let pod = &gang(&cluster, 0)[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let ctx = spec.security_context.as_ref().unwrap();
+        assert_eq!(ctx.run_as_non_root, Some(true));
+        assert_eq!(ctx.run_as_user, Some(DEFAULT_RUN_AS_USER));
+        assert_eq!(
+            ctx.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let c = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            c.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        assert_eq!(c.privileged, None);
+    }
+
+    #[test]
+    fn the_pod_template_overrides_security_defaults_field_by_field() {
+        let cluster = ClusterSpec {
+            pod_template: Some(PodTemplateOverrides {
+                security_context: Some(PodSecurityContext {
+                    run_as_user: Some(4242),
+                    ..Default::default()
+                }),
+                container_security_context: Some(SecurityContext {
+                    capabilities: Some(Capabilities {
+                        add: Some(vec!["IPC_LOCK".into()]),
+                        drop: None,
+                    }),
+                    ..Default::default()
+                }),
+                sidecars: vec![Container {
+                    name: "logs".into(),
+                    security_context: Some(SecurityContext {
+                        privileged: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = &gang(&cluster, 0)[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let ctx = spec.security_context.as_ref().unwrap();
+        assert_eq!(ctx.run_as_user, Some(4242));
+        assert_eq!(
+            ctx.run_as_non_root,
+            Some(true),
+            "unset fields keep the default"
+        );
+        let trainer = spec.containers[0].security_context.as_ref().unwrap();
+        let caps = trainer.capabilities.as_ref().unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["IPC_LOCK".to_string()][..]));
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(trainer.allow_privilege_escalation, Some(false));
+        // A privileged sidecar (admin-allowed) cannot also forbid escalation: the API server
+        // would refuse the pod.
+        let sidecar = spec.containers[1].security_context.as_ref().unwrap();
+        assert_eq!(sidecar.privileged, Some(true));
+        assert_eq!(sidecar.allow_privilege_escalation, None);
     }
 }

@@ -23,7 +23,7 @@ use crate::eval::{EvalInputs, EvalTransform, LabelledSplit};
 use crate::launch::env::JobKind;
 use crate::masking::MaskGenerator;
 use crate::meta_arch::MetaArch;
-use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
+use crate::metrics::{JsonlLog, MetricsError, MetricsServer, RunLabels, TrainerMetrics};
 use crate::optim;
 use crate::progress_client::ProgressReporter;
 
@@ -123,14 +123,17 @@ where
         .map_err(|e| TrainError::Permanent(e.to_string()))?;
     let local_rank = dist_env.as_ref().map_or(0, |d| d.local_rank);
     // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
-    let (_, progress_target) =
+    let (identity, progress_target) =
         crate::launch::env::job_and_progress(&crate::launch::env::process_env(), kind)
             .map_err(|e| TrainError::Permanent(e.to_string()))?;
     let collective = dist::init(dist_env.as_ref())
         .map_err(|e| TrainError::Transient(format!("distributed setup: {e}")))?;
     let rank = collective.rank();
 
-    let metrics = TrainerMetrics::new()?;
+    let metrics = TrainerMetrics::with_labels(&RunLabels::new(identity.as_ref(), kind, rank))?;
+    metrics
+        .run_attempt
+        .set(identity.as_ref().map_or(0, |i| i64::from(i.run_attempt)));
     // One scrape target per pod: the node's first process serves the metrics.
     let _server = match training.logging.metrics_port {
         _ if local_rank != 0 => None,

@@ -61,7 +61,10 @@ fn promtool() -> PathBuf {
 /// `$DINOFLOW_CACHE/npm`, where scripts/setup.sh installs @grafana/schema and typescript.
 fn npm_dir() -> PathBuf {
     let dir = cache_dir().join("npm");
-    for needed in ["node_modules/@grafana/schema", "node_modules/typescript/bin/tsc"] {
+    for needed in [
+        "node_modules/@grafana/schema",
+        "node_modules/typescript/bin/tsc",
+    ] {
         assert!(
             dir.join(needed).exists(),
             "{} is missing: run scripts/setup.sh (step \"npm packages\")",
@@ -160,12 +163,19 @@ fn dashboard_queries(name: &str, json: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for panel in json["panels"].as_array().unwrap() {
         let targets = panel["targets"].as_array().map_or(&[][..], Vec::as_slice);
-        assert!(!targets.is_empty(), "{name}: panel {} has no query", panel["title"]);
+        assert!(
+            !targets.is_empty(),
+            "{name}: panel {} has no query",
+            panel["title"]
+        );
         for t in targets {
             let expr = t["expr"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{name}: {} has a target without expr", panel["title"]));
-            out.push((format!("{name}: {}", panel["title"].as_str().unwrap_or("")), fill(expr)));
+            out.push((
+                format!("{name}: {}", panel["title"].as_str().unwrap_or("")),
+                fill(expr),
+            ));
         }
     }
     for var in json["templating"]["list"].as_array().unwrap() {
@@ -267,8 +277,15 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 }
                 let call = j < chars.len() && chars[j] == '(';
                 let lower = word.to_ascii_lowercase();
-                if ["by", "without", "on", "ignoring", "group_left", "group_right"]
-                    .contains(&lower.as_str())
+                if [
+                    "by",
+                    "without",
+                    "on",
+                    "ignoring",
+                    "group_left",
+                    "group_right",
+                ]
+                .contains(&lower.as_str())
                 {
                     skip_next_list = call;
                 } else if !call && !PROMQL_KEYWORDS.contains(&lower.as_str()) {
@@ -348,7 +365,11 @@ fn every_dashboard_and_alert_query_is_valid_promql_naming_registered_metrics() {
     let out = run(Command::new(promtool())
         .args(["check", "rules"])
         .arg(file.path()));
-    assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -383,14 +404,17 @@ fn alert_rules_pass_promtool_check_and_their_tests() {
     let out = run(Command::new(promtool())
         .args(["check", "rules"])
         .arg(rules_file()));
-    assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}",
+        text(&out)
+    );
     let tests = repo_root().join("tests/alerts/dinoflow.rules.test.yaml");
     let out = run(Command::new(promtool()).args(["test", "rules"]).arg(&tests));
     assert!(out.status.success(), "promtool test rules:\n{}", text(&out));
 
     // Every alert has a case where it fires and one where it must not.
-    let cases: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(&tests).unwrap()).unwrap();
+    let cases: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&tests).unwrap()).unwrap();
     let all_cases: Vec<&Value> = cases["tests"]
         .as_array()
         .unwrap()
@@ -402,11 +426,19 @@ fn alert_rules_pass_promtool_check_and_their_tests() {
         let of_alert = |fires: bool| {
             all_cases.iter().any(|c| {
                 c["alertname"] == alert
-                    && c["exp_alerts"].as_array().is_some_and(|a| a.is_empty() != fires)
+                    && c["exp_alerts"]
+                        .as_array()
+                        .is_some_and(|a| a.is_empty() != fires)
             })
         };
-        assert!(of_alert(true), "{alert} has no promtool case where it fires");
-        assert!(of_alert(false), "{alert} has no promtool case where it stays quiet");
+        assert!(
+            of_alert(true),
+            "{alert} has no promtool case where it fires"
+        );
+        assert!(
+            of_alert(false),
+            "{alert} has no promtool case where it stays quiet"
+        );
     }
 }
 
@@ -488,13 +520,19 @@ fn helm_lint_passes_with_every_monitoring_part_on() {
 fn monitoring_objects_are_off_by_default() {
     let objects = render(&[]);
     for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
-        assert!(of_kind(&objects, kind).is_empty(), "{kind} rendered by default");
+        assert!(
+            of_kind(&objects, kind).is_empty(),
+            "{kind} rendered by default"
+        );
     }
 }
 
 #[test]
 fn the_prometheus_rule_is_the_plain_rules_file() {
-    let objects = render(&["prometheusRule.enabled=true", "prometheusRule.labels.release=kps"]);
+    let objects = render(&[
+        "prometheusRule.enabled=true",
+        "prometheusRule.labels.release=kps",
+    ]);
     let rule = of_kind(&objects, "PrometheusRule");
     assert_eq!(rule.len(), 1);
     let plain: Value =
@@ -514,7 +552,10 @@ fn the_pod_monitor_selects_trainer_pods_on_their_metrics_port() {
     let monitor = of_kind(&objects, "PodMonitor");
     assert_eq!(monitor.len(), 1);
     let spec = &monitor[0].data["spec"];
-    assert_eq!(spec["selector"]["matchLabels"][LABEL_MANAGED_BY], MANAGED_BY);
+    assert_eq!(
+        spec["selector"]["matchLabels"][LABEL_MANAGED_BY],
+        MANAGED_BY
+    );
     assert_eq!(spec["namespaceSelector"]["any"], true);
     let endpoint = &spec["podMetricsEndpoints"][0];
     assert_eq!(endpoint["port"], scrape::METRICS_PORT_NAME);

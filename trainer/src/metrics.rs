@@ -365,7 +365,8 @@ impl TrainerMetrics {
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Total size of the files in `dir` and its subdirectories (0 where it cannot be read: the
@@ -620,22 +621,33 @@ mod tests {
             kind: JobKind::Distill,
             run_attempt: 2,
         };
-        let m = TrainerMetrics::with_labels(&RunLabels::new(
-            Some(&identity),
-            JobKind::Pretrain,
-            8,
-        ))
-        .unwrap();
+        let m = TrainerMetrics::with_labels(&RunLabels::new(Some(&identity), JobKind::Pretrain, 8))
+            .unwrap();
         m.iteration.set(3);
         m.loss.with_label_values(&["koleo_loss"]).set(0.5);
         let text = m.render();
+        // The encoder orders constant labels as it pleases: look for each one.
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+        };
+        let iteration = line("dinoflow_trainer_iteration{");
+        let loss = line("dinoflow_trainer_loss{");
+        for label in [
+            r#"namespace="ml""#,
+            r#"job_name="vitl""#,
+            r#"kind="DistillJob""#,
+            r#"rank="8""#,
+        ] {
+            assert!(iteration.contains(label), "{label} not in {iteration}");
+            assert!(loss.contains(label), "{label} not in {loss}");
+        }
+        assert!(iteration.ends_with("} 3"), "{iteration}");
         assert!(
-            text.contains(
-                r#"dinoflow_trainer_iteration{job_name="vitl",kind="DistillJob",namespace="ml",rank="8"} 3"#
-            ),
-            "{text}"
+            loss.contains(r#"term="koleo_loss""#) && loss.ends_with("} 0.5"),
+            "{loss}"
         );
-        assert!(text.contains(r#"rank="8",term="koleo_loss"} 0.5"#), "{text}");
         // Outside a pod: the subcommand's kind and the rank only.
         let local = RunLabels::new(None, JobKind::Pretrain, 0).to_map();
         assert_eq!(
@@ -656,7 +668,10 @@ mod tests {
         assert!((m.data_wait_seconds_total.get() - 0.25).abs() < 1e-9);
         assert!((m.compute_seconds_total.get() - 0.75).abs() < 1e-9);
 
-        assert!(!m.render().contains("dinoflow_trainer_last_checkpoint_timestamp_seconds"));
+        assert!(
+            !m.render()
+                .contains("dinoflow_trainer_last_checkpoint_timestamp_seconds")
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("a"), [0u8; 100]).unwrap();
@@ -669,7 +684,10 @@ mod tests {
             .last_checkpoint_timestamp_seconds
             .with_label_values::<&str>(&[])
             .get();
-        assert!(written >= m.start_time_seconds.get() && written > 1.6e9, "{written}");
+        assert!(
+            written >= m.start_time_seconds.get() && written > 1.6e9,
+            "{written}"
+        );
 
         m.evaluation(
             40,
@@ -681,10 +699,22 @@ mod tests {
             ],
         );
         let text = m.render();
-        assert!(text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="knn_top1_k20"} 0.705"#), "{text}");
-        assert!(text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="linear_top1"} 0.8"#), "{text}");
-        assert!(!text.contains("linear_best_lr"), "a learning rate is no accuracy: {text}");
-        assert!(text.contains("dinoflow_trainer_eval_iteration 40"), "{text}");
+        assert!(
+            text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="knn_top1_k20"} 0.705"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="linear_top1"} 0.8"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("linear_best_lr"),
+            "a learning rate is no accuracy: {text}"
+        );
+        assert!(
+            text.contains("dinoflow_trainer_eval_iteration 40"),
+            "{text}"
+        );
     }
 
     /// Every `dinoflow_trainer_*` name in the chart's dashboards and alert rules is one this

@@ -382,8 +382,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             return Ok(());
         };
         let flat = report.flat();
-        self.metrics
-            .evaluation(iteration, started.elapsed(), &flat);
+        self.metrics.evaluation(iteration, started.elapsed(), &flat);
         tracing::info!(
             iteration,
             seconds = started.elapsed().as_secs_f64(),
@@ -425,7 +424,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.progress.long_phase(false);
         let saved = saved?;
         self.metrics
-            .checkpoint_written(iteration, Some((started.elapsed(), &saved.path)));
+            .checkpoint_written(iteration, Some((started.elapsed(), saved.path.as_path())));
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
         self.progress.checkpoint(iteration, &saved.path);
         self.write_line(&serde_json::json!({

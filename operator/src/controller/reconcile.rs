@@ -155,7 +155,13 @@ async fn act<K: TrainingJob>(
     if status_first || (status_changed && !decision.ensure_gang) {
         write_status().await?;
         count_restarts(K::KIND.as_str(), before, &decision.status, &ctx.metrics);
-        count_failure(K::KIND.as_str(), before, &decision.status, pods, &ctx.metrics);
+        count_failure(
+            K::KIND.as_str(),
+            before,
+            &decision.status,
+            pods,
+            &ctx.metrics,
+        );
     } else if status_changed {
         // Restarts and disruptions are unchanged here (else the status went first).
         pending_status_write = Some(write_status());
@@ -235,7 +241,9 @@ fn count_failure(
         } => Some(code),
         _ => None,
     });
-    let reason = after.condition(condition::FAILED).map(|c| c.reason.as_str());
+    let reason = after
+        .condition(condition::FAILED)
+        .map(|c| c.reason.as_str());
     metrics.job_failed(kind, reason, non_finite);
 }
 

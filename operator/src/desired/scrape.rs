@@ -26,7 +26,10 @@ pub fn metrics_port(spec: &serde_json::Value) -> Option<i32> {
 /// are kept.
 pub fn annotate(pod: &mut Pod, port: Option<i32>) {
     let Some(port) = port else { return };
-    let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+    let annotations = pod
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
     for (k, v) in [
         (SCRAPE_ANNOTATION, "true".to_string()),
         (PORT_ANNOTATION, port.to_string()),
@@ -98,7 +101,10 @@ mod tests {
         pod.metadata.annotations =
             Some([(SCRAPE_ANNOTATION.to_string(), "false".to_string())].into());
         annotate(&mut pod, Some(9464));
-        assert_eq!(pod.metadata.annotations.as_ref().unwrap()[SCRAPE_ANNOTATION], "false");
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[SCRAPE_ANNOTATION],
+            "false"
+        );
         let mut plain = trainer_pod();
         annotate(&mut plain, None);
         assert_eq!(plain, trainer_pod());

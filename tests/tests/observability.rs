@@ -275,7 +275,13 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 while j < chars.len() && chars[j].is_whitespace() {
                     j += 1;
                 }
-                let call = j < chars.len() && chars[j] == '(';
+                let rest: String = chars[j..].iter().take(8).collect();
+                // `sum by (x) (...)`: an aggregation with its grouping before its argument.
+                let grouped = ["by", "without"].iter().any(|k| {
+                    rest.strip_prefix(k)
+                        .is_some_and(|r| r.starts_with(|c: char| c == '(' || c.is_whitespace()))
+                });
+                let call = j < chars.len() && chars[j] == '(' || grouped;
                 let lower = word.to_ascii_lowercase();
                 if [
                     "by",

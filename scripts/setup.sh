@@ -26,8 +26,14 @@ step() {
 
 # Debian packages the project uses: protoc for the gRPC progress protocol (tonic-prost-build),
 # Fashion-MNIST for real-data training runs, openssl/curl for the local cluster's certificates
-# and health checks, shellcheck for the script lint in scripts/test.sh.
-APT_PACKAGES=(protobuf-compiler dataset-fashion-mnist openssl curl shellcheck)
+# and health checks, shellcheck for the script lint in scripts/test.sh, prometheus for
+# promtool (the alert rules' checks and tests in tests/tests/observability.rs).
+APT_PACKAGES=(protobuf-compiler dataset-fashion-mnist openssl curl shellcheck prometheus)
+# Node.js and npm install and run the dashboard schema check (npm_packages below); a Node.js
+# already on the PATH (e.g. from NodeSource) is used as it is.
+if ! command -v npm >/dev/null; then
+  APT_PACKAGES+=(nodejs npm)
+fi
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then
@@ -102,6 +108,23 @@ rust_toolchain() {
   log "$(rustc --version), $(cargo --version)"
 }
 
+# Grafana's dashboard schema and TypeScript, pinned in scripts/npm/package.json, into
+# $DINOFLOW_CACHE/npm (the dashboards are type-checked against it by the test suite).
+npm_packages() {
+  local dir="$DINOFLOW_CACHE/npm" src="$ROOT/scripts/npm/package.json" want
+  want=$(sha256sum "$src" | cut -d' ' -f1)
+  if [[ -f "$dir/.dinoflow-package.sha256" && "$(cat "$dir/.dinoflow-package.sha256")" == "$want" &&
+        -d "$dir/node_modules/@grafana/schema" && -f "$dir/node_modules/typescript/bin/tsc" ]]; then
+    log "npm packages in $dir up to date with scripts/npm/package.json"
+    return 0
+  fi
+  mkdir -p "$dir"
+  cp "$src" "$dir/package.json"
+  log "npm install @grafana/schema and typescript into $dir"
+  (cd "$dir" && npm install --no-audit --no-fund --no-progress --loglevel=error)
+  printf '%s\n' "$want" >"$dir/.dinoflow-package.sha256"
+}
+
 control_plane() {
   command -v go >/dev/null || die "go not found: the control plane is built from the Go module proxy and needs Go >= 1.26"
   bash "$ROOT/scripts/build-control-plane.sh"
@@ -112,5 +135,6 @@ log "cache: $DINOFLOW_CACHE"
 step "Debian packages" apt_packages
 step "Python venv" python_venv
 step "Rust toolchain" rust_toolchain
+step "npm packages" npm_packages
 step "control plane" control_plane
 log "done in $((SECONDS - start)) s; now: source scripts/env.sh"

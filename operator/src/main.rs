@@ -77,7 +77,7 @@ async fn main() -> Result<()> {
         (Leadership::always(), None)
     };
     tokio::select! {
-        _ = leadership.acquired() => tracing::info!("leading"),
+        _ = leadership.acquired() => { tracing::info!("leading"); metrics.leader.set(1); }
         _ = shutdown.cancelled() => {
             if let Some(election) = election { election.release().await; }
             let _ = health.await;
@@ -103,9 +103,10 @@ async fn main() -> Result<()> {
 
     let mut lost = leadership.clone();
     let lost_shutdown = shutdown.clone();
+    let lost_metrics = metrics.clone();
     let lost_lease = tokio::spawn(async move {
         tokio::select! {
-            _ = lost.lost() => { tracing::error!("lost the leader lease; stopping"); lost_shutdown.cancel(); true }
+            _ = lost.lost() => { tracing::error!("lost the leader lease; stopping"); lost_metrics.leader.set(0); lost_shutdown.cancel(); true }
             _ = lost_shutdown.cancelled() => false,
         }
     });

@@ -3,11 +3,42 @@
 use std::time::Instant;
 
 use dinoflow_api::status::JobPhase;
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::Error;
+
+/// The job kinds the operator reconciles, as the `kind` label names them.
+const KINDS: [&str; 2] = ["PretrainJob", "DistillJob"];
+
+/// `reason` of `dinoflow_operator_gang_restarts_total`, from the reason of the job's
+/// `Restarting` condition (`decide::reason`).
+pub mod restart_reason {
+    /// A pod failed with a retryable exit code (counts against `backoffLimit`).
+    pub const FAILURE: &str = "failure";
+    /// The node ended a pod: eviction, preemption, node loss (not counted).
+    pub const DISRUPTION: &str = "disruption";
+    /// No progress report for `hangTimeoutSeconds`.
+    pub const HANG: &str = "hang";
+    /// A reason this version does not know.
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 4] = [FAILURE, DISRUPTION, HANG, OTHER];
+}
+
+/// `reason` of `dinoflow_operator_job_failures_total`.
+pub mod failure_reason {
+    /// A trainer exited 79: the loss became NaN or infinite.
+    pub const NON_FINITE_LOSS: &str = "non_finite_loss";
+    /// Another permanent exit code (78: bad config or dataset).
+    pub const PERMANENT: &str = "permanent_failure";
+    pub const BACKOFF_LIMIT: &str = "backoff_limit_exceeded";
+    pub const DEADLINE: &str = "deadline_exceeded";
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 5] = [NON_FINITE_LOSS, PERMANENT, BACKOFF_LIMIT, DEADLINE, OTHER];
+}
 
 /// The operator's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -21,10 +52,14 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// Jobs by kind and phase (as of their last reconcile).
     pub jobs: IntGaugeVec,
-    /// Gang restarts by kind and cause (`counted`, `disruption`).
+    /// Gang restarts by kind and reason ([`restart_reason`]).
     pub restarts: IntCounterVec,
+    /// Jobs that failed, by kind and reason ([`failure_reason`]).
+    pub failures: IntCounterVec,
     /// Progress reports accepted/rejected.
     pub progress_reports: IntCounterVec,
+    /// 1 while this replica holds the leader Lease (always, without leader election).
+    pub leader: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -66,9 +101,17 @@ impl Default for Metrics {
         let restarts = IntCounterVec::new(
             Opts::new(
                 "dinoflow_operator_gang_restarts_total",
-                "Gang restarts by cause.",
+                "Gang restarts by reason (failure, disruption, hang).",
             ),
-            &["kind", "cause"],
+            &["kind", "reason"],
+        )
+        .expect("valid metric");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "dinoflow_operator_job_failures_total",
+                "Jobs that reached phase Failed, by reason.",
+            ),
+            &["kind", "reason"],
         )
         .expect("valid metric");
         let progress_reports = IntCounterVec::new(
@@ -79,26 +122,36 @@ impl Default for Metrics {
             &["result"],
         )
         .expect("valid metric");
-        for c in [&reconciles, &errors, &restarts, &progress_reports] {
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric registered once");
+        let leader = IntGauge::new(
+            "dinoflow_operator_leader",
+            "1 while this replica holds the leader Lease (always 1 without leader election).",
+        )
+        .expect("valid metric");
+        // Counters alerts take increase() of exist from the start at 0: a series that first
+        // appears at 1 shows no increase.
+        for kind in KINDS {
+            for reason in restart_reason::ALL {
+                restarts.with_label_values(&[kind, reason]);
+            }
+            for reason in failure_reason::ALL {
+                failures.with_label_values(&[kind, reason]);
+            }
         }
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("metric registered once");
-        registry
-            .register(Box::new(jobs.clone()))
-            .expect("metric registered once");
-        Self {
+        let m = Self {
             registry,
             reconciles,
             errors,
             duration,
             jobs,
             restarts,
+            failures,
             progress_reports,
+            leader,
+        };
+        for c in m.collectors() {
+            m.registry.register(c).expect("metric registered once");
         }
+        m
     }
 }
 
@@ -128,6 +181,55 @@ impl Metrics {
                 .map_or(0, |(_, n)| *n);
             self.jobs.with_label_values(&[kind, phase.as_str()]).set(n);
         }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.reconciles.clone()),
+            Box::new(self.errors.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.jobs.clone()),
+            Box::new(self.restarts.clone()),
+            Box::new(self.failures.clone()),
+            Box::new(self.progress_reports.clone()),
+            Box::new(self.leader.clone()),
+        ]
+    }
+
+    /// The name of every metric family (histograms without their `_bucket`/`_sum`/`_count`
+    /// series), whether or not it has a series yet: what dashboards and alerts may query.
+    pub fn names(&self) -> Vec<String> {
+        self.collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
+    /// Counts `n` gang restarts of `kind` for the reason of the job's `Restarting`
+    /// condition (a `decide::reason`).
+    pub fn restarted(&self, kind: &str, condition_reason: Option<&str>, n: u64) {
+        use crate::decide::reason;
+        let label = match condition_reason {
+            Some(reason::POD_FAILED) => restart_reason::FAILURE,
+            Some(reason::POD_DISRUPTED | reason::POD_VANISHED) => restart_reason::DISRUPTION,
+            Some(reason::HUNG) => restart_reason::HANG,
+            _ => restart_reason::OTHER,
+        };
+        self.restarts.with_label_values(&[kind, label]).inc_by(n);
+    }
+
+    /// Counts a job of `kind` that became Failed for the reason of its `Failed` condition;
+    /// `exit_code` is the permanent exit code of the pod that failed it, if any.
+    pub fn job_failed(&self, kind: &str, condition_reason: Option<&str>, exit_code: Option<i32>) {
+        use crate::decide::reason;
+        let label = match (condition_reason, exit_code) {
+            (_, Some(dinoflow_api::exit_codes::NON_FINITE_LOSS)) => failure_reason::NON_FINITE_LOSS,
+            (Some(reason::PERMANENT_FAILURE), _) => failure_reason::PERMANENT,
+            (Some(reason::BACKOFF_LIMIT_EXCEEDED), _) => failure_reason::BACKOFF_LIMIT,
+            (Some(reason::DEADLINE_EXCEEDED), _) => failure_reason::DEADLINE,
+            _ => failure_reason::OTHER,
+        };
+        self.failures.with_label_values(&[kind, label]).inc();
     }
 
     /// The text exposition format.
@@ -169,5 +271,58 @@ mod tests {
         assert!(text.contains("error=\"not_leader\""));
         assert!(text.contains("dinoflow_operator_jobs{kind=\"PretrainJob\",phase=\"Running\"} 2"));
         assert!(text.contains("dinoflow_operator_jobs{kind=\"PretrainJob\",phase=\"Failed\"} 0"));
+    }
+    #[test]
+    fn restarts_and_failures_are_counted_by_reason_from_zero() {
+        use crate::decide::reason;
+        let m = Metrics::default();
+        let text = m.render();
+        // Present at 0 before anything happened, so increase() sees the first one.
+        assert!(text.contains(
+            "dinoflow_operator_gang_restarts_total{kind=\"DistillJob\",reason=\"hang\"} 0"
+        ));
+        assert!(text.contains(
+            "dinoflow_operator_job_failures_total{kind=\"PretrainJob\",reason=\"non_finite_loss\"} 0"
+        ));
+        assert!(text.contains("dinoflow_operator_leader 0"));
+        m.restarted("PretrainJob", Some(reason::POD_FAILED), 1);
+        m.restarted("PretrainJob", Some(reason::POD_DISRUPTED), 2);
+        m.restarted("PretrainJob", Some(reason::HUNG), 1);
+        m.restarted("PretrainJob", Some("SomethingNew"), 1);
+        m.job_failed("PretrainJob", Some(reason::PERMANENT_FAILURE), Some(79));
+        m.job_failed("PretrainJob", Some(reason::PERMANENT_FAILURE), None);
+        m.job_failed("DistillJob", Some(reason::BACKOFF_LIMIT_EXCEEDED), None);
+        m.leader.set(1);
+        let text = m.render();
+        for line in [
+            "dinoflow_operator_gang_restarts_total{kind=\"PretrainJob\",reason=\"failure\"} 1",
+            "dinoflow_operator_gang_restarts_total{kind=\"PretrainJob\",reason=\"disruption\"} 2",
+            "dinoflow_operator_gang_restarts_total{kind=\"PretrainJob\",reason=\"hang\"} 1",
+            "dinoflow_operator_gang_restarts_total{kind=\"PretrainJob\",reason=\"other\"} 1",
+            "dinoflow_operator_job_failures_total{kind=\"PretrainJob\",reason=\"non_finite_loss\"} 1",
+            "dinoflow_operator_job_failures_total{kind=\"PretrainJob\",reason=\"permanent_failure\"} 1",
+            "dinoflow_operator_job_failures_total{kind=\"DistillJob\",reason=\"backoff_limit_exceeded\"} 1",
+            "dinoflow_operator_leader 1",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn names_list_every_family_even_without_series() {
+        let names = Metrics::default().names();
+        for n in [
+            "dinoflow_operator_reconciles_total",
+            "dinoflow_operator_reconcile_errors_total",
+            "dinoflow_operator_reconcile_duration_seconds",
+            "dinoflow_operator_jobs",
+            "dinoflow_operator_gang_restarts_total",
+            "dinoflow_operator_job_failures_total",
+            "dinoflow_operator_progress_reports_total",
+            "dinoflow_operator_leader",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+        }
+        assert_eq!(names.len(), 8, "{names:?}");
     }
 }

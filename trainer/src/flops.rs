@@ -1,5 +1,5 @@
 //! Training FLOPs per image of one DINOv2 step, for the MFU estimate
-//! (`dinoflow_trainer_mfu` = FLOPs/image × images/s ÷ (peak FLOP/s × ranks)).
+//! (`dinoflow_trainer_mfu_ratio` = FLOPs/image × images/s ÷ (peak FLOP/s × ranks)).
 //!
 //! Counted as MFU usually is: the matrix products only (2 FLOPs per multiply-add), a backward
 //! pass twice its forward, no recomputation; layer norms, softmax, GELU, the losses, centering

@@ -14,7 +14,7 @@ use crate::cli::TrainArgs;
 use crate::config;
 use crate::dist::{self, World, WorldError};
 use crate::env::{self, EnvError};
-use crate::metrics::{JsonlLog, MetricsError, MetricsServer, TrainerMetrics};
+use crate::metrics::{JsonlLog, MetricsError, MetricsServer, RunLabels, TrainerMetrics};
 use crate::progress_client::ProgressReporter;
 use crate::train_loop::{
     BatchSource, Components, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, Schedules,
@@ -97,12 +97,16 @@ where
         tch::set_num_threads(threads);
     }
     // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
-    let (_, progress_target) = env::job_and_progress(&process_env, kind)?;
+    let (identity, progress_target) = env::job_and_progress(&process_env, kind)?;
     // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from `launch`; unset: one process.
     let world = World::from_env(&process_env)?;
     let collective = world.collective().as_ref();
 
-    let metrics = TrainerMetrics::new()?;
+    let metrics =
+        TrainerMetrics::with_labels(&RunLabels::new(identity.as_ref(), kind, world.rank()))?;
+    metrics
+        .run_attempt
+        .set(identity.as_ref().map_or(0, |i| i64::from(i.run_attempt)));
     // One scrape target per pod: the node's first process serves the metrics.
     let _server = match training.logging.metrics_port {
         _ if !world.is_node_main() => None,

@@ -1,14 +1,23 @@
 //! Observability of a run: Prometheus metrics (`dinoflow_trainer_*`) served over HTTP, a
 //! JSON-lines metrics file in the output directory, and the periodic progress log line.
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::future::IntoFuture;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::Collector;
+use prometheus::{
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use dinoflow_api::contract::JobKind;
+
+use crate::env::JobIdentity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -26,12 +35,73 @@ pub enum MetricsError {
     Prometheus(#[from] prometheus::Error),
 }
 
-/// The trainer's gauges and counters, registered in their own registry.
+/// Labels on every series of a trainer process, so one Prometheus tells the runs and ranks
+/// apart. `job_name`, not `job`: Prometheus gives every scraped series a `job` label of its
+/// own (the scrape job), and a target's `job` would be renamed to `exported_job`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunLabels {
+    /// `DINOFLOW_NAMESPACE` (the job's namespace); unset outside a pod.
+    pub namespace: Option<String>,
+    /// `DINOFLOW_JOB` (the PretrainJob/DistillJob name); unset outside a pod.
+    pub job_name: Option<String>,
+    /// `DINOFLOW_JOB_KIND`, else the subcommand's kind (`PretrainJob`, `DistillJob`).
+    pub kind: Option<String>,
+    /// Global rank of the process serving the metrics (the pod's first process).
+    pub rank: Option<usize>,
+}
+
+impl RunLabels {
+    /// The labels of a process of `kind` with global rank `rank`, identified by the env
+    /// contract (`launch::env::job_and_progress`) when it runs in a job's pod.
+    pub fn new(identity: Option<&JobIdentity>, kind: JobKind, rank: usize) -> Self {
+        Self {
+            namespace: identity.map(|i| i.namespace.clone()),
+            job_name: identity.map(|i| i.name.clone()),
+            kind: Some(identity.map_or(kind, |i| i.kind).as_str().to_string()),
+            rank: Some(rank),
+        }
+    }
+
+    fn to_map(&self) -> HashMap<String, String> {
+        let mut map = HashMap::new();
+        if let Some(rank) = self.rank {
+            map.insert("rank".to_string(), rank.to_string());
+        }
+        for (name, value) in [
+            ("namespace", &self.namespace),
+            ("job_name", &self.job_name),
+            ("kind", &self.kind),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+                map.insert(name.to_string(), v.clone());
+            }
+        }
+        map
+    }
+}
+
+/// Bounds of the per-iteration duration histogram: a tiny CPU step takes milliseconds, a
+/// ViT-g step on a slow interconnect seconds.
+const ITERATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
+];
+/// Bounds of the checkpoint write histogram: kilobytes on a laptop to ViT-g optimiser state.
+const CHECKPOINT_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The trainer's gauges, counters and histograms, registered in their own registry. Every
+/// series carries the [`RunLabels`].
 #[derive(Debug, Clone)]
 pub struct TrainerMetrics {
     pub registry: Registry,
     pub iteration: IntGauge,
     pub total_iterations: IntGauge,
+    /// Seconds to the last iteration at the throughput of the last logging window.
+    pub eta_seconds: Gauge,
+    /// `DINOFLOW_RUN_ATTEMPT`: the gang's attempt (restarts and disruptions so far).
+    pub run_attempt: IntGauge,
+    pub start_time_seconds: Gauge,
     /// One series per loss term (`dino_local_crops_loss`, `ibot_loss`, `koleo_loss`, `total`).
     pub loss: GaugeVec,
     pub lr: Gauge,
@@ -39,27 +109,65 @@ pub struct TrainerMetrics {
     pub teacher_momentum: Gauge,
     pub teacher_temperature: Gauge,
     pub images_per_second: Gauge,
+    /// Images trained on, all ranks together.
+    pub images_total: IntCounter,
+    /// Wall time of each training iteration (data wait + compute), without evaluation and
+    /// checkpoint writes.
+    pub iteration_duration_seconds: Histogram,
+    pub data_wait_seconds_total: Counter,
+    /// Forward, backward, gradient all-reduce, optimizer and teacher EMA update.
+    pub compute_seconds_total: Counter,
     /// Without labels, and a vector only so that the series is absent (not 0) until
     /// [`set_mfu`](Self::set_mfu) is called: unknown peak FLOP/s means no estimate.
     pub mfu: GaugeVec,
     pub memory_bytes: Gauge,
-    pub data_wait_seconds_total: prometheus::Counter,
     pub checkpoint_age_seconds: Gauge,
     pub checkpoint_iteration: IntGauge,
+    /// A vector without labels so that it is absent until the first checkpoint is written.
+    pub last_checkpoint_timestamp_seconds: GaugeVec,
+    pub checkpoint_write_duration_seconds: Histogram,
+    pub checkpoint_size_bytes: Gauge,
     pub skipped_images_total: IntCounter,
-    /// Evaluation results, one series per metric (`knn_top1_k20`, `linear_top1`, ...).
-    pub eval: GaugeVec,
+    /// Top-k accuracies of the latest evaluation as a ratio, one series per metric
+    /// (`knn_top1_k20`, `knn_top5_k20`, `linear_top1`, ...).
+    pub eval_accuracy: GaugeVec,
+    pub eval_iteration: IntGauge,
+    pub eval_duration_seconds: Gauge,
 }
 
 impl TrainerMetrics {
+    /// Metrics without run labels (tests, tools).
     pub fn new() -> Result<Self, MetricsError> {
-        let registry = Registry::new();
+        Self::with_labels(&RunLabels::default())
+    }
+
+    /// Metrics whose every series carries `labels`.
+    pub fn with_labels(labels: &RunLabels) -> Result<Self, MetricsError> {
+        let registry = Registry::new_custom(None, Some(labels.to_map()))?;
         let opts = |name: &str, help: &str| Opts::new(format!("dinoflow_trainer_{name}"), help);
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(
+                HistogramOpts::new(format!("dinoflow_trainer_{name}"), help)
+                    .buckets(buckets.to_vec()),
+            )
+        };
         let m = Self {
             iteration: IntGauge::with_opts(opts("iteration", "Current training iteration"))?,
             total_iterations: IntGauge::with_opts(opts(
                 "total_iterations",
                 "Iterations the run will do in total",
+            ))?,
+            eta_seconds: Gauge::with_opts(opts(
+                "eta_seconds",
+                "Estimated seconds to the last iteration at the last window's throughput",
+            ))?,
+            run_attempt: IntGauge::with_opts(opts(
+                "run_attempt",
+                "Attempt of the gang (DINOFLOW_RUN_ATTEMPT): restarts and disruptions so far",
+            ))?,
+            start_time_seconds: Gauge::with_opts(opts(
+                "start_time_seconds",
+                "Unix time the trainer process started",
             ))?,
             loss: GaugeVec::new(opts("loss", "Latest value of each loss term"), &["term"])?,
             lr: Gauge::with_opts(opts("lr", "Learning rate of the backbone parameter group"))?,
@@ -76,9 +184,26 @@ impl TrainerMetrics {
                 "images_per_second",
                 "Training throughput over the last logging window (all ranks)",
             ))?,
+            images_total: IntCounter::with_opts(opts(
+                "images_total",
+                "Images trained on since the process started (all ranks)",
+            ))?,
+            iteration_duration_seconds: histogram(
+                "iteration_duration_seconds",
+                "Wall time of a training iteration (data wait and compute)",
+                &ITERATION_BUCKETS,
+            )?,
+            data_wait_seconds_total: Counter::with_opts(opts(
+                "data_wait_seconds_total",
+                "Time the training loop waited for the data loader",
+            ))?,
+            compute_seconds_total: Counter::with_opts(opts(
+                "compute_seconds_total",
+                "Time in the training step: forward, backward, all-reduce, optimizer, teacher EMA",
+            ))?,
             mfu: GaugeVec::new(
                 opts(
-                    "mfu",
+                    "mfu_ratio",
                     "Estimated model FLOPs utilisation (0..1); absent when peak FLOP/s are unknown",
                 ),
                 &[],
@@ -86,10 +211,6 @@ impl TrainerMetrics {
             memory_bytes: Gauge::with_opts(opts(
                 "memory_bytes",
                 "Resident memory of the trainer process",
-            ))?,
-            data_wait_seconds_total: prometheus::Counter::with_opts(opts(
-                "data_wait_seconds_total",
-                "Time the training loop waited for the data loader",
             ))?,
             checkpoint_age_seconds: Gauge::with_opts(opts(
                 "checkpoint_age_seconds",
@@ -99,30 +220,88 @@ impl TrainerMetrics {
                 "checkpoint_iteration",
                 "Iteration of the last written checkpoint",
             ))?,
+            last_checkpoint_timestamp_seconds: GaugeVec::new(
+                opts(
+                    "last_checkpoint_timestamp_seconds",
+                    "Unix time the last checkpoint of this process was written; absent before",
+                ),
+                &[],
+            )?,
+            checkpoint_write_duration_seconds: histogram(
+                "checkpoint_write_duration_seconds",
+                "Time to write and verify a checkpoint",
+                &CHECKPOINT_BUCKETS,
+            )?,
+            checkpoint_size_bytes: Gauge::with_opts(opts(
+                "checkpoint_size_bytes",
+                "Size on disk of the last written checkpoint",
+            ))?,
             skipped_images_total: IntCounter::with_opts(opts(
                 "skipped_images_total",
                 "Images skipped because they could not be decoded",
             ))?,
-            eval: GaugeVec::new(opts("eval", "Latest evaluation results"), &["metric"])?,
+            eval_accuracy: GaugeVec::new(
+                opts(
+                    "eval_accuracy_ratio",
+                    "Top-k accuracy (0..1) of the latest evaluation, by metric",
+                ),
+                &["metric"],
+            )?,
+            eval_iteration: IntGauge::with_opts(opts(
+                "eval_iteration",
+                "Iteration of the latest evaluation",
+            ))?,
+            eval_duration_seconds: Gauge::with_opts(opts(
+                "eval_duration_seconds",
+                "Wall time of the latest evaluation",
+            ))?,
             registry,
         };
-        let r = &m.registry;
-        r.register(Box::new(m.iteration.clone()))?;
-        r.register(Box::new(m.total_iterations.clone()))?;
-        r.register(Box::new(m.loss.clone()))?;
-        r.register(Box::new(m.lr.clone()))?;
-        r.register(Box::new(m.weight_decay.clone()))?;
-        r.register(Box::new(m.teacher_momentum.clone()))?;
-        r.register(Box::new(m.teacher_temperature.clone()))?;
-        r.register(Box::new(m.images_per_second.clone()))?;
-        r.register(Box::new(m.mfu.clone()))?;
-        r.register(Box::new(m.memory_bytes.clone()))?;
-        r.register(Box::new(m.data_wait_seconds_total.clone()))?;
-        r.register(Box::new(m.checkpoint_age_seconds.clone()))?;
-        r.register(Box::new(m.checkpoint_iteration.clone()))?;
-        r.register(Box::new(m.skipped_images_total.clone()))?;
-        r.register(Box::new(m.eval.clone()))?;
+        for c in m.collectors() {
+            m.registry.register(c)?;
+        }
+        m.start_time_seconds.set(unix_seconds(SystemTime::now()));
         Ok(m)
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.iteration.clone()),
+            Box::new(self.total_iterations.clone()),
+            Box::new(self.eta_seconds.clone()),
+            Box::new(self.run_attempt.clone()),
+            Box::new(self.start_time_seconds.clone()),
+            Box::new(self.loss.clone()),
+            Box::new(self.lr.clone()),
+            Box::new(self.weight_decay.clone()),
+            Box::new(self.teacher_momentum.clone()),
+            Box::new(self.teacher_temperature.clone()),
+            Box::new(self.images_per_second.clone()),
+            Box::new(self.images_total.clone()),
+            Box::new(self.iteration_duration_seconds.clone()),
+            Box::new(self.data_wait_seconds_total.clone()),
+            Box::new(self.compute_seconds_total.clone()),
+            Box::new(self.mfu.clone()),
+            Box::new(self.memory_bytes.clone()),
+            Box::new(self.checkpoint_age_seconds.clone()),
+            Box::new(self.checkpoint_iteration.clone()),
+            Box::new(self.last_checkpoint_timestamp_seconds.clone()),
+            Box::new(self.checkpoint_write_duration_seconds.clone()),
+            Box::new(self.checkpoint_size_bytes.clone()),
+            Box::new(self.skipped_images_total.clone()),
+            Box::new(self.eval_accuracy.clone()),
+            Box::new(self.eval_iteration.clone()),
+            Box::new(self.eval_duration_seconds.clone()),
+        ]
+    }
+
+    /// The name of every metric family (histograms without their `_bucket`/`_sum`/`_count`
+    /// series), whether or not it has a series yet: what dashboards and alerts may query.
+    pub fn names(&self) -> Vec<String> {
+        self.collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
     }
 
     /// The text exposition format of every metric.
@@ -146,6 +325,66 @@ impl TrainerMetrics {
             self.skipped_images_total.inc_by(total - seen);
         }
     }
+
+    /// One training iteration: its data wait and its compute (training step and teacher
+    /// update).
+    pub fn observe_iteration(&self, data_wait: Duration, compute: Duration) {
+        self.data_wait_seconds_total.inc_by(data_wait.as_secs_f64());
+        self.compute_seconds_total.inc_by(compute.as_secs_f64());
+        self.iteration_duration_seconds
+            .observe((data_wait + compute).as_secs_f64());
+    }
+
+    /// A checkpoint of `iteration` is on disk. `written` is the write's duration and the
+    /// checkpoint's directory on the rank that wrote it (None on the ranks that waited).
+    pub fn checkpoint_written(&self, iteration: u64, written: Option<(Duration, &Path)>) {
+        self.checkpoint_iteration.set(iteration as i64);
+        self.checkpoint_age_seconds.set(0.0);
+        self.last_checkpoint_timestamp_seconds
+            .with_label_values::<&str>(&[])
+            .set(unix_seconds(SystemTime::now()));
+        if let Some((duration, dir)) = written {
+            self.checkpoint_write_duration_seconds
+                .observe(duration.as_secs_f64());
+            self.checkpoint_size_bytes.set(dir_size_bytes(dir) as f64);
+        }
+    }
+
+    /// The results of the evaluation at `iteration`, as `EvalReport::flat` names them:
+    /// accuracies (`*top1*`, `*top5*`, in percent) become ratios; other values (the linear
+    /// probe's chosen learning rate) stay in metrics.jsonl only.
+    pub fn evaluation(&self, iteration: u64, duration: Duration, results: &[(String, f64)]) {
+        self.eval_iteration.set(iteration as i64);
+        self.eval_duration_seconds.set(duration.as_secs_f64());
+        for (name, value) in results {
+            if name.contains("_top") {
+                self.eval_accuracy
+                    .with_label_values(&[name.as_str()])
+                    .set(value / 100.0);
+            }
+        }
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Total size of the files in `dir` and its subdirectories (0 where it cannot be read: the
+/// size is informational).
+fn dir_size_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Resident set size of this process in bytes (Linux); None elsewhere.
@@ -383,7 +622,7 @@ mod tests {
         m.loss
             .with_label_values(&["dino_global_crops_loss"])
             .set(1.5);
-        m.eval.with_label_values(&["knn_top1_k20"]).set(0.7);
+        m.evaluation(0, Duration::ZERO, &[("knn_top1_k20".into(), 70.0)]);
         m.set_skipped_images(3);
         m.set_skipped_images(2);
         let text = m.render();
@@ -393,7 +632,7 @@ mod tests {
         );
         m.set_mfu(0.25);
         let text = m.render();
-        assert!(text.contains("dinoflow_trainer_mfu 0.25"), "{text}");
+        assert!(text.contains("dinoflow_trainer_mfu_ratio 0.25"), "{text}");
         assert!(text.contains("dinoflow_trainer_iteration 12"));
         assert!(text.contains("dinoflow_trainer_loss{term=\"dino_global_crops_loss\"} 1.5"));
         assert!(text.contains("dinoflow_trainer_skipped_images_total 3"));
@@ -404,6 +643,144 @@ mod tests {
                 family.name()
             );
         }
+    }
+
+    #[test]
+    fn run_labels_from_the_env_contract_are_on_every_series() {
+        let identity = JobIdentity {
+            namespace: "ml".into(),
+            name: "vitl".into(),
+            kind: JobKind::Distill,
+            run_attempt: 2,
+        };
+        let m = TrainerMetrics::with_labels(&RunLabels::new(Some(&identity), JobKind::Pretrain, 8))
+            .unwrap();
+        m.iteration.set(3);
+        m.loss.with_label_values(&["koleo_loss"]).set(0.5);
+        let text = m.render();
+        // The encoder orders constant labels as it pleases: look for each one.
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+        };
+        let iteration = line("dinoflow_trainer_iteration{");
+        let loss = line("dinoflow_trainer_loss{");
+        for label in [
+            r#"namespace="ml""#,
+            r#"job_name="vitl""#,
+            r#"kind="DistillJob""#,
+            r#"rank="8""#,
+        ] {
+            assert!(iteration.contains(label), "{label} not in {iteration}");
+            assert!(loss.contains(label), "{label} not in {loss}");
+        }
+        assert!(iteration.ends_with("} 3"), "{iteration}");
+        assert!(
+            loss.contains(r#"term="koleo_loss""#) && loss.ends_with("} 0.5"),
+            "{loss}"
+        );
+        // Outside a pod: the subcommand's kind and the rank only.
+        let local = RunLabels::new(None, JobKind::Pretrain, 0).to_map();
+        assert_eq!(
+            local,
+            HashMap::from([
+                ("kind".to_string(), "PretrainJob".to_string()),
+                ("rank".to_string(), "0".to_string()),
+            ])
+        );
+    }
+
+    #[test]
+    fn iterations_checkpoints_and_evaluations_update_their_series() {
+        let m = TrainerMetrics::new().unwrap();
+        m.observe_iteration(Duration::from_millis(250), Duration::from_millis(750));
+        assert_eq!(m.iteration_duration_seconds.get_sample_count(), 1);
+        assert!((m.iteration_duration_seconds.get_sample_sum() - 1.0).abs() < 1e-9);
+        assert!((m.data_wait_seconds_total.get() - 0.25).abs() < 1e-9);
+        assert!((m.compute_seconds_total.get() - 0.75).abs() < 1e-9);
+
+        assert!(
+            !m.render()
+                .contains("dinoflow_trainer_last_checkpoint_timestamp_seconds")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), [0u8; 100]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), [0u8; 23]).unwrap();
+        m.checkpoint_written(40, Some((Duration::from_secs(2), dir.path())));
+        assert_eq!(m.checkpoint_size_bytes.get(), 123.0);
+        assert_eq!(m.checkpoint_iteration.get(), 40);
+        assert_eq!(m.checkpoint_write_duration_seconds.get_sample_count(), 1);
+        let written = m
+            .last_checkpoint_timestamp_seconds
+            .with_label_values::<&str>(&[])
+            .get();
+        assert!(
+            written >= m.start_time_seconds.get() && written > 1.6e9,
+            "{written}"
+        );
+
+        m.evaluation(
+            40,
+            Duration::from_secs(3),
+            &[
+                ("knn_top1_k20".into(), 70.5),
+                ("linear_top1".into(), 80.0),
+                ("linear_best_lr".into(), 0.01),
+            ],
+        );
+        let text = m.render();
+        assert!(
+            text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="knn_top1_k20"} 0.705"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dinoflow_trainer_eval_accuracy_ratio{metric="linear_top1"} 0.8"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("linear_best_lr"),
+            "a learning rate is no accuracy: {text}"
+        );
+        assert!(
+            text.contains("dinoflow_trainer_eval_iteration 40"),
+            "{text}"
+        );
+    }
+
+    /// Every `dinoflow_trainer_*` name in the chart's dashboards and alert rules is one this
+    /// registry defines (histograms with their `_bucket`/`_sum`/`_count` series); the e2e
+    /// suite (tests/tests/observability.rs) checks every other name in those queries.
+    #[test]
+    fn dashboards_and_alerts_name_only_registered_trainer_metrics() {
+        let registered: Vec<String> = TrainerMetrics::new().unwrap().names();
+        let known = |name: &str| {
+            ["", "_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| registered.iter().any(|r| r == base))
+            })
+        };
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/dinoflow/files");
+        let mut files: Vec<_> = ["dashboards", "alerts"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(chart.join(d)).unwrap())
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut seen = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (at, _) in text.match_indices("dinoflow_trainer_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(known(&name), "{}: {name} is not registered", file.display());
+                seen += 1;
+            }
+        }
+        assert!(seen > 20, "only {seen} trainer metric references found");
     }
 
     #[test]

@@ -275,9 +275,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 .data
                 .next_batch()
                 .map_err(|source| LoopError::Step { iteration, source })?;
-            self.metrics
-                .data_wait_seconds_total
-                .inc_by(wait.elapsed().as_secs_f64());
+            let (data_wait, compute) = (wait.elapsed(), Instant::now());
             let pending = self
                 .model
                 .train_step(&batch, &values)
@@ -299,6 +297,8 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 tracing::error!("{err}");
                 return Err(err);
             }
+            // Compute time includes the read above, which waits for the queued step.
+            self.metrics.observe_iteration(data_wait, compute.elapsed());
             iteration += 1;
             // Metrics.
             self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
@@ -341,6 +341,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         m.checkpoint_age_seconds
             .set(last_checkpoint.elapsed().as_secs_f64());
         let images = self.data.images_per_batch() * self.settings.world_size as u64;
+        m.images_total.inc_by(images);
         let mut line = serde_json::json!({
             "type": "train",
             "iteration": iteration,
@@ -363,6 +364,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         if let Some(p) = p {
             tracing::info!("{}", p.text);
             m.images_per_second.set(p.images_per_second);
+            m.eta_seconds.set(p.eta_seconds);
             line["images_per_second"] = p.images_per_second.into();
             line["eta_seconds"] = p.eta_seconds.into();
             if let (Some(flops), Some(peak)) =
@@ -407,12 +409,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.progress.long_phase(false);
         let report = report?;
         let flat = report.flat();
-        for (name, v) in &flat {
-            self.metrics
-                .eval
-                .with_label_values(&[name.as_str()])
-                .set(*v);
-        }
+        self.metrics.evaluation(iteration, started.elapsed(), &flat);
         tracing::info!(
             iteration,
             seconds = started.elapsed().as_secs_f64(),
@@ -434,8 +431,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             // Wait until rank 0 has written it: a rank that exits first would be mistaken
             // for a failure and its peers stopped mid-write.
             dist::barrier(self.collective());
-            self.metrics.checkpoint_iteration.set(iteration as i64);
-            self.metrics.checkpoint_age_seconds.set(0.0);
+            self.metrics.checkpoint_written(iteration, None);
             return Ok(());
         }
         let started = Instant::now();
@@ -454,8 +450,8 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         let saved = self.checkpoints.save(&snapshot);
         self.progress.long_phase(false);
         let saved = saved?;
-        self.metrics.checkpoint_iteration.set(iteration as i64);
-        self.metrics.checkpoint_age_seconds.set(0.0);
+        self.metrics
+            .checkpoint_written(iteration, Some((started.elapsed(), saved.path.as_path())));
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
         self.progress.checkpoint(iteration, &saved.path);
         self.write_line(&serde_json::json!({

@@ -20,7 +20,7 @@ use crate::decide::{Decision, JobEvent, JobFacts, TeacherState, decide};
 use crate::desired::{self, pods::PodInputs};
 use crate::job::{JobKind, JobRef, TeacherSource, TrainingJob};
 use crate::metrics::Metrics;
-use crate::observe::{PodObservation, observe};
+use crate::observe::{PodObservation, PodState, observe};
 use crate::progress::job_api_resource;
 use crate::{Error, Result};
 
@@ -274,6 +274,13 @@ async fn act<K: TrainingJob>(
     if status_first || (status_changed && !decision.ensure_gang) {
         write_status().await?;
         count_restarts(K::KIND.as_str(), before, &decision.status, &ctx.metrics);
+        count_failure(
+            K::KIND.as_str(),
+            before,
+            &decision.status,
+            pods,
+            &ctx.metrics,
+        );
     } else if status_changed {
         // Restarts and disruptions are unchanged here (else the status went first).
         pending_status_write = Some(write_status());
@@ -331,24 +338,41 @@ fn status_must_precede_children(before: &JobStatus, after: &JobStatus) -> bool {
 }
 
 fn count_restarts(kind: &str, before: &JobStatus, after: &JobStatus, metrics: &Metrics) {
-    let counts = [
-        ("counted", before.restarts, after.restarts),
-        (
-            "progress",
-            before.progress_restarts,
-            after.progress_restarts,
-        ),
-        ("disruption", before.disruptions, after.disruptions),
-    ];
-    for (cause, before, after) in counts {
-        let new = after.unwrap_or(0) - before.unwrap_or(0);
-        if new > 0 {
-            metrics
-                .restarts
-                .with_label_values(&[kind, cause])
-                .inc_by(new as u64);
-        }
+    // Every restart counts once, whichever budget it was charged to.
+    let new = |before: Option<i32>, after: Option<i32>| (after.unwrap_or(0) - before.unwrap_or(0)).max(0);
+    let n = new(before.restarts, after.restarts)
+        + new(before.progress_restarts, after.progress_restarts)
+        + new(before.disruptions, after.disruptions);
+    if n > 0 {
+        let reason = after
+            .condition(condition::RESTARTING)
+            .map(|c| c.reason.as_str());
+        metrics.restarted(kind, reason, n as u64);
     }
+}
+
+/// Counts a job that has just become Failed, naming a NaN/Inf loss (exit code 79) apart.
+fn count_failure(
+    kind: &str,
+    before: &JobStatus,
+    after: &JobStatus,
+    pods: &[PodObservation],
+    metrics: &Metrics,
+) {
+    if before.phase() == JobPhase::Failed || after.phase() != JobPhase::Failed {
+        return;
+    }
+    let non_finite = pods.iter().find_map(|p| match p.state {
+        PodState::Failed {
+            exit_code: Some(code @ dinoflow_api::exit_codes::NON_FINITE_LOSS),
+            ..
+        } => Some(code),
+        _ => None,
+    });
+    let reason = after
+        .condition(condition::FAILED)
+        .map(|c| c.reason.as_str());
+    metrics.job_failed(kind, reason, non_finite);
 }
 
 /// Records the decision's events in order, in a background task.
@@ -428,7 +452,9 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         }
         let teacher = self.status.teacher_checkpoint.as_deref();
         let service = desired::service::service(jr, cluster.master_port);
-        let config_map = desired::configmap::config_map(jr, &self.job.spec_value()?, teacher)?;
+        let spec = self.job.spec_value()?;
+        let config_map = desired::configmap::config_map(jr, &spec, teacher)?;
+        let metrics_port = desired::scrape::metrics_port(&spec);
         let secret = desired::secret::secret(jr, &self.ctx.settings.progress_key);
         let inputs = PodInputs {
             job: jr,
@@ -439,7 +465,11 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         };
         let gang: Vec<Pod> = missing
             .iter()
-            .map(|rank| desired::pods::pod(&inputs, *rank))
+            .map(|rank| {
+                let mut pod = desired::pods::pod(&inputs, *rank);
+                desired::scrape::annotate(&mut pod, metrics_port);
+                pod
+            })
             .collect();
         let mode = cluster.gang_scheduling.mode;
         if let (Some(pg), Some(ar)) = (

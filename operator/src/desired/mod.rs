@@ -9,6 +9,7 @@ pub mod configmap;
 pub mod names;
 pub mod podgroup;
 pub mod pods;
+pub mod scrape;
 pub mod secret;
 pub mod service;
 

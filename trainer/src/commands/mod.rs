@@ -11,6 +11,9 @@
 //!         -> meta_arch, model, loss, optim, data, masking, checkpoint, metrics, ...
 //!         -> dist (World, collectives) -> env (the pod's environment contract)
 //! ```
+// A command fails at most once per process: the size of its error costs nothing.
+#![allow(clippy::result_large_err)]
+
 use crate::cli::{Cli, Command};
 
 mod distill;

@@ -52,7 +52,7 @@ pub struct RunLabels {
 
 impl RunLabels {
     /// The labels of a process of `kind` with global rank `rank`, identified by the env
-    /// contract (`launch::env::job_and_progress`) when it runs in a job's pod.
+    /// contract (`env::job_and_progress`) when it runs in a job's pod.
     pub fn new(identity: Option<&JobIdentity>, kind: JobKind, rank: usize) -> Self {
         Self {
             namespace: identity.map(|i| i.namespace.clone()),

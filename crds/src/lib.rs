@@ -3,11 +3,11 @@
 //! `training` is the trainer config (read by the trainer from the same YAML kubectl applies),
 //! `cluster` is how the operator lays the job out on Kubernetes.
 pub mod cluster;
-mod job_resource;
 pub mod contract;
 pub mod crd;
 pub mod distill;
 pub mod exit_codes;
+mod job_resource;
 pub mod load;
 pub mod presets;
 pub mod pretrain;

@@ -169,21 +169,14 @@ pub fn job_and_progress<F: Fn(&str) -> Option<String>>(
 ) -> Result<(Option<JobIdentity>, Option<ProgressTarget>), EnvError> {
     let kind = match env.get(c::JOB_KIND) {
         None => default_kind,
-        Some(k) => JobKind::from_kind(&k).ok_or_else(|| {
-            invalid(
-                c::JOB_KIND,
-                &k,
-                "must be PretrainJob or DistillJob",
-            )
-        })?,
+        Some(k) => JobKind::from_kind(&k)
+            .ok_or_else(|| invalid(c::JOB_KIND, &k, "must be PretrainJob or DistillJob"))?,
     };
     let run_attempt = env
         .parsed(c::RUN_ATTEMPT, "a non-negative integer")?
         .unwrap_or(0);
     let job = env.get(c::JOB).map(|name| JobIdentity {
-        namespace: env
-            .get(c::NAMESPACE)
-            .unwrap_or_else(|| "default".into()),
+        namespace: env.get(c::NAMESPACE).unwrap_or_else(|| "default".into()),
         name,
         kind,
         run_attempt,

@@ -339,7 +339,8 @@ fn status_must_precede_children(before: &JobStatus, after: &JobStatus) -> bool {
 
 fn count_restarts(kind: &str, before: &JobStatus, after: &JobStatus, metrics: &Metrics) {
     // Every restart counts once, whichever budget it was charged to.
-    let new = |before: Option<i32>, after: Option<i32>| (after.unwrap_or(0) - before.unwrap_or(0)).max(0);
+    let new =
+        |before: Option<i32>, after: Option<i32>| (after.unwrap_or(0) - before.unwrap_or(0)).max(0);
     let n = new(before.restarts, after.restarts)
         + new(before.progress_restarts, after.progress_restarts)
         + new(before.disruptions, after.disruptions);

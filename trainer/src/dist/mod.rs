@@ -143,12 +143,7 @@ impl DistEnv {
             env.parsed::<u64>(name, "a number of seconds")
                 .map(|v| v.map_or(default, Duration::from_secs))
         };
-        let job = [
-            c::NAMESPACE,
-            c::JOB,
-            c::RUN_ATTEMPT,
-        ]
-        .map(|n| env.get(n).unwrap_or_default());
+        let job = [c::NAMESPACE, c::JOB, c::RUN_ATTEMPT].map(|n| env.get(n).unwrap_or_default());
         Ok(Some(Self {
             rank,
             world_size,

@@ -1,5 +1,7 @@
 //! Observability of a run: Prometheus metrics (`dinoflow_trainer_*`) served over HTTP, a
 //! JSON-lines metrics file in the output directory, and the periodic progress log line.
+//! (Over 500 lines: every trainer series is declared and updated here, the one list the
+//! chart's dashboards and alerts are checked against.)
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::future::IntoFuture;

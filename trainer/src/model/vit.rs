@@ -1,4 +1,5 @@
 //! The DINOv2 vision transformer (`DinoVisionTransformer`).
+//! (Over 500 lines: one module mirrors the official `DinoVisionTransformer` and its key layout.)
 
 use std::str::FromStr;
 

@@ -491,7 +491,14 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
             |s| s.phase.map(|p| p.as_str()) == Some("Succeeded"),
         )
         .await;
-    assert_eq!(status.restarts, Some(1), "{status:?}");
+    // The trainer was killed after a verified checkpoint: the restart is charged to the
+    // progress budget, not to backoffLimit (issue 15's checkpoint-aware budget).
+    assert_eq!(status.progress_restarts, Some(1), "{status:?}");
+    assert_eq!(status.restarts, Some(0), "{status:?}");
+    assert!(
+        status.attempt_checkpoint_iteration.is_some_and(|i| i >= 6),
+        "{status:?}"
+    );
     assert_eq!(status.run_attempt, Some(1), "{status:?}");
     assert_eq!(status.iteration, Some(48), "{status:?}");
     assert_eq!(

@@ -77,6 +77,36 @@ pub trait Collective: Send + Sync {
         }
         self.all_reduce_sum(t);
     }
+
+    /// Sums `input` (1-D, `world_size() · n` elements, the same shape on every rank) over the
+    /// ranks and returns this rank's chunk of the sum: elements `[rank·n, (rank+1)·n)`.
+    ///
+    /// The default goes through a full all-reduce; backends override it with a real
+    /// reduce-scatter that moves `(W−1)/W · N` bytes per rank.
+    fn reduce_scatter_sum(&self, input: &Tensor) -> Tensor {
+        let w = self.world_size() as i64;
+        let n = input.numel() as i64 / w;
+        assert_eq!(
+            n * w,
+            input.numel() as i64,
+            "reduce_scatter_sum: length not a multiple of the world size"
+        );
+        let mut full = input.flatten(0, -1).copy();
+        self.all_reduce_sum(&mut full);
+        full.narrow(0, self.rank() as i64 * n, n).copy()
+    }
+
+    /// Concatenates every rank's `shard` (1-D, `n` elements, the same on every rank) in rank
+    /// order: rank r's shard lands at `[r·n, (r+1)·n)` of the result on every rank.
+    fn all_gather(&self, shard: &Tensor) -> Tensor {
+        let w = self.world_size() as i64;
+        let n = shard.numel() as i64;
+        let mut full = Tensor::zeros([w * n], (shard.kind(), shard.device()));
+        full.narrow(0, self.rank() as i64 * n, n)
+            .copy_(&shard.flatten(0, -1));
+        self.all_reduce_sum(&mut full);
+        full
+    }
 }
 
 impl<C: Collective + ?Sized> Collective for Arc<C> {
@@ -91,6 +121,12 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
     }
     fn broadcast_from_root(&self, t: &mut Tensor) {
         (**self).broadcast_from_root(t);
+    }
+    fn reduce_scatter_sum(&self, input: &Tensor) -> Tensor {
+        (**self).reduce_scatter_sum(input)
+    }
+    fn all_gather(&self, shard: &Tensor) -> Tensor {
+        (**self).all_gather(shard)
     }
 }
 
@@ -353,6 +389,30 @@ pub(crate) mod tests {
         let mut t = Tensor::from_slice(&[1.0f32, -2.0, 3.5]);
         single.all_reduce_sum(&mut t);
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, -2.0, 3.5]);
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_place_chunks_by_rank() {
+        let group = tcp::tests::local_group(3);
+        let out = tcp::tests::on_every_rank(&group, |rank, c| {
+            // Rank r contributes [r, r+1, ..., r+5].
+            let input = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)) + rank as f64;
+            let mine = c.reduce_scatter_sum(&input);
+            let shard = Tensor::from_slice(&[10.0f32 * rank as f32, 10.0 * rank as f32 + 1.0]);
+            let all = c.all_gather(&shard);
+            (
+                Vec::<f32>::try_from(&mine).unwrap(),
+                Vec::<f32>::try_from(&all).unwrap(),
+            )
+        });
+        for (rank, (mine, all)) in out.iter().enumerate() {
+            // Element k summed over ranks 0..3: 3k + (0 + 1 + 2).
+            let expected: Vec<f32> = (2 * rank..2 * rank + 2)
+                .map(|k| 3.0 * k as f32 + 3.0)
+                .collect();
+            assert_eq!(mine, &expected, "rank {rank}'s chunk");
+            assert_eq!(all, &vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
+        }
     }
 
     #[test]

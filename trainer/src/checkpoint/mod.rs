@@ -1,6 +1,7 @@
 //! Checkpoints: one directory per iteration (`ckpt-000001234`), written into a temporary
 //! directory first, sealed by a manifest with checksums written last, and made visible by an
 //! atomic rename. A reader only trusts a directory whose manifest verifies.
+pub mod chunk;
 mod manager;
 pub mod manifest;
 mod resume;
@@ -8,6 +9,7 @@ mod tensor_file;
 
 use std::path::{Path, PathBuf};
 
+pub use chunk::{Chunk, ChunkSource};
 pub use manager::{CheckpointManager, Rejected, Scan, Snapshot, VerifiedCheckpoint, verify};
 pub use manifest::Manifest;
 pub use resume::{ResumeMode, check_compatible};

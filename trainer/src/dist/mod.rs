@@ -22,6 +22,7 @@ use dinoflow_api::contract as c;
 
 use crate::env::{EnvError, Lookup};
 
+pub mod nccl;
 pub mod tcp;
 mod world;
 
@@ -107,6 +108,15 @@ pub trait Collective: Send + Sync {
         self.all_reduce_sum(&mut full);
         full
     }
+
+    /// Returns once every rank has called it. The default is a one-element all-reduce;
+    /// backends override it with something cheaper.
+    fn barrier(&self) {
+        if self.world_size() > 1 {
+            let mut t = Tensor::from_slice(&[0i64]);
+            self.all_reduce_sum(&mut t);
+        }
+    }
 }
 
 impl<C: Collective + ?Sized> Collective for Arc<C> {
@@ -127,6 +137,9 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
     }
     fn all_gather(&self, shard: &Tensor) -> Tensor {
         (**self).all_gather(shard)
+    }
+    fn barrier(&self) {
+        (**self).barrier();
     }
 }
 
@@ -192,21 +205,42 @@ impl DistEnv {
                 master_addr: rendezvous.master_addr,
                 master_port: rendezvous.master_port,
                 session: job.join("/"),
+                auth: tcp::AuthKey::new(env.get(c::PROGRESS_TOKEN).as_deref()),
                 rendezvous_timeout: seconds(
                     c::DINOFLOW_RENDEZVOUS_TIMEOUT_SECONDS,
                     RENDEZVOUS_TIMEOUT,
                 )?,
                 op_timeout: seconds(c::DINOFLOW_COLLECTIVE_TIMEOUT_SECONDS, OP_TIMEOUT)?,
+                algorithm: tcp::Algorithm::Ring,
             },
         }))
     }
 }
 
-/// The group of this process: [`Single`] for one process, TCP otherwise.
-pub fn init(env: Option<&DistEnv>) -> Result<Arc<dyn Collective>, CollectiveError> {
-    match env {
-        Some(env) if env.world_size > 1 => Ok(Arc::new(tcp::TcpCollective::rendezvous(&env.tcp)?)),
-        _ => Ok(Arc::new(Single)),
+/// The group of this process: [`Single`] for one process, TCP for CPU worlds, NCCL
+/// (bootstrapped over TCP) when the process computes on CUDA ([`nccl::backend_for`]).
+pub fn init(
+    env: Option<&DistEnv>,
+    device: tch::Device,
+) -> Result<Arc<dyn Collective>, CollectiveError> {
+    let Some(env) = env else {
+        return Ok(Arc::new(Single));
+    };
+    match nccl::backend_for(device, env.world_size) {
+        nccl::Backend::Single => Ok(Arc::new(Single)),
+        nccl::Backend::Tcp => Ok(Arc::new(tcp::TcpCollective::rendezvous(&env.tcp)?)),
+        nccl::Backend::Nccl => {
+            let tcp = Arc::new(tcp::TcpCollective::rendezvous(&env.tcp)?);
+            let ordinal = match device {
+                tch::Device::Cuda(i) => i,
+                _ => 0,
+            };
+            Ok(Arc::new(nccl::NcclCollective::init(
+                tcp,
+                ordinal,
+                env.tcp.op_timeout,
+            )?))
+        }
     }
 }
 
@@ -316,7 +350,7 @@ pub fn digest<'t>(tensors: impl IntoIterator<Item = &'t (String, Tensor)>) -> St
 
 /// Returns once every rank has called it.
 pub fn barrier(collective: &dyn Collective) {
-    any_rank(collective, false);
+    collective.barrier();
 }
 
 /// True on every rank when `local` is true on any rank (e.g. a stop signal that reached one
@@ -489,6 +523,60 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_job_token_keys_the_rendezvous_and_without_one_it_is_unauthenticated() {
+        use crate::env::tests::lookup;
+        let base = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let env = DistEnv::from_lookup(&lookup(&base)).unwrap().unwrap();
+        assert!(!env.tcp.auth.is_set());
+        let mut with = base.to_vec();
+        with.push(("DINOFLOW_PROGRESS_TOKEN", "t0k"));
+        let env = DistEnv::from_lookup(&lookup(&with)).unwrap().unwrap();
+        assert_eq!(env.tcp.auth, tcp::AuthKey::new(Some("t0k")));
+        assert_eq!(format!("{:?}", env.tcp.auth), "AuthKey(<redacted>)");
+    }
+
+    #[test]
+    fn a_cpu_world_of_several_ranks_forms_over_tcp_without_nccl() {
+        // Two CPU ranks through `init`: the NCCL library is never probed (none is installed
+        // here, and probing it would fail the rendezvous).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let env = move |rank: usize| DistEnv {
+            rank,
+            world_size: 2,
+            local_rank: rank,
+            tcp: tcp::TcpConfig {
+                rank,
+                world_size: 2,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                session: "ml/cpu/0".into(),
+                auth: tcp::AuthKey::default(),
+                rendezvous_timeout: Duration::from_secs(20),
+                op_timeout: Duration::from_secs(20),
+                algorithm: tcp::Algorithm::Ring,
+            },
+        };
+        let leaf = std::thread::spawn(move || {
+            let c = init(Some(&env(1)), tch::Device::Cpu).unwrap();
+            let mut t = Tensor::from_slice(&[2.0f32]);
+            c.all_reduce_sum(&mut t);
+            t.double_value(&[0])
+        });
+        let root = init(Some(&env(0)), tch::Device::Cpu).unwrap();
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        root.all_reduce_sum(&mut t);
+        assert_eq!(t.double_value(&[0]), 3.0);
+        assert_eq!(leaf.join().unwrap(), 3.0);
+    }
+
+    #[test]
     fn ranks_that_disagree_on_a_value_are_told_so() {
         let group = tcp::tests::local_group(2);
         let out = tcp::tests::on_every_rank(&group, |rank, c| {
@@ -515,7 +603,7 @@ pub(crate) mod tests {
 
     #[test]
     fn one_process_needs_no_sockets() {
-        let c = init(None).unwrap();
+        let c = init(None, tch::Device::Cpu).unwrap();
         assert_eq!((c.rank(), c.world_size()), (0, 1));
         let mut g = vec![Tensor::from_slice(&[3.0f32])];
         average_gradients(c.as_ref(), &mut g);

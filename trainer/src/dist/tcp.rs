@@ -1,35 +1,53 @@
-//! A TCP [`Collective`] for CPU runs and tests: rank 0 listens on `MASTER_PORT`, every other
-//! rank connects to `MASTER_ADDR:MASTER_PORT`, and reductions go through rank 0 (a star).
+//! A TCP [`Collective`] for CPU runs and tests: the ranks meet at rank 0
+//! (`MASTER_ADDR:MASTER_PORT`, authenticated with the job's token), learn each other's
+//! addresses from it, and then run bandwidth-optimal ring algorithms (ring reduce-scatter +
+//! all-gather, chunked and pipelined: each rank sends ≈ 2·N·(W−1)/W bytes per all-reduce,
+//! whatever W). The first algorithm, a star through rank 0 (rank 0 moves 2·(W−1)·N bytes), is
+//! kept selectable ([`Algorithm::Star`]) as the benchmark's baseline.
 //!
 //! Hand-written on purpose: tch exposes no torch.distributed process group (gloo/MPI live
 //! behind libtorch's Python bindings), and the Rust MPI bindings need a system MPI plus an
-//! `mpirun` that pods do not have. The star costs O(world) bandwidth at rank 0, which is fine
-//! for the CPU smoke runs and tests this backend exists for; GPU runs use NCCL.
+//! `mpirun` that pods do not have. GPU runs use NCCL.
 //!
-//! Sums are taken on rank 0 in rank order and the result bytes are sent to everyone, so every
-//! rank ends with bitwise the same tensor (needed for replicas that stay identical).
-//!
-//! Wire format (little endian). Handshake, leaf → root: `DFLW`, u32 protocol version, u32
-//! rank, u32 world size, u32 length + session bytes (job/attempt, so a stale pod of an older
-//! attempt cannot join); root → leaf: u8 0 (accepted) or 1 plus a u32-length message. Each
-//! operation: a header (u8 op, u64 sequence number, u8 dtype code, u64 element count, u64
-//! payload bytes) followed by the payload. Leaves always send their header first so rank 0
-//! can detect ranks that issue different collectives instead of deadlocking.
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+//! Guarantees: every rank ends with bitwise the same result (each chunk is summed once and
+//! its bytes distributed); every operation starts with a header (op, sequence number, dtype,
+//! length) checked against the neighbour's, so ranks issuing different collectives fail with
+//! [`CollectiveError::Mismatch`] instead of deadlocking; a peer silent past the op timeout is
+//! an error naming it; after a failure every link is shut so the other ranks fail at once too.
+//! Wire formats: [`rendezvous`] (handshake), [`wire`] (headers and payloads).
+use std::io;
+use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tch::{Device, Tensor};
+use tch::{Kind, Tensor};
 
 use super::{Collective, CollectiveError};
 
+mod auth;
+mod rendezvous;
+mod ring;
+mod star;
+mod sum;
 mod wire;
 
+pub use auth::AuthKey;
+use rendezvous::{Links, Star};
 use wire::{
-    Header, MAGIC, OP_BROADCAST, OP_SUM, VERSION, bytes_of, code_of_kind, read_payload,
-    read_string, read_u32, store,
+    Header, OP_ALL_GATHER, OP_BARRIER, OP_BROADCAST, OP_REDUCE_SCATTER, OP_SUM, bytes_of,
+    code_of_kind, store,
 };
+
+/// How the collectives move data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Ring reduce-scatter / all-gather and a chain broadcast (the default).
+    #[default]
+    Ring,
+    /// Everything through rank 0 (the original backend; the benchmark's baseline).
+    Star,
+}
 
 /// How to form the group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,16 +58,13 @@ pub struct TcpConfig {
     pub master_port: u16,
     /// Identity of the run (job and attempt); ranks with a different one are refused.
     pub session: String,
+    /// The job's token (`DINOFLOW_PROGRESS_TOKEN`): handshakes carry an HMAC under it.
+    pub auth: AuthKey,
     /// How long ranks wait for each other at start (pods are scheduled at different times).
     pub rendezvous_timeout: Duration,
     /// How long one collective may wait for a peer before the run is declared hung.
     pub op_timeout: Duration,
-}
-
-enum Links {
-    /// Rank 0: a stream per other rank, index = rank - 1.
-    Root(Vec<TcpStream>),
-    Leaf(TcpStream),
+    pub algorithm: Algorithm,
 }
 
 struct State {
@@ -63,7 +78,9 @@ struct State {
 pub struct TcpCollective {
     rank: usize,
     world_size: usize,
+    algorithm: Algorithm,
     state: Mutex<State>,
+    sent: AtomicU64,
 }
 
 impl std::fmt::Debug for TcpCollective {
@@ -71,6 +88,7 @@ impl std::fmt::Debug for TcpCollective {
         f.debug_struct("TcpCollective")
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
+            .field("algorithm", &self.algorithm)
             .finish()
     }
 }
@@ -78,7 +96,8 @@ impl std::fmt::Debug for TcpCollective {
 impl TcpCollective {
     /// Forms the group: rank 0 binds `0.0.0.0:master_port` and waits for the others; the
     /// others connect to `master_addr:master_port`, retrying until the rendezvous timeout
-    /// (the rank-0 pod's DNS name may not resolve yet).
+    /// (the rank-0 pod's DNS name may not resolve yet). Every rank also listens on an
+    /// ephemeral port for its ring predecessor.
     pub fn rendezvous(cfg: &TcpConfig) -> Result<Self, CollectiveError> {
         if cfg.rank == 0 {
             let deadline = Instant::now() + cfg.rendezvous_timeout;
@@ -100,146 +119,170 @@ impl TcpCollective {
             };
             Self::serve(listener, cfg)
         } else {
-            Self::join(cfg)
+            Ok(Self::new(cfg, rendezvous::join(cfg)?))
         }
     }
 
     /// Rank 0 on an already bound listener (tests bind port 0).
     pub fn serve(listener: TcpListener, cfg: &TcpConfig) -> Result<Self, CollectiveError> {
-        let rdzv = |m: String| CollectiveError::Rendezvous(m);
-        let deadline = Instant::now() + cfg.rendezvous_timeout;
-        let mut peers: Vec<Option<TcpStream>> = (1..cfg.world_size).map(|_| None).collect();
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| rdzv(format!("listener: {e}")))?;
-        while peers.iter().any(Option::is_none) {
-            match listener.accept() {
-                Ok((stream, from)) => {
-                    if let Some((rank, stream)) = admit(stream, from, cfg, &peers)? {
-                        peers[rank - 1] = Some(stream);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<String> = peers
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, p)| p.is_none())
-                            .map(|(i, _)| (i + 1).to_string())
-                            .collect();
-                        return Err(rdzv(format!(
-                            "ranks {} did not join within {:?}; check that every pod of the gang is running and can reach rank 0 on MASTER_PORT={}",
-                            missing.join(", "),
-                            cfg.rendezvous_timeout,
-                            cfg.master_port
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(rdzv(format!("accept: {e}"))),
-            }
-        }
-        let peers: Vec<TcpStream> = peers.into_iter().flatten().collect();
-        for p in &peers {
-            p.set_read_timeout(Some(cfg.op_timeout))
-                .and_then(|()| p.set_write_timeout(Some(cfg.op_timeout)))
-                .map_err(|e| rdzv(format!("socket options: {e}")))?;
-        }
-        tracing::info!(world_size = cfg.world_size, "rank 0: every rank joined");
-        Ok(Self {
-            rank: 0,
-            world_size: cfg.world_size,
-            state: Mutex::new(State {
-                links: Links::Root(peers),
-                seq: 0,
-                poisoned: None,
-            }),
-        })
+        Ok(Self::new(cfg, rendezvous::serve(listener, cfg)?))
     }
 
-    fn join(cfg: &TcpConfig) -> Result<Self, CollectiveError> {
-        let deadline = Instant::now() + cfg.rendezvous_timeout;
-        let mut backoff = Duration::from_millis(100);
-        let mut logged = false;
-        let target = format!("{}:{}", cfg.master_addr, cfg.master_port);
-        let stream = loop {
-            match connect_once(&target) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if Instant::now() >= deadline {
-                        return Err(CollectiveError::Rendezvous(format!(
-                            "rank {} cannot reach rank 0 at MASTER_ADDR:MASTER_PORT={target} within {:?}: {e}",
-                            cfg.rank, cfg.rendezvous_timeout
-                        )));
-                    }
-                    if !logged {
-                        tracing::info!("waiting for rank 0 at {target}: {e}");
-                        logged = true;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        };
-        let rdzv = |m: String| CollectiveError::Rendezvous(format!("rank {}: {m}", cfg.rank));
-        let mut s = stream;
-        s.set_nodelay(true)
-            .and_then(|()| s.set_read_timeout(Some(cfg.rendezvous_timeout)))
-            .map_err(|e| rdzv(format!("socket options: {e}")))?;
-        let session = cfg.session.as_bytes();
-        let mut hello = Vec::with_capacity(20 + session.len());
-        hello.extend_from_slice(MAGIC);
-        for v in [
-            VERSION,
-            cfg.rank as u32,
-            cfg.world_size as u32,
-            session.len() as u32,
-        ] {
-            hello.extend_from_slice(&v.to_le_bytes());
-        }
-        hello.extend_from_slice(session);
-        s.write_all(&hello)
-            .map_err(|e| rdzv(format!("handshake: {e}")))?;
-        let mut status = [0u8; 1];
-        s.read_exact(&mut status)
-            .map_err(|e| rdzv(format!("handshake reply: {e}")))?;
-        if status[0] != 0 {
-            let msg = read_string(&mut s).unwrap_or_default();
-            return Err(rdzv(format!("rank 0 refused this rank: {msg}")));
-        }
-        s.set_read_timeout(Some(cfg.op_timeout))
-            .and_then(|()| s.set_write_timeout(Some(cfg.op_timeout)))
-            .map_err(|e| rdzv(format!("socket options: {e}")))?;
-        Ok(Self {
+    fn new(cfg: &TcpConfig, links: Links) -> Self {
+        Self {
             rank: cfg.rank,
             world_size: cfg.world_size,
+            algorithm: cfg.algorithm,
             state: Mutex::new(State {
-                links: Links::Leaf(s),
+                links,
                 seq: 0,
                 poisoned: None,
             }),
-        })
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes this rank has written to its links so far (headers and payloads), for tests
+    /// and the benchmark.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 
     /// Sums `t` over all ranks; every rank gets bitwise the same result.
     pub fn try_all_reduce_sum(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        self.op(OP_SUM, t)
+        self.op(OP_SUM, t.kind(), t.numel(), |links, mine, sent| {
+            match (self.algorithm, links) {
+                (Algorithm::Star, Links { star, .. }) => star_op(star, mine, t, sent),
+                (Algorithm::Ring, Links { ring: None, .. }) => Ok(()),
+                (Algorithm::Ring, Links { ring: Some(r), .. }) => {
+                    let mut buf = bytes_of(t);
+                    let chunks = ring::chunks(t.numel(), elt(t.kind()), self.world_size);
+                    self.ring(r, sent)
+                        .all_reduce(mine, &mut buf, &chunks, adder(t.kind())?)?;
+                    store(t, &buf);
+                    Ok(())
+                }
+            }
+        })
     }
 
     /// Replaces `t` on every rank by rank `0`'s `t`.
     pub fn try_broadcast_from_root(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        self.op(OP_BROADCAST, t)
+        self.op(OP_BROADCAST, t.kind(), t.numel(), |links, mine, sent| {
+            match (self.algorithm, links) {
+                (Algorithm::Star, Links { star, .. }) => star_op(star, mine, t, sent),
+                (Algorithm::Ring, Links { ring: None, .. }) => Ok(()),
+                (Algorithm::Ring, Links { ring: Some(r), .. }) => {
+                    let mut buf = bytes_of(t);
+                    self.ring(r, sent).broadcast(mine, &mut buf)?;
+                    if self.rank != 0 {
+                        store(t, &buf);
+                    }
+                    Ok(())
+                }
+            }
+        })
     }
 
-    fn op(&self, op: u8, t: &mut Tensor) -> Result<(), CollectiveError> {
+    /// [`Collective::reduce_scatter_sum`] with the error returned.
+    pub fn try_reduce_scatter_sum(&self, input: &Tensor) -> Result<Tensor, CollectiveError> {
+        let w = self.world_size;
+        let n = input.numel() / w;
+        assert_eq!(
+            n * w,
+            input.numel(),
+            "reduce_scatter_sum: length not a multiple of the world size"
+        );
+        if self.algorithm == Algorithm::Star {
+            // The baseline goes through a full all-reduce, as the trait's default does.
+            let mut full = input.flatten(0, -1).copy();
+            self.try_all_reduce_sum(&mut full)?;
+            return Ok(full.narrow(0, (self.rank * n) as i64, n as i64).copy());
+        }
+        let kind = input.kind();
+        self.op(OP_REDUCE_SCATTER, kind, input.numel(), |links, mine, sent| {
+            let mut buf = bytes_of(input);
+            let chunks = ring::equal_chunks(n * elt(kind), w);
+            if let Some(r) = &links.ring {
+                self.ring(r, sent)
+                    .reduce_scatter(mine, &mut buf, &chunks, adder(kind)?)?;
+            }
+            let mine = &buf[chunks[self.rank].clone()];
+            Ok(Tensor::from_data_size(mine, &[n as i64], kind).to_device(input.device()))
+        })
+    }
+
+    /// [`Collective::all_gather`] with the error returned.
+    pub fn try_all_gather(&self, shard: &Tensor) -> Result<Tensor, CollectiveError> {
+        let (w, n, kind) = (self.world_size, shard.numel(), shard.kind());
+        if self.algorithm == Algorithm::Star {
+            let mut full = Tensor::zeros([(w * n) as i64], (kind, shard.device()));
+            full.narrow(0, (self.rank * n) as i64, n as i64)
+                .copy_(&shard.flatten(0, -1));
+            self.try_all_reduce_sum(&mut full)?;
+            return Ok(full);
+        }
+        self.op(OP_ALL_GATHER, kind, n, |links, mine, sent| {
+            let chunks = ring::equal_chunks(n * elt(kind), w);
+            let mut buf = vec![0u8; n * elt(kind) * w];
+            buf[chunks[self.rank].clone()].copy_from_slice(&bytes_of(shard));
+            if let Some(r) = &links.ring {
+                self.ring(r, sent).all_gather(mine, &mut buf, &chunks)?;
+            }
+            Ok(Tensor::from_data_size(&buf, &[(w * n) as i64], kind).to_device(shard.device()))
+        })
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn try_barrier(&self) -> Result<(), CollectiveError> {
+        if self.algorithm == Algorithm::Star {
+            let mut t = Tensor::from_slice(&[0i64]);
+            return self.try_all_reduce_sum(&mut t);
+        }
+        self.op(OP_BARRIER, Kind::Uint8, 1, |links, mine, sent| {
+            // A one-byte all-gather: after W−1 steps every rank has heard from every rank.
+            if let Some(r) = &links.ring {
+                let mut buf = vec![0u8; self.world_size];
+                let chunks = ring::equal_chunks(1, self.world_size);
+                self.ring(r, sent).all_gather(mine, &mut buf, &chunks)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn ring<'a>(
+        &self,
+        (next, prev): &'a (TcpStream, TcpStream),
+        sent: &'a AtomicU64,
+    ) -> ring::Ring<'a> {
+        ring::Ring {
+            rank: self.rank,
+            world: self.world_size,
+            next,
+            prev,
+            sent,
+        }
+    }
+
+    /// Runs one operation under the lock: sequence number, header, poisoning on failure.
+    fn op<R>(
+        &self,
+        op: u8,
+        kind: Kind,
+        numel: usize,
+        f: impl FnOnce(&Links, Header, &AtomicU64) -> Result<R, CollectiveError>,
+    ) -> Result<R, CollectiveError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &state.poisoned {
             return Err(CollectiveError::Poisoned(why.clone()));
         }
-        let kind = t.kind();
         let code = code_of_kind(kind).ok_or(CollectiveError::UnsupportedKind(kind))?;
         state.seq += 1;
-        let numel = t.numel() as u64;
+        let numel = numel as u64;
         let mine = Header {
             op,
             seq: state.seq,
@@ -247,18 +290,11 @@ impl TcpCollective {
             numel,
             bytes: numel * kind.elt_size_in_bytes() as u64,
         };
-        let result = match &mut state.links {
-            Links::Root(peers) => root_op(peers, mine, t),
-            Links::Leaf(root) => leaf_op(root, mine, t),
-        };
+        let result = f(&state.links, mine, &self.sent);
         if let Err(e) = &result {
             state.poisoned = Some(e.to_string());
             // Wake the other ranks now rather than at their timeout: the run cannot go on.
-            let streams: Vec<&TcpStream> = match &state.links {
-                Links::Root(peers) => peers.iter().collect(),
-                Links::Leaf(root) => vec![root],
-            };
-            for s in streams {
+            for s in state.links.streams() {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
@@ -266,162 +302,32 @@ impl TcpCollective {
     }
 }
 
-fn connect_once(target: &str) -> io::Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = target.to_socket_addrs()?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+fn elt(kind: Kind) -> usize {
+    kind.elt_size_in_bytes()
 }
 
-fn refuse(mut s: TcpStream, why: &str) {
-    let mut msg = vec![1u8];
-    msg.extend_from_slice(&(why.len() as u32).to_le_bytes());
-    msg.extend_from_slice(why.as_bytes());
-    let _ = s.write_all(&msg);
+fn adder(kind: Kind) -> Result<sum::AddFn, CollectiveError> {
+    sum::adder_for(kind).ok_or(CollectiveError::UnsupportedKind(kind))
 }
 
-/// Reads a joining rank's handshake; `Ok(None)` when it was refused (the wait goes on for
-/// the right process).
-fn admit(
-    mut s: TcpStream,
-    from: SocketAddr,
-    cfg: &TcpConfig,
-    peers: &[Option<TcpStream>],
-) -> Result<Option<(usize, TcpStream)>, CollectiveError> {
-    let setup = s
-        .set_nonblocking(false)
-        .and_then(|()| s.set_nodelay(true))
-        .and_then(|()| s.set_read_timeout(Some(Duration::from_secs(10))));
-    if let Err(e) = setup {
-        tracing::warn!(%from, "ignoring a connection: {e}");
-        return Ok(None);
-    }
-    let mut magic = [0u8; 4];
-    let hello = s.read_exact(&mut magic).and_then(|()| {
-        let version = read_u32(&mut s)?;
-        let rank = read_u32(&mut s)?;
-        let world = read_u32(&mut s)?;
-        let session = read_string(&mut s)?;
-        Ok((version, rank as usize, world as usize, session))
-    });
-    let (version, rank, world, session) = match hello {
-        Ok(h) if &magic == MAGIC => h,
-        Ok(_) | Err(_) => {
-            tracing::warn!(%from, "ignoring a connection that is not a Dinoflow rank");
-            return Ok(None);
+fn star_op(
+    star: &Star,
+    mine: Header,
+    t: &mut Tensor,
+    sent: &AtomicU64,
+) -> Result<(), CollectiveError> {
+    // `&TcpStream` reads and writes: the lock in `op` serialises operations.
+    match star {
+        Star::Root(peers) => {
+            let mut peers: Vec<&TcpStream> = peers.iter().collect();
+            star::root_op(&mut peers, mine, t, sent)
         }
-    };
-    let why = if version != VERSION {
-        Some(format!(
-            "protocol version {version}, rank 0 speaks {VERSION}"
-        ))
-    } else if world != cfg.world_size {
-        Some(format!(
-            "WORLD_SIZE={world} but rank 0 has WORLD_SIZE={}",
-            cfg.world_size
-        ))
-    } else if session != cfg.session {
-        Some(format!(
-            "run {session:?} but rank 0 runs {:?} (a pod of another job or attempt)",
-            cfg.session
-        ))
-    } else if rank == 0 || rank >= cfg.world_size {
-        Some(format!("RANK={rank} is not in 1..{}", cfg.world_size))
-    } else if peers[rank - 1].is_some() {
-        Some(format!("RANK={rank} already joined"))
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        tracing::warn!(%from, "refusing a rank: {why}");
-        refuse(s, &why);
-        return Ok(None);
+        Star::Leaf(root) => star::leaf_op(&mut &*root, mine, t, sent),
     }
-    s.write_all(&[0u8])
-        .map_err(|e| CollectiveError::Rendezvous(format!("rank {rank}: {e}")))?;
-    tracing::debug!(rank, %from, "rank joined");
-    Ok(Some((rank, s)))
 }
 
 fn io_err(peer: usize, what: &'static str) -> impl Fn(io::Error) -> CollectiveError {
     move |source| CollectiveError::Io { peer, what, source }
-}
-
-fn root_op(peers: &mut [TcpStream], mine: Header, t: &mut Tensor) -> Result<(), CollectiveError> {
-    // Receive in rank order: the sum order, hence the result, is then fixed.
-    let mut acc = (mine.op == OP_SUM).then(|| t.detach().to_device(Device::Cpu).copy());
-    for (i, peer) in peers.iter_mut().enumerate() {
-        let rank = i + 1;
-        let theirs = Header::read(peer).map_err(io_err(rank, "receiving a header from"))?;
-        let expected_bytes = if mine.op == OP_SUM { mine.bytes } else { 0 };
-        if (
-            theirs.op,
-            theirs.seq,
-            theirs.kind,
-            theirs.numel,
-            theirs.bytes,
-        ) != (mine.op, mine.seq, mine.kind, mine.numel, expected_bytes)
-        {
-            return Err(CollectiveError::Mismatch {
-                rank,
-                theirs: theirs.describe(),
-                ours: mine.describe(),
-            });
-        }
-        if let Some(acc) = &mut acc {
-            let bytes = read_payload(peer, theirs.bytes).map_err(io_err(rank, "receiving from"))?;
-            let other = Tensor::from_data_size(&bytes, &t.size(), t.kind());
-            let _ = acc.g_add_(&other);
-        }
-    }
-    let out = match acc {
-        Some(acc) => {
-            let bytes = bytes_of(&acc);
-            store(t, &bytes);
-            bytes
-        }
-        None => bytes_of(t),
-    };
-    let reply = Header {
-        bytes: out.len() as u64,
-        ..mine
-    };
-    for (i, peer) in peers.iter_mut().enumerate() {
-        reply
-            .write(peer)
-            .and_then(|()| peer.write_all(&out))
-            .map_err(io_err(i + 1, "sending the result to"))?;
-    }
-    Ok(())
-}
-
-fn leaf_op(root: &mut TcpStream, mine: Header, t: &mut Tensor) -> Result<(), CollectiveError> {
-    if mine.op == OP_SUM {
-        let bytes = bytes_of(t);
-        mine.write(root)
-            .and_then(|()| root.write_all(&bytes))
-            .map_err(io_err(0, "sending to"))?;
-    } else {
-        Header { bytes: 0, ..mine }
-            .write(root)
-            .map_err(io_err(0, "sending to"))?;
-    }
-    let reply = Header::read(root).map_err(io_err(0, "receiving the result from"))?;
-    if (reply.op, reply.seq, reply.bytes) != (mine.op, mine.seq, mine.bytes) {
-        return Err(CollectiveError::Mismatch {
-            rank: 0,
-            theirs: reply.describe(),
-            ours: mine.describe(),
-        });
-    }
-    let bytes = read_payload(root, reply.bytes).map_err(io_err(0, "receiving the result from"))?;
-    store(t, &bytes);
-    Ok(())
 }
 
 impl Collective for TcpCollective {
@@ -444,14 +350,33 @@ impl Collective for TcpCollective {
             super::abort(self.rank, &e);
         }
     }
+
+    fn reduce_scatter_sum(&self, input: &Tensor) -> Tensor {
+        self.try_reduce_scatter_sum(input)
+            .unwrap_or_else(|e| super::abort(self.rank, &e))
+    }
+
+    fn all_gather(&self, shard: &Tensor) -> Tensor {
+        self.try_all_gather(shard)
+            .unwrap_or_else(|e| super::abort(self.rank, &e))
+    }
+
+    fn barrier(&self) {
+        if let Err(e) = self.try_barrier() {
+            super::abort(self.rank, &e);
+        }
+    }
 }
+
+#[cfg(test)]
+mod ring_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     fn config(world_size: usize, port: u16) -> TcpConfig {
         TcpConfig {
@@ -460,27 +385,42 @@ pub(crate) mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: port,
             session: "ml/tiny/0".into(),
+            auth: AuthKey::default(),
             rendezvous_timeout: Duration::from_secs(20),
             op_timeout: Duration::from_secs(20),
+            algorithm: Algorithm::Ring,
         }
     }
 
     /// A group of `world_size` ranks in threads of this process.
     pub(crate) fn local_group(world_size: usize) -> Vec<Arc<TcpCollective>> {
+        group_with(world_size, |_| {})
+    }
+
+    /// [`local_group`] with `tweak` applied to every rank's config.
+    pub(crate) fn group_with(
+        world_size: usize,
+        tweak: impl Fn(&mut TcpConfig) + Send + Sync + 'static,
+    ) -> Vec<Arc<TcpCollective>> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let tweak = Arc::new(tweak);
         let leaves: Vec<_> = (1..world_size)
             .map(|rank| {
+                let tweak = Arc::clone(&tweak);
                 std::thread::spawn(move || {
-                    TcpCollective::rendezvous(&TcpConfig {
+                    let mut cfg = TcpConfig {
                         rank,
                         ..config(world_size, port)
-                    })
-                    .unwrap()
+                    };
+                    tweak(&mut cfg);
+                    TcpCollective::rendezvous(&cfg).unwrap()
                 })
             })
             .collect();
-        let root = TcpCollective::serve(listener, &config(world_size, port)).unwrap();
+        let mut cfg = config(world_size, port);
+        tweak(&mut cfg);
+        let root = TcpCollective::serve(listener, &cfg).unwrap();
         let mut group = vec![Arc::new(root)];
         group.extend(leaves.into_iter().map(|h| Arc::new(h.join().unwrap())));
         group

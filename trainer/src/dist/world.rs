@@ -45,9 +45,10 @@ impl World {
     /// meets the other ranks; with none of them set, a world of one process.
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Lookup<F>) -> Result<Self, WorldError> {
         let dist = DistEnv::from_lookup(env)?;
-        let collective = init(dist.as_ref()).map_err(WorldError::Rendezvous)?;
         let local_rank = dist.as_ref().map_or(0, |d| d.local_rank);
-        Ok(Self::new(collective, local_rank, device_for(local_rank)))
+        let device = device_for(local_rank);
+        let collective = init(dist.as_ref(), device).map_err(WorldError::Rendezvous)?;
+        Ok(Self::new(collective, local_rank, device))
     }
 
     /// One process (rank 0 of 1) on the first GPU when there is one, else the CPU.

@@ -5,9 +5,15 @@ use std::io::{self, Read, Write};
 use tch::{Device, Kind, Tensor};
 
 pub(super) const MAGIC: &[u8; 4] = b"DFLW";
-pub(super) const VERSION: u32 = 1;
+/// First bytes of a ring link's handshake (one rank to its successor).
+pub(super) const RING_MAGIC: &[u8; 4] = b"DFLR";
+/// 2: authenticated rendezvous (challenge, HMAC), address exchange and ring links.
+pub(super) const VERSION: u32 = 2;
 pub(super) const OP_SUM: u8 = 1;
 pub(super) const OP_BROADCAST: u8 = 2;
+pub(super) const OP_REDUCE_SCATTER: u8 = 3;
+pub(super) const OP_ALL_GATHER: u8 = 4;
+pub(super) const OP_BARRIER: u8 = 5;
 /// Longest handshake message accepted (the session string).
 pub(super) const MAX_SESSION: u32 = 4096;
 
@@ -21,14 +27,20 @@ pub(super) struct Header {
 }
 
 impl Header {
-    pub(super) fn write(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut buf = [0u8; 26];
+    pub(super) const LEN: usize = 26;
+
+    pub(super) fn encode(&self) -> [u8; Self::LEN] {
+        let mut buf = [0u8; Self::LEN];
         buf[0] = self.op;
         buf[1..9].copy_from_slice(&self.seq.to_le_bytes());
         buf[9] = self.kind;
         buf[10..18].copy_from_slice(&self.numel.to_le_bytes());
         buf[18..26].copy_from_slice(&self.bytes.to_le_bytes());
-        w.write_all(&buf)
+        buf
+    }
+
+    pub(super) fn write(&self, w: &mut impl Write) -> io::Result<()> {
+        w.write_all(&self.encode())
     }
 
     pub(super) fn read(r: &mut impl Read) -> io::Result<Self> {
@@ -48,6 +60,9 @@ impl Header {
         let op = match self.op {
             OP_SUM => "all_reduce_sum",
             OP_BROADCAST => "broadcast",
+            OP_REDUCE_SCATTER => "reduce_scatter_sum",
+            OP_ALL_GATHER => "all_gather",
+            OP_BARRIER => "barrier",
             _ => "unknown op",
         };
         let kind = kind_of_code(self.kind).map_or_else(|| "?".to_string(), |k| format!("{k:?}"));
@@ -108,4 +123,12 @@ pub(super) fn read_string(r: &mut impl Read) -> io::Result<String> {
     let len = read_u32(r)?.min(MAX_SESSION);
     let bytes = read_payload(r, u64::from(len))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A u32 length and the string's bytes (the reader is [`read_string`]).
+pub(super) fn string_bytes(s: &str) -> Vec<u8> {
+    let bytes = &s.as_bytes()[..s.len().min(MAX_SESSION as usize)];
+    let mut out = (bytes.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use dinoflow_api::TrainingConfig;
-use dinoflow_api::training::{Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule};
+use dinoflow_api::training::{
+    Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule, ShardingStrategy,
+};
 
 use crate::checkpoint::manifest::hash_bytes;
 use crate::data::augment::{ColorJitterConfig, CropExtras};
@@ -14,6 +16,7 @@ use crate::masking::MaskCollateConfig;
 use crate::meta_arch::MetaArchConfig;
 use crate::model::{DinoHeadConfig, FfnLayer, VitConfig};
 use crate::optim::{AdamWConfig, LrScalingRule, ParamGroupConfig, SchedulesConfig, scaled_lr};
+use crate::parallel::{ModuleParallel, ParallelConfig, Sharding};
 use crate::precision::LossScalerConfig;
 use crate::precision::Precision;
 
@@ -175,8 +178,49 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
             Dtype::Bf16 => Precision::Bf16,
             Dtype::Fp16 => Precision::Fp16,
         },
+        parallel: parallel_config(t)?,
         student,
     })
+}
+
+/// The student's sharding, reduce dtypes and unit granularity (`training.sharding.student`,
+/// `training.precision.student.*.reduceDtype`, `training.model.blockChunks`). `FULL_SHARD` is
+/// refused by the CRD's rules already; this repeats the refusal for files given directly.
+pub fn parallel_config(t: &TrainingConfig) -> Result<ParallelConfig, MappingError> {
+    let (s, p) = (&t.sharding.student, &t.precision.student);
+    let module = |field: &'static str, sharding: ShardingStrategy, reduce: Dtype| {
+        let sharding = match sharding {
+            ShardingStrategy::NoShard => Sharding::NoShard,
+            ShardingStrategy::ShardGradOp => Sharding::ShardGradOp,
+            ShardingStrategy::FullShard => {
+                return Err(MappingError {
+                    field,
+                    message: FULL_SHARD_REFUSAL.into(),
+                });
+            }
+        };
+        Ok(ModuleParallel {
+            sharding,
+            reduce_kind: kind_of(reduce),
+        })
+    };
+    Ok(ParallelConfig {
+        backbone: module("sharding.student.backbone", s.backbone, p.backbone.reduce_dtype)?,
+        dino_head: module("sharding.student.dinoHead", s.dino_head, p.dino_head.reduce_dtype)?,
+        ibot_head: module("sharding.student.ibotHead", s.ibot_head, p.ibot_head.reduce_dtype)?,
+        block_chunks: t.model.block_chunks,
+    })
+}
+
+/// Why `FULL_SHARD` is refused (the CRD rule's message says the same).
+pub const FULL_SHARD_REFUSAL: &str = dinoflow_api::training::FULL_SHARD_REFUSAL;
+
+fn kind_of(d: Dtype) -> tch::Kind {
+    match d {
+        Dtype::Fp32 => tch::Kind::Float,
+        Dtype::Fp16 => tch::Kind::Half,
+        Dtype::Bf16 => tch::Kind::BFloat16,
+    }
 }
 
 /// Training FLOPs per image of one step, for the MFU estimate.

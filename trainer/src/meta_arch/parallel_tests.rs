@@ -1,0 +1,191 @@
+//! Sharded against replicated training on CPU over TCP: the same global batch split over W
+//! ranks gives W=1's losses and weights, and SHARD_GRAD_OP holds 1/W of the gradient and
+//! optimizer state.
+
+use std::sync::{Arc, Mutex};
+
+use tch::{Device, Kind, Tensor};
+
+use super::test_support::{tiny_config, values};
+use super::{MetaArch, MetaArchConfig, SslBatch, TargetSource};
+use crate::dist::tcp::tests::{local_group, on_every_rank};
+use crate::dist::{Collective, Single};
+use crate::parallel::{ModuleParallel, MemoryBytes, ParallelConfig, Sharding};
+
+const GLOBAL_BATCH: i64 = 4;
+const ITERATIONS: usize = 6;
+/// Largest |difference| allowed between W=1 and W>1 (fp32): losses, and every final student
+/// and teacher weight. Measured: see `sharded_and_replicated_runs_match_a_single_rank`.
+const LOSS_TOL: f64 = 1e-5;
+const WEIGHT_TOL: f64 = 1e-5;
+
+/// Serialises model construction: the initial weights come from torch's global generator.
+static INIT: Mutex<()> = Mutex::new(());
+
+fn config(parallel: ParallelConfig) -> MetaArchConfig {
+    let mut cfg = tiny_config();
+    // Stochastic depth draws per sample from the global generator, and KoLeo is a per-rank
+    // quantity by definition (nearest neighbours within the rank's own batch, as in the
+    // reference), so neither can be compared across world sizes.
+    cfg.student.drop_path_rate = 0.0;
+    cfg.koleo_loss_weight = 0.0;
+    cfg.parallel = parallel;
+    cfg
+}
+
+fn layout(sharding: Sharding, block_chunks: u32) -> ParallelConfig {
+    let m = ModuleParallel {
+        sharding,
+        reduce_kind: Kind::Float,
+    };
+    ParallelConfig {
+        backbone: m,
+        dino_head: m,
+        ibot_head: m,
+        block_chunks,
+    }
+}
+
+/// Images `[lo, lo + n)` of the fixed global batch of iteration `it`, collated.
+fn batch(it: usize, lo: i64, n: i64) -> SslBatch {
+    let opts = (Kind::Float, Device::Cpu);
+    let data = {
+        let _g = INIT.lock().unwrap();
+        tch::manual_seed(1000 + it as i64);
+        (
+            Tensor::randn([2, GLOBAL_BATCH, 3, 56, 56], opts),
+            Tensor::randn([2, GLOBAL_BATCH, 3, 28, 28], opts),
+            Tensor::rand([2, GLOBAL_BATCH, 16], opts).lt(0.3),
+        )
+    };
+    let (g, l, m) = data;
+    let masks = m.narrow(1, lo, n).reshape([2 * n, 16]);
+    let indices = masks.flatten(0, -1).nonzero().squeeze_dim(1);
+    let count = masks.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
+    let weight = count.reciprocal().unsqueeze(-1).expand([2 * n, 16], false);
+    let masks_weight = weight.masked_select(&masks);
+    let k = indices.size()[0];
+    SslBatch {
+        global_crops: g.narrow(1, lo, n).reshape([2 * n, 3, 56, 56]),
+        local_crops: l.narrow(1, lo, n).reshape([2 * n, 3, 28, 28]),
+        masks,
+        mask_indices_list: indices,
+        masks_weight,
+        n_masked_patches: k,
+        upperbound: k + 5,
+    }
+}
+
+struct Run {
+    /// Objective per iteration (mean over ranks, as logged).
+    losses: Vec<f64>,
+    /// Final student and teacher variables.
+    weights: Vec<(String, Tensor)>,
+    memory: MemoryBytes,
+}
+
+fn train(cfg: MetaArchConfig, collective: &dyn Collective) -> Run {
+    let (rank, world) = (collective.rank(), collective.world_size() as i64);
+    let mut arch = {
+        let _g = INIT.lock().unwrap();
+        tch::manual_seed(0);
+        MetaArch::new(cfg, Device::Cpu).unwrap()
+    };
+    let per_rank = GLOBAL_BATCH / world;
+    let mut losses = Vec::new();
+    for it in 0..ITERATIONS {
+        let b = batch(it, rank as i64 * per_rank, per_rank);
+        let out = arch
+            .train_step(&b, &values(), collective, TargetSource::Ema)
+            .unwrap();
+        losses.push(out.read(collective).losses.objective);
+    }
+    let mut weights = Vec::new();
+    for (group, vs) in [("student", &arch.student.vs), ("teacher", &arch.teacher.vs)] {
+        for (k, v) in vs.variables() {
+            weights.push((format!("{group}.{k}"), v.detach().copy()));
+        }
+    }
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    Run {
+        losses,
+        weights,
+        memory: arch.memory_bytes(),
+    }
+}
+
+fn train_on(world: usize, cfg: MetaArchConfig) -> Vec<Run> {
+    let group = local_group(world);
+    let cfg = Arc::new(cfg);
+    on_every_rank(&group, move |_, c| train((*cfg).clone(), c))
+}
+
+fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((ka, ta), (kb, tb))| {
+            assert_eq!(ka, kb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn sharded_and_replicated_runs_match_a_single_rank() {
+    tch::set_num_threads(1);
+    let reference = train(config(layout(Sharding::NoShard, 0)), &Single);
+    assert!(reference.losses.iter().all(|l| l.is_finite()));
+    let cases = [
+        ("NO_SHARD", layout(Sharding::NoShard, 0)),
+        ("SHARD_GRAD_OP", layout(Sharding::ShardGradOp, 0)),
+        ("SHARD_GRAD_OP, blockChunks 2", layout(Sharding::ShardGradOp, 2)),
+        ("SHARD_GRAD_OP backbone, NO_SHARD heads", {
+            let mut p = layout(Sharding::ShardGradOp, 1);
+            p.dino_head.sharding = Sharding::NoShard;
+            p
+        }),
+    ];
+    for world in [2usize, 4] {
+        for (name, parallel) in &cases {
+            let runs = train_on(world, config(*parallel));
+            let loss_diff = runs[0]
+                .losses
+                .iter()
+                .zip(&reference.losses)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            let weight_diff = max_diff(&runs[0].weights, &reference.weights);
+            eprintln!("W={world} {name}: max |Δloss| {loss_diff:.3e}, max |Δweight| {weight_diff:.3e}");
+            assert!(loss_diff <= LOSS_TOL, "W={world} {name}: losses differ by {loss_diff}");
+            assert!(weight_diff <= WEIGHT_TOL, "W={world} {name}: weights differ by {weight_diff}");
+            for (r, run) in runs.iter().enumerate().skip(1) {
+                assert_eq!(run.losses, runs[0].losses, "W={world} {name}: rank {r}'s losses");
+                assert_eq!(max_diff(&run.weights, &runs[0].weights), 0.0, "W={world} {name}: rank {r}'s replica");
+            }
+        }
+    }
+}
+
+#[test]
+fn shard_grad_op_holds_a_quarter_of_the_gradient_and_optimizer_state_at_four_ranks() {
+    tch::set_num_threads(1);
+    let replicated = train_on(4, config(layout(Sharding::NoShard, 0)));
+    let sharded = train_on(4, config(layout(Sharding::ShardGradOp, 2)));
+    let full = replicated[0].memory.total();
+    assert!(full > 0);
+    for (r, run) in sharded.iter().enumerate() {
+        let mine = run.memory.total() as f64;
+        eprintln!(
+            "rank {r}: SHARD_GRAD_OP {} B ({} grad + {} optimizer) vs NO_SHARD {full} B: {:.4}",
+            run.memory.total(),
+            run.memory.gradients,
+            run.memory.optimizer_state,
+            mine / full as f64
+        );
+        assert!(mine <= full as f64 / 4.0 * 1.05, "rank {r}: {mine} B vs {full} B replicated");
+    }
+    for run in &replicated {
+        assert_eq!(run.memory.total(), full, "every replica holds everything");
+    }
+}

@@ -178,6 +178,7 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
             Dtype::Bf16 => Precision::Bf16,
             Dtype::Fp16 => Precision::Fp16,
         },
+        grad_scaler: t.precision.grad_scaler,
         parallel: parallel_config(t)?,
         student,
     })
@@ -391,6 +392,49 @@ mod tests {
                 backoff_factor: 0.125,
                 growth_interval: 7,
             }
+        );
+    }
+
+    #[test]
+    fn sharding_reduce_dtypes_block_chunks_and_grad_scaler_reach_the_meta_arch() {
+        use dinoflow_api::training::ShardingStrategy as S;
+        let mut t = TrainingConfig::default();
+        t.model.block_chunks = 4;
+        t.sharding.student.dino_head = S::NoShard;
+        t.precision.student.ibot_head.reduce_dtype = Dtype::Bf16;
+        t.precision.grad_scaler = false;
+        let arch = meta_arch_config(&t).unwrap();
+        let p = arch.parallel;
+        assert_eq!(p.block_chunks, 4);
+        assert_eq!(
+            (p.backbone.sharding, p.dino_head.sharding, p.ibot_head.sharding),
+            (Sharding::ShardGradOp, Sharding::NoShard, Sharding::ShardGradOp)
+        );
+        // Official reduce dtypes: fp16 backbone, fp32 heads.
+        assert_eq!(
+            (p.backbone.reduce_kind, p.dino_head.reduce_kind, p.ibot_head.reduce_kind),
+            (tch::Kind::Half, tch::Kind::Float, tch::Kind::BFloat16)
+        );
+        assert!(!arch.grad_scaler);
+        t.precision.grad_scaler = true;
+        assert!(meta_arch_config(&t).unwrap().grad_scaler);
+    }
+
+    #[test]
+    fn full_shard_is_refused_naming_the_field_and_the_alternative() {
+        use dinoflow_api::training::ShardingStrategy as S;
+        let mut t = TrainingConfig::default();
+        t.sharding.student.dino_head = S::FullShard;
+        let err = meta_arch_config(&t).unwrap_err().to_string();
+        assert!(
+            err.starts_with("training.sharding.student.dinoHead: FULL_SHARD is not supported")
+                && err.contains("autograd hooks"),
+            "{err}"
+        );
+        let violations = dinoflow_api::training::rules::check(&t);
+        assert!(
+            violations.iter().any(|v| v.field == "sharding" && v.message.contains("use SHARD_GRAD_OP")),
+            "{violations:?}"
         );
     }
 

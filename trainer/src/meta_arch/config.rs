@@ -37,6 +37,9 @@ pub struct MetaArchConfig {
     /// `precision.lossScale`: the fp16 loss scaler's settings (used only in fp16).
     pub loss_scaler: LossScalerConfig,
     pub precision: Precision,
+    /// `precision.gradScaler`: dynamic loss scaling in every precision (the official
+    /// `ShardedGradScaler` when `compute_precision.grad_scaler`); fp16 always scales.
+    pub grad_scaler: bool,
     /// Sharding, reduce dtypes and flat-unit granularity of the student
     /// (`training.sharding.student`, the student `reduceDtype`s, `model.blockChunks`).
     pub parallel: ParallelConfig,
@@ -62,6 +65,7 @@ impl MetaArchConfig {
             adamw: AdamWConfig::default(),
             loss_scaler: LossScalerConfig::default(),
             precision: Precision::Fp32,
+            grad_scaler: false,
             parallel: ParallelConfig::default(),
         }
     }

@@ -121,9 +121,7 @@ impl MetaArch {
             }
         }
         let optimizer = AdamW::new(config.adamw, params)?;
-        let loss_scaler = config
-            .precision
-            .needs_loss_scaling()
+        let loss_scaler = (config.precision.needs_loss_scaling() || config.grad_scaler)
             .then(|| DynamicLossScaler::new(config.loss_scaler))
             .transpose()?;
         Ok(Self {

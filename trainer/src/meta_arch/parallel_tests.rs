@@ -14,10 +14,12 @@ use crate::parallel::{ModuleParallel, MemoryBytes, ParallelConfig, Sharding};
 
 const GLOBAL_BATCH: i64 = 4;
 const ITERATIONS: usize = 6;
-/// Largest |difference| allowed between W=1 and W>1 (fp32): losses, and every final student
-/// and teacher weight. Measured: see `sharded_and_replicated_runs_match_a_single_rank`.
-const LOSS_TOL: f64 = 1e-5;
-const WEIGHT_TOL: f64 = 1e-5;
+/// Largest |difference| allowed between W=1 and W>1 (fp32): the objective at every iteration,
+/// and every final student and teacher weight. Measured (6 iterations, W=2 and 4, every
+/// layout below): losses within 5.6e-7, weights within 1.2e-7 (one fp32 ulp near 1; sums
+/// over ranks and the sharded global norm round differently). The bounds leave ~4x margin.
+const LOSS_TOL: f64 = 2e-6;
+const WEIGHT_TOL: f64 = 5e-7;
 
 /// Serialises model construction: the initial weights come from torch's global generator.
 static INIT: Mutex<()> = Mutex::new(());

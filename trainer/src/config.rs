@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use dinoflow_api::TrainingConfig;
-use dinoflow_api::training::{Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule};
+use dinoflow_api::training::{
+    Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule, ShardingStrategy,
+};
 
 use crate::checkpoint::manifest::hash_bytes;
 use crate::data::augment::{ColorJitterConfig, CropExtras};
@@ -14,6 +16,7 @@ use crate::masking::MaskCollateConfig;
 use crate::meta_arch::MetaArchConfig;
 use crate::model::{DinoHeadConfig, FfnLayer, VitConfig};
 use crate::optim::{AdamWConfig, LrScalingRule, ParamGroupConfig, SchedulesConfig, scaled_lr};
+use crate::parallel::{ModuleParallel, ParallelConfig, Sharding};
 use crate::precision::LossScalerConfig;
 use crate::precision::Precision;
 
@@ -175,8 +178,50 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
             Dtype::Bf16 => Precision::Bf16,
             Dtype::Fp16 => Precision::Fp16,
         },
+        grad_scaler: t.precision.grad_scaler,
+        parallel: parallel_config(t)?,
         student,
     })
+}
+
+/// The student's sharding, reduce dtypes and unit granularity (`training.sharding.student`,
+/// `training.precision.student.*.reduceDtype`, `training.model.blockChunks`). `FULL_SHARD` is
+/// refused by the CRD's rules already; this repeats the refusal for files given directly.
+pub fn parallel_config(t: &TrainingConfig) -> Result<ParallelConfig, MappingError> {
+    let (s, p) = (&t.sharding.student, &t.precision.student);
+    let module = |field: &'static str, sharding: ShardingStrategy, reduce: Dtype| {
+        let sharding = match sharding {
+            ShardingStrategy::NoShard => Sharding::NoShard,
+            ShardingStrategy::ShardGradOp => Sharding::ShardGradOp,
+            ShardingStrategy::FullShard => {
+                return Err(MappingError {
+                    field,
+                    message: FULL_SHARD_REFUSAL.into(),
+                });
+            }
+        };
+        Ok(ModuleParallel {
+            sharding,
+            reduce_kind: kind_of(reduce),
+        })
+    };
+    Ok(ParallelConfig {
+        backbone: module("sharding.student.backbone", s.backbone, p.backbone.reduce_dtype)?,
+        dino_head: module("sharding.student.dinoHead", s.dino_head, p.dino_head.reduce_dtype)?,
+        ibot_head: module("sharding.student.ibotHead", s.ibot_head, p.ibot_head.reduce_dtype)?,
+        block_chunks: t.model.block_chunks,
+    })
+}
+
+/// Why `FULL_SHARD` is refused (the CRD rule's message says the same).
+pub const FULL_SHARD_REFUSAL: &str = dinoflow_api::training::FULL_SHARD_REFUSAL;
+
+fn kind_of(d: Dtype) -> tch::Kind {
+    match d {
+        Dtype::Fp32 => tch::Kind::Float,
+        Dtype::Fp16 => tch::Kind::Half,
+        Dtype::Bf16 => tch::Kind::BFloat16,
+    }
 }
 
 /// Training FLOPs per image of one step, for the MFU estimate.
@@ -347,6 +392,49 @@ mod tests {
                 backoff_factor: 0.125,
                 growth_interval: 7,
             }
+        );
+    }
+
+    #[test]
+    fn sharding_reduce_dtypes_block_chunks_and_grad_scaler_reach_the_meta_arch() {
+        use dinoflow_api::training::ShardingStrategy as S;
+        let mut t = TrainingConfig::default();
+        t.model.block_chunks = 4;
+        t.sharding.student.dino_head = S::NoShard;
+        t.precision.student.ibot_head.reduce_dtype = Dtype::Bf16;
+        t.precision.grad_scaler = false;
+        let arch = meta_arch_config(&t).unwrap();
+        let p = arch.parallel;
+        assert_eq!(p.block_chunks, 4);
+        assert_eq!(
+            (p.backbone.sharding, p.dino_head.sharding, p.ibot_head.sharding),
+            (Sharding::ShardGradOp, Sharding::NoShard, Sharding::ShardGradOp)
+        );
+        // Official reduce dtypes: fp16 backbone, fp32 heads.
+        assert_eq!(
+            (p.backbone.reduce_kind, p.dino_head.reduce_kind, p.ibot_head.reduce_kind),
+            (tch::Kind::Half, tch::Kind::Float, tch::Kind::BFloat16)
+        );
+        assert!(!arch.grad_scaler);
+        t.precision.grad_scaler = true;
+        assert!(meta_arch_config(&t).unwrap().grad_scaler);
+    }
+
+    #[test]
+    fn full_shard_is_refused_naming_the_field_and_the_alternative() {
+        use dinoflow_api::training::ShardingStrategy as S;
+        let mut t = TrainingConfig::default();
+        t.sharding.student.dino_head = S::FullShard;
+        let err = meta_arch_config(&t).unwrap_err().to_string();
+        assert!(
+            err.starts_with("training.sharding.student.dinoHead: FULL_SHARD is not supported")
+                && err.contains("autograd hooks"),
+            "{err}"
+        );
+        let violations = dinoflow_api::training::rules::check(&t);
+        assert!(
+            violations.iter().any(|v| v.field == "sharding" && v.message.contains("use SHARD_GRAD_OP")),
+            "{violations:?}"
         );
     }
 

@@ -21,6 +21,7 @@ pub mod meta_arch;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod precision;
 pub mod pretrain;
 pub mod progress_client;

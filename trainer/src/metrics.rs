@@ -123,6 +123,9 @@ pub struct TrainerMetrics {
     /// [`set_mfu`](Self::set_mfu) is called: unknown peak FLOP/s means no estimate.
     pub mfu: GaugeVec,
     pub memory_bytes: Gauge,
+    /// Gradient and optimizer-state bytes this rank holds, by `kind` (`gradients`,
+    /// `optimizer_state`): what `training.sharding` divides by the world size.
+    pub training_state_bytes: GaugeVec,
     pub checkpoint_age_seconds: Gauge,
     pub checkpoint_iteration: IntGauge,
     /// A vector without labels so that it is absent until the first checkpoint is written.
@@ -214,6 +217,13 @@ impl TrainerMetrics {
                 "memory_bytes",
                 "Resident memory of the trainer process",
             ))?,
+            training_state_bytes: GaugeVec::new(
+                opts(
+                    "training_state_bytes",
+                    "Gradient and optimizer-state bytes this rank holds (sharded or replicated), by kind",
+                ),
+                &["kind"],
+            )?,
             checkpoint_age_seconds: Gauge::with_opts(opts(
                 "checkpoint_age_seconds",
                 "Seconds since the last checkpoint was written (since start if none)",
@@ -285,6 +295,7 @@ impl TrainerMetrics {
             Box::new(self.compute_seconds_total.clone()),
             Box::new(self.mfu.clone()),
             Box::new(self.memory_bytes.clone()),
+            Box::new(self.training_state_bytes.clone()),
             Box::new(self.checkpoint_age_seconds.clone()),
             Box::new(self.checkpoint_iteration.clone()),
             Box::new(self.last_checkpoint_timestamp_seconds.clone()),
@@ -318,6 +329,18 @@ impl TrainerMetrics {
     /// Sets the MFU estimate (the series exists from then on).
     pub fn set_mfu(&self, mfu: f64) {
         self.mfu.with_label_values::<&str>(&[]).set(mfu);
+    }
+
+    /// Sets the gradient and optimizer-state gauges.
+    pub fn set_training_state_bytes(&self, bytes: crate::parallel::MemoryBytes) {
+        for (kind, v) in [
+            ("gradients", bytes.gradients),
+            ("optimizer_state", bytes.optimizer_state),
+        ] {
+            self.training_state_bytes
+                .with_label_values(&[kind])
+                .set(v as f64);
+        }
     }
 
     /// Raises the skipped-images counter to the loader's running total.

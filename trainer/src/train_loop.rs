@@ -72,6 +72,11 @@ pub trait Trainable {
     fn eval_inputs(&self) -> Option<(&EvalInputs, Kind)> {
         None
     }
+    /// Gradient and optimizer-state bytes this rank holds (`training.sharding` decides how
+    /// many); None for a model that does not account for them.
+    fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
+        None
+    }
 }
 
 /// The data side. The batch of iteration `i` must be a function of (seed, rank, i) so that
@@ -253,6 +258,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         let mut progress = Progress::new(self.settings.log_every, total);
         let mut last_checkpoint = Instant::now();
         let mut last_finite: Option<(u64, LossTerms)> = None;
+        let mut reported_state_bytes = false;
         if self.settings.eval_at_start && start == 0 {
             self.evaluate(0)?;
         }
@@ -286,6 +292,19 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             // gone through the update by then; nothing of it is logged or checkpointed, as the
             // run stops here (exit 79).
             let losses = self.model.read_losses(&pending);
+            if let Some(bytes) = self.model.state_bytes() {
+                self.metrics.set_training_state_bytes(bytes);
+                if !reported_state_bytes {
+                    // After the first step every moment exists: the steady-state figure.
+                    tracing::info!(
+                        "this rank holds {} B of gradients and {} B of optimizer state ({:.1} MiB together)",
+                        bytes.gradients,
+                        bytes.optimizer_state,
+                        bytes.total() as f64 / (1024.0 * 1024.0)
+                    );
+                    reported_state_bytes = true;
+                }
+            }
             if losses.iter().any(|(_, v)| !v.is_finite()) {
                 let (last_iteration, last) = last_finite.unwrap_or((iteration, Vec::new()));
                 let err = LoopError::NonFiniteLoss {

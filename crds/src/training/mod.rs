@@ -14,6 +14,7 @@ mod model;
 mod optim;
 mod precision;
 pub mod rules;
+pub use rules::FULL_SHARD_REFUSAL;
 pub mod schema;
 mod teacher;
 mod train;

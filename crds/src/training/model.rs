@@ -87,8 +87,9 @@ pub struct ModelConfig {
     pub pretrained_weights: String,
     /// Feed-forward block type (official `student.ffn_layer`).
     pub ffn_layer: FfnLayer,
-    /// Blocks are grouped into this many chunks for FSDP wrapping (official
-    /// `student.block_chunks`); 0 means no chunking.
+    /// Blocks are grouped into chunks of `depth / blockChunks` consecutive blocks, each one
+    /// sharding unit (official `student.block_chunks`: one FSDP unit per `BlockChunk`); 0
+    /// means no chunking: the whole backbone is one unit. At most the depth.
     pub block_chunks: u32,
     /// Bias in the attention qkv projection (official `student.qkv_bias`).
     pub qkv_bias: bool,

@@ -25,11 +25,14 @@ macro_rules! mixed_precision {
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
         #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
         pub struct $name {
-            /// Dtype of parameters during forward/backward (official `param_dtype`).
+            /// Dtype of parameters during forward/backward (official `param_dtype`). The
+            /// trainer computes the whole step in one dtype, so all six modules must agree.
             pub param_dtype: Dtype,
-            /// Dtype of gradient reduction across ranks (official `reduce_dtype`).
+            /// Dtype gradients are communicated in across ranks (official `reduce_dtype`),
+            /// accumulated back into fp32. The teacher has no gradients, so on a teacher
+            /// module it has no effect (as in the official FSDP wrapping).
             pub reduce_dtype: Dtype,
-            /// Dtype of buffers (official `buffer_dtype`).
+            /// Dtype of buffers (official `buffer_dtype`); must be fp32.
             pub buffer_dtype: Dtype,
         }
 
@@ -177,7 +180,8 @@ impl PrecisionConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ShardingStrategy {
-    /// Shard parameters, gradients and optimiser state.
+    /// Shard parameters, gradients and optimiser state. Refused: re-gathering parameters
+    /// inside backward needs autograd hooks libtorch's Rust binding lacks; use SHARD_GRAD_OP.
     FullShard,
     /// Shard gradients and optimiser state; parameters stay gathered between forward and backward.
     ShardGradOp,
@@ -185,7 +189,11 @@ pub enum ShardingStrategy {
     NoShard,
 }
 
-/// Sharding strategy of each module of one network.
+/// Sharding strategy of each module of one network. A student module's units (the backbone,
+/// or its `model.blockChunks` chunks, and each head) are reduce-scattered and their AdamW
+/// state kept per rank under SHARD_GRAD_OP, all-reduced and replicated under NO_SHARD. The
+/// teacher has neither gradients nor optimiser state: under both strategies every rank keeps a
+/// full copy, updated by the EMA locally.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModuleSharding {

@@ -9,7 +9,36 @@
 use schemars::Schema;
 
 use super::schema::{eff, has};
-use super::{Arch, Dtype, TrainingConfig};
+use super::{Arch, Dtype, ShardingStrategy, TrainingConfig};
+
+/// The six modules of `precision` and `sharding`, as YAML paths below them.
+const MODULES: [&str; 6] = [
+    "student.backbone",
+    "student.dinoHead",
+    "student.ibotHead",
+    "teacher.backbone",
+    "teacher.dinoHead",
+    "teacher.ibotHead",
+];
+
+/// Why `FULL_SHARD` is refused (the trainer's own check says the same).
+pub const FULL_SHARD_REFUSAL: &str = "FULL_SHARD is not supported: it frees each unit's parameters between uses and re-gathers them inside backward, which needs autograd hooks libtorch's Rust binding does not have (SHARD_GRAD_OP shards the gradients and AdamW state, the bulk of the memory, and keeps parameters gathered)";
+
+/// (param, reduce, buffer) dtype of the six modules, in [`MODULES`] order.
+fn module_dtypes(c: &TrainingConfig, pick: fn((Dtype, Dtype, Dtype)) -> Dtype) -> Vec<Dtype> {
+    let (s, t) = (&c.precision.student, &c.precision.teacher);
+    [
+        (s.backbone.param_dtype, s.backbone.reduce_dtype, s.backbone.buffer_dtype),
+        (s.dino_head.param_dtype, s.dino_head.reduce_dtype, s.dino_head.buffer_dtype),
+        (s.ibot_head.param_dtype, s.ibot_head.reduce_dtype, s.ibot_head.buffer_dtype),
+        (t.backbone.param_dtype, t.backbone.reduce_dtype, t.backbone.buffer_dtype),
+        (t.dino_head.param_dtype, t.dino_head.reduce_dtype, t.dino_head.buffer_dtype),
+        (t.ibot_head.param_dtype, t.ibot_head.reduce_dtype, t.ibot_head.buffer_dtype),
+    ]
+    .into_iter()
+    .map(pick)
+    .collect()
+}
 
 /// One rule.
 pub struct Rule {
@@ -640,6 +669,64 @@ pub fn rules() -> Vec<Rule> {
             fix: "use the torch default 2000",
             cel: || format!("{} >= 1", eff("precision.lossScale.growthInterval")),
             check: |c| (c.precision.loss_scale.growth_interval < 1).then(|| "0".into()),
+        },
+        Rule {
+            field: "precision",
+            constraint: "every paramDtype must be the same: the trainer runs the whole step (student and teacher, backbone and heads) in one compute dtype",
+            fix: "set all six paramDtypes to one of fp32, bf16 or fp16",
+            cel: || {
+                let first = eff("precision.student.backbone.paramDtype");
+                MODULES
+                    .iter()
+                    .map(|m| format!("{} == {first}", eff(&format!("precision.{m}.paramDtype"))))
+                    .collect::<Vec<_>>()
+                    .join(" && ")
+            },
+            check: |c| {
+                let dtypes = module_dtypes(c, |d| d.0);
+                dtypes
+                    .iter()
+                    .any(|d| *d != dtypes[0])
+                    .then(|| format!("{dtypes:?}").to_lowercase())
+            },
+        },
+        Rule {
+            field: "precision",
+            constraint: "every bufferDtype must be fp32: the trainer keeps all buffers (the loss centers included) in fp32",
+            fix: "set bufferDtype: fp32 (the official value) on every module",
+            cel: || {
+                MODULES
+                    .iter()
+                    .map(|m| format!("{} == 'fp32'", eff(&format!("precision.{m}.bufferDtype"))))
+                    .collect::<Vec<_>>()
+                    .join(" && ")
+            },
+            check: |c| {
+                let dtypes = module_dtypes(c, |d| d.2);
+                dtypes
+                    .iter()
+                    .any(|d| *d != Dtype::Fp32)
+                    .then(|| format!("{dtypes:?}").to_lowercase())
+            },
+        },
+        // ---- sharding
+        Rule {
+            field: "sharding",
+            constraint: FULL_SHARD_REFUSAL,
+            fix: "use SHARD_GRAD_OP (the official default: gradients and AdamW state sharded) or NO_SHARD",
+            cel: || {
+                MODULES
+                    .iter()
+                    .map(|m| format!("{} != 'FULL_SHARD'", eff(&format!("sharding.{m}"))))
+                    .collect::<Vec<_>>()
+                    .join(" && ")
+            },
+            check: |c| {
+                let (s, t) = (&c.sharding.student, &c.sharding.teacher);
+                [s.backbone, s.dino_head, s.ibot_head, t.backbone, t.dino_head, t.ibot_head]
+                    .contains(&ShardingStrategy::FullShard)
+                    .then(|| "FULL_SHARD".into())
+            },
         },
         // ---- curriculum
         Rule {

@@ -257,6 +257,15 @@ pub fn average_gradients(collective: &dyn Collective, grads: &mut [Tensor]) {
     });
 }
 
+/// Sums tensors over the ranks in place, bucketed per dtype (the 16-bit reduce of
+/// [`crate::parallel::average_gradients_by_kind`]).
+pub fn sum_gradients(collective: &dyn Collective, grads: &mut [Tensor]) {
+    if collective.world_size() == 1 {
+        return;
+    }
+    in_buckets(grads, |bucket| collective.all_reduce_sum(bucket));
+}
+
 /// Makes every rank's `tensors` equal to rank 0's (DDP's broadcast of the initial module
 /// states).
 pub fn broadcast_parameters(collective: &dyn Collective, tensors: &mut [Tensor]) {

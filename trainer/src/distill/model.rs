@@ -46,6 +46,10 @@ impl Trainable for DistillModel {
 
     /// Targets from the frozen teacher; the student EMA follows the student inside the step
     /// (after the optimiser, as in pretraining); the frozen teacher never changes.
+    fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
+        Some(self.base.arch.memory_bytes())
+    }
+
     fn train_step(
         &mut self,
         batch: &TrainBatch,

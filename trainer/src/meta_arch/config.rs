@@ -4,6 +4,7 @@ use super::MetaArchError;
 use crate::loss::CenteringMode;
 use crate::model::{DinoHeadConfig, VitConfig};
 use crate::optim::{AdamWConfig, ParamGroupConfig};
+use crate::parallel::ParallelConfig;
 use crate::precision::{LossScalerConfig, Precision};
 
 /// Everything the meta-architecture needs (official `student`, `dino`, `ibot`, `train`,
@@ -36,6 +37,12 @@ pub struct MetaArchConfig {
     /// `precision.lossScale`: the fp16 loss scaler's settings (used only in fp16).
     pub loss_scaler: LossScalerConfig,
     pub precision: Precision,
+    /// `precision.gradScaler`: dynamic loss scaling in every precision (the official
+    /// `ShardedGradScaler` when `compute_precision.grad_scaler`); fp16 always scales.
+    pub grad_scaler: bool,
+    /// Sharding, reduce dtypes and flat-unit granularity of the student
+    /// (`training.sharding.student`, the student `reduceDtype`s, `model.blockChunks`).
+    pub parallel: ParallelConfig,
 }
 
 impl MetaArchConfig {
@@ -58,6 +65,8 @@ impl MetaArchConfig {
             adamw: AdamWConfig::default(),
             loss_scaler: LossScalerConfig::default(),
             precision: Precision::Fp32,
+            grad_scaler: false,
+            parallel: ParallelConfig::default(),
         }
     }
 
@@ -80,6 +89,16 @@ impl MetaArchConfig {
                 format!(
                     "in_dim {} must equal embed_dim {}",
                     h.in_dim, self.student.embed_dim
+                ),
+            );
+        }
+        let chunks = i64::from(self.parallel.block_chunks);
+        if chunks > self.student.depth {
+            return bad(
+                "model.blockChunks",
+                format!(
+                    "{chunks} chunks of a {}-block backbone leave empty chunks; use at most the depth (or 0)",
+                    self.student.depth
                 ),
             );
         }

@@ -18,7 +18,9 @@ mod network;
 mod step;
 mod targets;
 
-use tch::Device;
+use std::collections::BTreeMap;
+
+use tch::{Device, Tensor};
 
 pub use batch::SslBatch;
 pub use config::MetaArchConfig;
@@ -31,6 +33,7 @@ use crate::loss::{DinoLoss, DinoLossConfig, IbotLoss, IbotLossConfig, LossError}
 use crate::model::{ModelError, VitConfig};
 use crate::optim::param_groups::{ParamGroupError, student_param_multipliers};
 use crate::optim::{AdamW, OptimError};
+use crate::parallel::{MemoryBytes, ShardedStudent};
 use crate::precision::{DynamicLossScaler, LossScalerError};
 
 /// Errors of the meta-architecture.
@@ -64,6 +67,10 @@ pub struct MetaArch {
     pub ibot_loss: Option<IbotLoss>,
     pub optimizer: AdamW,
     pub loss_scaler: Option<DynamicLossScaler>,
+    /// The sharded layout of the student when any sub-module is sharded (built for the
+    /// collective of the first step, see [`MetaArch::prepare_parallel`]); it then owns the
+    /// AdamW state and [`MetaArch::optimizer`] stays empty.
+    pub sharded: Option<ShardedStudent>,
 }
 
 impl MetaArch {
@@ -114,9 +121,7 @@ impl MetaArch {
             }
         }
         let optimizer = AdamW::new(config.adamw, params)?;
-        let loss_scaler = config
-            .precision
-            .needs_loss_scaling()
+        let loss_scaler = (config.precision.needs_loss_scaling() || config.grad_scaler)
             .then(|| DynamicLossScaler::new(config.loss_scaler))
             .transpose()?;
         Ok(Self {
@@ -127,14 +132,64 @@ impl MetaArch {
             ibot_loss,
             optimizer,
             loss_scaler,
+            sharded: None,
         })
+    }
+
+    /// Lays the student out for rank `rank` of `world` when the config shards any student
+    /// sub-module (a no-op otherwise, or when already laid out for that placement). The step
+    /// calls it; a sharded checkpoint loader calls it first to have the shards to fill.
+    pub fn prepare_parallel(&mut self, rank: usize, world: usize) -> Result<(), MetaArchError> {
+        if !self.config.parallel.any_sharded()
+            || self.sharded.as_ref().map(ShardedStudent::placement) == Some((rank, world))
+        {
+            return Ok(());
+        }
+        let depth = self.config.student.depth;
+        let mut multipliers = BTreeMap::new();
+        let mut submodules = Vec::new();
+        for name in SUBMODULES {
+            let vars = self.student.submodule_variables(name);
+            for (key, _) in &vars {
+                let m = student_param_multipliers(key, depth as usize, &self.config.param_groups)?;
+                multipliers.insert(key.clone(), m);
+            }
+            submodules.push((name, vars));
+        }
+        self.sharded = Some(ShardedStudent::new(
+            &submodules,
+            &multipliers,
+            depth,
+            &self.config.parallel,
+            self.config.adamw,
+            rank,
+            world,
+        )?);
+        Ok(())
+    }
+
+    /// Gradient and optimizer-state bytes this rank holds (after a step).
+    pub fn memory_bytes(&self) -> MemoryBytes {
+        match &self.sharded {
+            Some(s) => s.memory(),
+            None => {
+                let params: Vec<Tensor> = SUBMODULES
+                    .iter()
+                    .flat_map(|m| self.student.submodule_variables(m))
+                    .map(|(_, v)| v)
+                    .collect();
+                MemoryBytes::replicated(&self.optimizer, &params)
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod parity_tests;
 #[cfg(test)]
-mod test_support;
+mod parallel_tests;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 //! one flag decides whether the update is applied); the losses and clipping statistics stay on
 //! the device in the [`StepOutcome`] until the caller reads them.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{MetaArch, MetaArchError, SUBMODULES, SslBatch, StepLosses, TargetSource};
 use crate::dist::Collective;
@@ -60,18 +60,47 @@ impl MetaArch {
         collective: &dyn Collective,
         targets: TargetSource<'_>,
     ) -> Result<StepOutcome, MetaArchError> {
-        self.optimizer
-            .apply_schedule(values.lr, values.wd, values.last_layer_lr);
-        self.optimizer.zero_grad();
-        let losses = self.forward_backward(batch, values.teacher_temp, collective, targets)?;
+        self.prepare_parallel(collective.rank(), collective.world_size())?;
+        if let Some(sharded) = &mut self.sharded {
+            sharded.apply_schedule(values.lr, values.wd, values.last_layer_lr);
+        } else {
+            self.optimizer
+                .apply_schedule(values.lr, values.wd, values.last_layer_lr);
+            self.optimizer.zero_grad();
+        }
+        let (losses, to_backprop) =
+            self.forward_losses(batch, values.teacher_temp, collective, targets)?;
+        if let Some(sharded) = &mut self.sharded {
+            // Sharded: reduction, clipping and the update per flat unit (crate::parallel).
+            let (clip, applied) = sharded.backward_and_step(
+                &to_backprop,
+                collective,
+                self.loss_scaler.as_mut(),
+                self.config.clip_grad,
+            )?;
+            if let Some(momentum) = targets.ema_momentum(values.momentum) {
+                self.update_ema(momentum)?;
+            }
+            return Ok(StepOutcome {
+                losses,
+                clip,
+                applied,
+            });
+        }
+        to_backprop.backward();
         if collective.world_size() > 1 {
             // Data parallelism: average before unscaling and clipping, as DDP/FSDP do, so
-            // every rank applies the same update.
-            let mut grads: Vec<Tensor> = SUBMODULES
+            // every rank applies the same update; each sub-module in its reduce dtype.
+            let by_module: Vec<(Kind, Vec<Tensor>)> = SUBMODULES
                 .iter()
-                .flat_map(|m| self.submodule_grads(m))
+                .map(|m| {
+                    (
+                        self.config.parallel.module(m).reduce_kind,
+                        self.submodule_grads(m),
+                    )
+                })
                 .collect();
-            crate::dist::average_gradients(collective, &mut grads);
+            crate::parallel::average_gradients_by_kind(collective, by_module);
         }
 
         let mut found_non_finite = false;
@@ -111,15 +140,16 @@ impl MetaArch {
         })
     }
 
-    /// The official `forward_backward`: teacher targets, student forward, DINO (local and
-    /// global), KoLeo and iBOT losses, and backward of their weighted sum (scaled in fp16).
-    fn forward_backward(
+    /// The official `forward_backward` up to the backward: teacher targets, student forward,
+    /// DINO (local and global), KoLeo and iBOT losses; returns them and the weighted sum to
+    /// differentiate (scaled in fp16).
+    fn forward_losses(
         &mut self,
         batch: &SslBatch,
         teacher_temp: f64,
         collective: &dyn Collective,
         targets: TargetSource<'_>,
-    ) -> Result<StepLosses, MetaArchError> {
+    ) -> Result<(StepLosses, Tensor), MetaArchError> {
         let cfg = self.config.clone();
         batch.validate(cfg.n_local_crops)?;
         let (dino_targets, ibot_targets) =
@@ -174,17 +204,20 @@ impl MetaArch {
                 message: "every loss is switched off; enable DINO or iBOT".into(),
             });
         };
-        match &self.loss_scaler {
-            Some(scaler) => scaler.scale_loss(&objective).backward(),
-            None => objective.backward(),
-        }
-        Ok(StepLosses {
-            dino_local_crops_loss: local_loss,
-            dino_global_crops_loss: global_loss,
-            koleo: koleo_loss,
-            ibot: ibot_loss,
-            objective: objective.detach(),
-        })
+        let to_backprop = match &self.loss_scaler {
+            Some(scaler) => scaler.scale_loss(&objective),
+            None => objective.shallow_clone(),
+        };
+        Ok((
+            StepLosses {
+                dino_local_crops_loss: local_loss,
+                dino_global_crops_loss: global_loss,
+                koleo: koleo_loss,
+                ibot: ibot_loss,
+                objective: objective.detach(),
+            },
+            to_backprop,
+        ))
     }
 
     /// Gradients of one student sub-module (those that received one).

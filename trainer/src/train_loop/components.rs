@@ -206,6 +206,10 @@ impl Trainable for Model {
         Ok(())
     }
 
+    fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
+        Some(self.arch.memory_bytes())
+    }
+
     /// The teacher backbone, as the official evaluation uses.
     fn final_backbone(&self) -> Option<&DinoVisionTransformer> {
         Some(&self.arch.teacher.backbone)

@@ -160,6 +160,9 @@ where
         eval: config::eval_config(&training, num_classes),
         world_size: world.world_size(),
         config_hash: config::config_hash(&training),
+        job: identity
+            .as_ref()
+            .map(|i| format!("{}/{}/{}", i.kind.as_str(), i.namespace, i.name)),
         guarded: {
             let mut guarded = config::guarded_fields(&training);
             guarded.extend(model.guarded());

@@ -188,9 +188,19 @@ pub struct IterationReport<'r> {
     pub images_per_second: Option<f64>,
 }
 
+/// How a run starts, as progress reports carry it.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart<'r> {
+    pub world_size: usize,
+    /// The checkpoint resumed from: its directory, iteration and the world size that wrote it.
+    pub resumed: Option<(&'r std::path::Path, u64, usize)>,
+}
+
 /// Where progress goes besides metrics.jsonl and Prometheus: the operator's gRPC stream on
 /// rank 0 (`progress_client`). Implementations must return at once, never block the loop.
 pub trait ProgressHook {
+    /// The run starts: fresh, or resumed from a checkpoint (possibly of another world size).
+    fn run_started(&mut self, _start: &RunStart<'_>) {}
     fn iteration(&mut self, _report: &IterationReport<'_>) {}
     fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path) {}
     fn evaluation(&mut self, _iteration: u64, _metrics: &[(String, f64)]) {}

@@ -264,9 +264,23 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         if let Some(state) = reader.json("model_state")? {
             self.model.load_json_state(&state).map_err(restore_err)?;
         }
-        let position = reader
+        let mut position = reader
             .json("data_position")?
             .ok_or_else(|| restore_err(StepError("no data_position.json".into())))?;
+        // A position written before global sample counts existed comes from a run of one
+        // batch and world size from iteration 0: on another world size, its sample count is
+        // the checkpoint's iteration times the writers' global batch (batchSizePerGpu is
+        // guarded, so the same per rank).
+        let writers = checkpoint.manifest.world_size;
+        if let (Some(it), None, true) = (
+            position
+                .get("iteration")
+                .and_then(serde_json::Value::as_u64),
+            position.get("samples"),
+            writers != self.settings.world_size,
+        ) {
+            position["samples"] = (it * self.data.images_per_batch() * writers as u64).into();
+        }
         self.data.seek(&position).map_err(restore_err)?;
         Ok(checkpoint.manifest.iteration)
     }
@@ -512,5 +526,7 @@ fn unix_now() -> f64 {
 }
 
 pub mod components;
+#[cfg(test)]
+mod reshard_tests;
 #[cfg(test)]
 mod tests;

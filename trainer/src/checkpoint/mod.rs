@@ -119,9 +119,10 @@ impl CheckpointError {
         }
     }
 
-    /// A checkpoint that verifies but is not one consistent whole: refused, not skipped.
+    /// A checkpoint that verifies but is not one consistent whole, or does not hold the
+    /// state asked of it: refused (exit 78), never skipped for an older one.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::ShardsDisagree { .. })
+        matches!(self, Self::ShardsDisagree { .. } | Self::NotCovered { .. })
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {

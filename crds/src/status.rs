@@ -192,6 +192,17 @@ pub struct JobStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub evaluations: Vec<EvaluationResult>,
 
+    /// Ranks (trainer processes, `WORLD_SIZE`) of the current run, as the trainer reported at
+    /// its start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<i32>,
+
+    /// The last resume on another world size: the checkpoint's parameters and optimizer
+    /// state were re-sliced for the new ranks and the data order continued at the global
+    /// sample where it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reshard: Option<ReshardRef>,
+
     /// When the trainer last reported (any report, heartbeats included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<Time>,
@@ -274,6 +285,22 @@ pub struct CheckpointRef {
     pub iteration: i64,
     /// Directory of the checkpoint.
     pub path: String,
+    /// When the operator received the report.
+    pub time: Time,
+}
+
+/// A checkpoint resumed on another world size than the one that wrote it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReshardRef {
+    /// Iteration of the checkpoint the run resumed from.
+    pub iteration: i64,
+    /// Directory of that checkpoint.
+    pub path: String,
+    /// Ranks that wrote it.
+    pub from_world_size: i32,
+    /// Ranks that resumed it.
+    pub to_world_size: i32,
     /// When the operator received the report.
     pub time: Time,
 }

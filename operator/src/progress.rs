@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dinoflow_api::progress::progress_server::{Progress, ProgressServer};
 use dinoflow_api::progress::{ProgressReport, ReportAck, progress_report::Event};
-use dinoflow_api::status::{CheckpointRef, EvaluationResult, JobStatus};
+use dinoflow_api::status::{CheckpointRef, EvaluationResult, JobStatus, ReshardRef};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -65,6 +65,8 @@ pub fn progress_fields(status: &JobStatus) -> JobStatus {
         images_per_second: status.images_per_second,
         last_checkpoint: status.last_checkpoint.clone(),
         evaluations: status.evaluations.clone(),
+        world_size: status.world_size,
+        last_reshard: status.last_reshard.clone(),
         last_progress_time: status.last_progress_time.clone(),
         ..Default::default()
     }
@@ -104,6 +106,19 @@ pub fn apply_report(progress: &mut JobStatus, report: &ProgressReport, now: Time
                 path: c.path.clone(),
                 time: now,
             });
+        }
+        Some(Event::Started(st)) => {
+            let as_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+            progress.world_size = Some(as_i32(st.world_size));
+            if st.resumed && st.checkpoint_world_size != st.world_size {
+                progress.last_reshard = Some(ReshardRef {
+                    iteration: as_i64(st.checkpoint_iteration),
+                    path: st.checkpoint_path.clone(),
+                    from_world_size: as_i32(st.checkpoint_world_size),
+                    to_world_size: as_i32(st.world_size),
+                    time: now,
+                });
+            }
         }
         Some(Event::Evaluation(e)) => {
             let result = EvaluationResult {

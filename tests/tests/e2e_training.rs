@@ -59,6 +59,12 @@ struct World {
 
 impl World {
     async fn start(prefix: &str) -> Self {
+        Self::start_with_gpus(prefix, 0).await
+    }
+
+    /// A world whose node advertises `gpus` GPUs, so pods with `gpusPerNode` > 0 schedule
+    /// there (their processes run on the CPU: the trainer finds no CUDA).
+    async fn start_with_gpus(prefix: &str, gpus: u32) -> Self {
         let trainer = tokio::task::spawn_blocking(trainer).await.unwrap();
         let cluster = TestCluster::shared();
         install_crds(cluster);
@@ -103,9 +109,10 @@ impl World {
             .tempdir()
             .unwrap()
             .keep();
-        let config = AgentConfig::new(format!("local-{ns}"), dir.join("agent"))
+        let mut config = AgentConfig::new(format!("local-{ns}"), dir.join("agent"))
             .binary(TRAINER_COMMAND, trainer)
             .label(NODE_LABEL, &ns);
+        config.capacity.gpus = gpus;
         let agent = NodeAgent::start(client.clone(), config)
             .await
             .expect("node agent registers a schedulable Node");
@@ -276,6 +283,26 @@ fn tiny_job(
     checkpoint_every: u64,
     host_dir: &Path,
 ) -> String {
+    tiny_job_on(
+        world,
+        name,
+        (nodes, 0, 16),
+        epochs,
+        checkpoint_every,
+        host_dir,
+    )
+}
+
+/// [`tiny_job`] on `nodes` pods of `gpus_per_node` processes each (0: one CPU process), with
+/// `batch` images per process and iteration.
+fn tiny_job_on(
+    world: &World,
+    name: &str,
+    (nodes, gpus_per_node, batch): (u32, u32, u32),
+    epochs: u64,
+    checkpoint_every: u64,
+    host_dir: &Path,
+) -> String {
     let example = repo_root().join("manifests/examples/tiny-cpu-fashion-mnist.yaml");
     let mut job: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(&example).unwrap()).unwrap();
@@ -299,7 +326,11 @@ fn tiny_job(
         "spec.training.train.officialEpochLength",
         yaml("6"),
     );
-    set(&mut job, "spec.training.train.batchSizePerGpu", yaml("16"));
+    set(
+        &mut job,
+        "spec.training.train.batchSizePerGpu",
+        yaml(&batch.to_string()),
+    );
     set(
         &mut job,
         "spec.training.evaluation",
@@ -326,7 +357,7 @@ fn tiny_job(
     let cluster = format!(
         r#"
 nodes: {nodes}
-gpusPerNode: 0
+gpusPerNode: {gpus_per_node}
 masterPort: {port}
 terminationGracePeriodSeconds: 20
 nodeSelector: {{"{NODE_LABEL}": "{ns}"}}
@@ -345,6 +376,7 @@ podTemplate:
         port = free_port(),
         ns = world.ns,
         nodes = nodes,
+        gpus_per_node = gpus_per_node,
         dir = host_dir.display(),
     );
     set(&mut job, "spec.cluster", yaml(&cluster));
@@ -583,6 +615,178 @@ async fn a_two_node_job_trains_as_one_gang_over_tcp_between_two_local_pods() {
     assert_eq!(
         digests[0], digests[1],
         "the ranks ended with different weights"
+    );
+    world.stop().await;
+}
+
+/// SIGKILLs the process group of `pod`'s container (no checkpoint on the way out).
+async fn kill_pod_processes(world: &World, pod: &str) {
+    let pods = world.pods(pod.rsplit_once("-a").unwrap().0).await;
+    let p = pods
+        .iter()
+        .find(|p| p.name_any() == pod)
+        .unwrap_or_else(|| panic!("no pod {pod}"));
+    let container_id = p
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap();
+    let pid: i32 = container_id
+        .strip_prefix("local://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill the pod's process group {pid}");
+}
+
+/// Issue 10, item 5: a 2-node × 2-process job (4 ranks over TCP, sharded checkpoints: every
+/// rank writes its shard) is killed mid-run and resumes on 4 ranks; then it is suspended
+/// (SIGTERM: a checkpoint on the way out), changed to 1 node × 2 processes and resumed: the
+/// trainer reshards the 4-rank checkpoint onto 2 ranks, the status shows it, and it finishes.
+/// Training runs NO_SHARD (replicated state; SHARD_GRAD_OP is helper shard's, not merged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_two_process_job_killed_resumes_then_suspended_resumes_resharded_on_one_node() {
+    let started = std::time::Instant::now();
+    let world = World::start_with_gpus("e2e-reshard", 4).await;
+    let out = world.dir.join("checkpoints");
+    let job = "reshard";
+    // 6 epochs of 6 iterations, 4 images per process: a checkpoint every 3 iterations.
+    world.kubectl_apply(&tiny_job_on(&world, job, (2, 2, 4), 6, 3, &out));
+    let status = world
+        .wait_status(
+            job,
+            "a checkpoint on 4 ranks",
+            Duration::from_secs(240),
+            |s| s.last_checkpoint.as_ref().is_some_and(|c| c.iteration >= 3),
+        )
+        .await;
+    assert_eq!(status.world_size, Some(4), "{status:?}");
+    let ckpt = PathBuf::from(&status.last_checkpoint.unwrap().path);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["worldSize"], 4, "{manifest}");
+    assert_eq!(
+        manifest["shards"].as_array().map(Vec::len),
+        Some(4),
+        "every rank wrote its shard: {manifest}"
+    );
+    assert_eq!(manifest["job"], format!("PretrainJob/{}/{job}", world.ns));
+
+    // Killed mid-run: the gang restarts on 4 ranks and resumes (no reshard).
+    kill_pod_processes(&world, &format!("{job}-a0-1")).await;
+    let status = world
+        .wait_status(job, "attempt 1 running", Duration::from_secs(180), |s| {
+            s.run_attempt == Some(1) && s.phase.map(|p| p.as_str()) == Some("Running")
+        })
+        .await;
+    assert_eq!(status.last_reshard, None, "{status:?}");
+    let resumed_at = status.last_checkpoint.as_ref().unwrap().iteration;
+    world
+        .wait_status(
+            job,
+            "a checkpoint after the restart",
+            Duration::from_secs(240),
+            |s| {
+                s.last_checkpoint
+                    .as_ref()
+                    .is_some_and(|c| c.iteration > resumed_at)
+                    && s.world_size == Some(4)
+            },
+        )
+        .await;
+
+    // Suspended, then one node of two processes: the 4-rank checkpoint reshards onto 2.
+    let patch = |json: &str| {
+        world
+            .cluster
+            .kubectl([
+                "patch",
+                "pretrainjob",
+                job,
+                "-n",
+                &world.ns,
+                "--type",
+                "merge",
+                "-p",
+                json,
+            ])
+            .unwrap()
+            .ok()
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    patch(r#"{"spec":{"cluster":{"runPolicy":{"suspend":true}}}}"#);
+    let suspended = world
+        .wait_status(job, "phase Suspended", Duration::from_secs(120), |s| {
+            s.phase.map(|p| p.as_str()) == Some("Suspended")
+                && s.pods.is_none_or(|p| p.running == 0)
+        })
+        .await;
+    let at_suspend = suspended.last_checkpoint.as_ref().unwrap().iteration;
+    // The API server allows the new layout only while suspended (CEL), so in two steps.
+    patch(r#"{"spec":{"cluster":{"nodes":1}}}"#);
+    patch(r#"{"spec":{"cluster":{"runPolicy":{"suspend":false}}}}"#);
+    let status = world
+        .wait_status(
+            job,
+            "phase Succeeded on 1 node",
+            Duration::from_secs(400),
+            |s| s.phase.map(|p| p.as_str()) == Some("Succeeded"),
+        )
+        .await;
+    assert_eq!(status.iteration, Some(36), "{status:?}");
+    assert_eq!(status.world_size, Some(2), "{status:?}");
+    let reshard = status
+        .last_reshard
+        .clone()
+        .expect("status.lastReshard is set");
+    assert_eq!(
+        (reshard.from_world_size, reshard.to_world_size),
+        (4, 2),
+        "{reshard:?}"
+    );
+    assert!(
+        reshard.iteration >= at_suspend,
+        "{reshard:?} vs suspended at {at_suspend}"
+    );
+    let last = PathBuf::from(&status.last_checkpoint.unwrap().path);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(last.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            manifest["iteration"].as_u64(),
+            manifest["worldSize"].as_u64()
+        ),
+        (Some(36), Some(2))
+    );
+
+    // The launcher of the one pod says what it resharded, with the global batch change.
+    let pods = world.pods(job).await;
+    let pod = pods.iter().map(|p| p.name_any()).max().unwrap();
+    let log = pod_log(&world, &pod);
+    let line = log
+        .lines()
+        .find(|l| l.contains("resharding"))
+        .unwrap_or_else(|| panic!("no reshard line in {pod}'s log:\n{log}"));
+    for want in [
+        "from_world_size=4",
+        "to_world_size=2",
+        "global_batch_before=16",
+        "global_batch=8",
+    ] {
+        assert!(line.contains(want), "{want} missing in: {line}");
+    }
+    eprintln!(
+        "[e2e] 2x2 -> 1x2 reshard job took {:.0} s",
+        started.elapsed().as_secs_f64()
     );
     world.stop().await;
 }

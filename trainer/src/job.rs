@@ -17,8 +17,8 @@ use crate::env::{self, EnvError};
 use crate::metrics::{JsonlLog, MetricsError, MetricsServer, RunLabels, TrainerMetrics};
 use crate::progress_client::ProgressReporter;
 use crate::train_loop::{
-    BatchSource, Components, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, Schedules,
-    TrainLoop, Trainable,
+    BatchSource, Components, LoopError, LoopSettings, NoProgress, Outcome, ProgressHook, RunStart,
+    Schedules, TrainLoop, Trainable,
 };
 
 /// Why a job failed before, around or inside the loop; `B` is the error of the job kind's
@@ -160,6 +160,9 @@ where
         eval: config::eval_config(&training, num_classes),
         world_size: world.world_size(),
         config_hash: config::config_hash(&training),
+        job: identity
+            .as_ref()
+            .map(|i| format!("{}/{}/{}", i.kind.as_str(), i.namespace, i.name)),
         guarded: {
             let mut guarded = config::guarded_fields(&training);
             guarded.extend(model.guarded());
@@ -191,6 +194,19 @@ where
         Some(r) => r,
         None => &mut no_progress,
     };
+    if let Some(ckpt) = &resume_from {
+        log_reshard(&training, ckpt, world.world_size());
+    }
+    progress.run_started(&RunStart {
+        world_size: world.world_size(),
+        resumed: resume_from.as_ref().map(|c| {
+            (
+                c.path.as_path(),
+                c.manifest.iteration,
+                c.manifest.world_size,
+            )
+        }),
+    });
     let mut lp = TrainLoop {
         model: &mut model,
         data: &mut data,
@@ -225,6 +241,35 @@ where
         );
     }
     Ok(outcome)
+}
+
+/// A resume on another world size reshards: every rank reads the ranges its layout needs
+/// from whichever old ranks' chunks hold them (parameters and optimizer state exactly), and
+/// the data order continues at the checkpoint's global sample. `batchSizePerGpu` is a
+/// guarded field, so the global batch becomes `batchSizePerGpu × world size` and the peak
+/// learning rate follows the reference's scaling rule for it, as a fresh run on this world
+/// size would have; both are logged beside the change.
+fn log_reshard(
+    training: &TrainingConfig,
+    ckpt: &checkpoint::VerifiedCheckpoint,
+    world_size: usize,
+) {
+    let from = ckpt.manifest.world_size;
+    if from == world_size {
+        return;
+    }
+    let per_rank = training.train.batch_size_per_gpu as usize;
+    tracing::warn!(
+        iteration = ckpt.manifest.iteration,
+        path = %ckpt.path.display(),
+        from_world_size = from,
+        to_world_size = world_size,
+        global_batch_before = per_rank * from,
+        global_batch = per_rank * world_size,
+        peak_lr_before = config::peak_lr(training, from),
+        peak_lr = config::peak_lr(training, world_size),
+        "resharding: the checkpoint was written by {from} ranks and resumes on {world_size}; parameters and optimizer state are re-sliced exactly and the data order continues at its global sample"
+    );
 }
 
 /// `DINOFLOW_PEAK_FLOPS`: peak FLOP/s of one device, for MFU; unset means MFU is not reported.

@@ -23,13 +23,13 @@ use dinoflow_api::progress::progress_client::ProgressClient;
 use dinoflow_api::progress::progress_report::Event;
 use dinoflow_api::progress::{
     AUTHORIZATION_METADATA, CheckpointWritten, EvaluationDone, Heartbeat, IterationDone,
-    ProgressReport,
+    ProgressReport, RunStarted,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::env::ProgressTarget;
-use crate::train_loop::{IterationReport, ProgressHook};
+use crate::train_loop::{IterationReport, ProgressHook, RunStart};
 
 /// Checkpoint and evaluation events kept while the operator is slow or away.
 pub const MAX_QUEUED: usize = 64;
@@ -189,6 +189,20 @@ fn group_evaluations(metrics: &[(String, f64)]) -> BTreeMap<String, BTreeMap<Str
 }
 
 impl ProgressHook for ProgressReporter {
+    fn run_started(&mut self, start: &RunStart<'_>) {
+        let world_size = u32::try_from(start.world_size).unwrap_or(u32::MAX);
+        let (path, iteration, from) = start
+            .resumed
+            .unwrap_or((Path::new(""), 0, start.world_size));
+        self.push(Event::Started(RunStarted {
+            world_size,
+            resumed: start.resumed.is_some(),
+            checkpoint_iteration: iteration,
+            checkpoint_path: path.display().to_string(),
+            checkpoint_world_size: u32::try_from(from).unwrap_or(u32::MAX),
+        }));
+    }
+
     fn iteration(&mut self, r: &IterationReport<'_>) {
         if let Some(ips) = r.images_per_second {
             self.images_per_second = ips;

@@ -9,7 +9,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::{CheckpointError, CheckpointManager, Snapshot, VerifiedCheckpoint};
+use crate::checkpoint::{
+    CheckpointError, CheckpointManager, CheckpointReader, Chunk, ShardSnapshot, VerifiedCheckpoint,
+    split_replicated,
+};
 use crate::dist::{self, World};
 use crate::eval::{EvalConfig, EvalError, EvalInputs, Evaluator};
 use crate::metrics::{JsonlLog, MetricsError, Progress, TrainerMetrics};
@@ -49,6 +52,20 @@ pub trait Trainable {
         &mut self,
         state: BTreeMap<String, Vec<(String, Tensor)>>,
     ) -> Result<(), StepError>;
+    /// The pieces of the checkpointed tensors this rank writes, by group; every rank writes
+    /// its own at the same time. The default splits the replicated [`Self::state`] evenly
+    /// over the ranks; a sharded model returns the chunks it owns (its flat shard's
+    /// intersection with each parameter, AdamW moments included).
+    fn state_chunks(&self, rank: usize, world_size: usize) -> BTreeMap<String, Vec<Chunk>> {
+        split_replicated(self.state(), rank, world_size)
+    }
+    /// Restores from a checkpoint written by any world size and layout: `source` serves any
+    /// range of any tensor (`group/name`). The default assembles whole tensors for
+    /// [`Self::load_state`]; a sharded model reads only the ranges its shard needs.
+    fn load_chunks(&mut self, source: &CheckpointReader) -> Result<(), StepError> {
+        let groups = source.groups().map_err(|e| StepError(e.to_string()))?;
+        self.load_state(groups)
+    }
     /// JSON state that is not tensors (loss-scaler state, ...).
     fn json_state(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -157,6 +174,8 @@ pub struct LoopSettings {
     pub world_size: usize,
     pub config_hash: String,
     pub guarded: BTreeMap<String, String>,
+    /// The job (`Kind/namespace/name`) recorded in every shard, None outside a cluster.
+    pub job: Option<String>,
     /// Training FLOPs per image and peak FLOP/s of the device; MFU is reported when both
     /// are known.
     pub flops_per_image: Option<f64>,
@@ -174,9 +193,19 @@ pub struct IterationReport<'r> {
     pub images_per_second: Option<f64>,
 }
 
+/// How a run starts, as progress reports carry it.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart<'r> {
+    pub world_size: usize,
+    /// The checkpoint resumed from: its directory, iteration and the world size that wrote it.
+    pub resumed: Option<(&'r std::path::Path, u64, usize)>,
+}
+
 /// Where progress goes besides metrics.jsonl and Prometheus: the operator's gRPC stream on
 /// rank 0 (`progress_client`). Implementations must return at once, never block the loop.
 pub trait ProgressHook {
+    /// The run starts: fresh, or resumed from a checkpoint (possibly of another world size).
+    fn run_started(&mut self, _start: &RunStart<'_>) {}
     fn iteration(&mut self, _report: &IterationReport<'_>) {}
     fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path) {}
     fn evaluation(&mut self, _iteration: u64, _metrics: &[(String, f64)]) {}
@@ -211,8 +240,8 @@ pub struct TrainLoop<'a, M: Trainable, D: BatchSource<Batch = M::Batch>, S: Sche
     pub jsonl: &'a mut JsonlLog,
     /// Set by the SIGTERM/SIGINT handler.
     pub stop: Arc<AtomicBool>,
-    /// The ranks of the run. They agree on when to stop; only the main rank writes
-    /// metrics.jsonl and checkpoints, since data parallelism keeps every replica identical.
+    /// The ranks of the run. They agree on when to stop; each writes its shard of every
+    /// checkpoint; only the main rank writes metrics.jsonl and seals checkpoints.
     pub world: &'a World,
     pub progress: &'a mut dyn ProgressHook,
 }
@@ -231,23 +260,34 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
     /// Restores model, data position and loop state from a verified checkpoint; returns the
     /// iteration to continue from.
     pub fn restore(&mut self, checkpoint: &VerifiedCheckpoint) -> Result<u64, LoopError> {
-        let snapshot = CheckpointManager::load(checkpoint)?;
+        let reader = CheckpointReader::open(checkpoint)?;
         let restore_err = |source: StepError| LoopError::Restore {
             path: checkpoint.path.clone(),
             source,
         };
-        self.model
-            .load_state(snapshot.tensors)
-            .map_err(restore_err)?;
-        if let Some(state) = snapshot.json.get("model_state") {
-            self.model.load_json_state(state).map_err(restore_err)?;
+        self.model.load_chunks(&reader).map_err(restore_err)?;
+        if let Some(state) = reader.json("model_state")? {
+            self.model.load_json_state(&state).map_err(restore_err)?;
         }
-        let position = snapshot
-            .json
-            .get("data_position")
+        let mut position = reader
+            .json("data_position")?
             .ok_or_else(|| restore_err(StepError("no data_position.json".into())))?;
-        self.data.seek(position).map_err(restore_err)?;
-        Ok(snapshot.iteration)
+        // A position written before global sample counts existed comes from a run of one
+        // batch and world size from iteration 0: on another world size, its sample count is
+        // the checkpoint's iteration times the writers' global batch (batchSizePerGpu is
+        // guarded, so the same per rank).
+        let writers = checkpoint.manifest.world_size;
+        if let (Some(it), None, true) = (
+            position
+                .get("iteration")
+                .and_then(serde_json::Value::as_u64),
+            position.get("samples"),
+            writers != self.settings.world_size,
+        ) {
+            position["samples"] = (it * self.data.images_per_batch() * writers as u64).into();
+        }
+        self.data.seek(&position).map_err(restore_err)?;
+        Ok(checkpoint.manifest.iteration)
     }
 
     /// Runs from `start` (the number of iterations already done) to the total.
@@ -445,30 +485,33 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         Ok(())
     }
 
+    /// Every rank writes its shard of the checkpoint at the same time; rank 0 also writes
+    /// the replicated JSON documents, seals the manifest and reports it.
     fn checkpoint(&mut self, iteration: u64) -> Result<(), LoopError> {
-        if !self.world.is_main() {
-            // Wait until rank 0 has written it: a rank that exits first would be mistaken
-            // for a failure and its peers stopped mid-write.
-            dist::barrier(self.collective());
-            self.metrics.checkpoint_written(iteration, None);
-            return Ok(());
-        }
         let started = Instant::now();
+        let main = self.world.is_main();
         let mut json = BTreeMap::new();
-        json.insert("data_position".to_string(), self.data.position());
-        json.insert("model_state".to_string(), self.model.json_state());
-        let snapshot = Snapshot {
+        if main {
+            json.insert("data_position".to_string(), self.data.position());
+            json.insert("model_state".to_string(), self.model.json_state());
+        }
+        let part = ShardSnapshot {
             iteration,
-            world_size: self.settings.world_size,
             config_hash: self.settings.config_hash.clone(),
             guarded: self.settings.guarded.clone(),
-            tensors: self.model.state(),
+            job: self.settings.job.clone(),
+            chunks: self
+                .model
+                .state_chunks(self.world.rank(), self.world.world_size()),
             json,
         };
         self.progress.long_phase(true);
-        let saved = self.checkpoints.save(&snapshot);
+        let saved = self.checkpoints.save_shard(&part, self.collective());
         self.progress.long_phase(false);
-        let saved = saved?;
+        let Some(saved) = saved? else {
+            self.metrics.checkpoint_written(iteration, None);
+            return Ok(());
+        };
         self.metrics
             .checkpoint_written(iteration, Some((started.elapsed(), saved.path.as_path())));
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
@@ -476,7 +519,6 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.write_line(&serde_json::json!({
             "type": "checkpoint", "iteration": iteration, "time": unix_now(), "path": saved.path,
         }))?;
-        dist::barrier(self.collective());
         Ok(())
     }
 
@@ -503,5 +545,7 @@ fn unix_now() -> f64 {
 }
 
 pub mod components;
+#[cfg(test)]
+mod reshard_tests;
 #[cfg(test)]
 mod tests;

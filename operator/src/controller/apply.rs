@@ -227,6 +227,8 @@ pub fn controller_fields(status: &JobStatus) -> JobStatus {
         images_per_second: None,
         last_checkpoint: None,
         evaluations: Vec::new(),
+        world_size: None,
+        last_reshard: None,
         last_progress_time: None,
         ..status.clone()
     }

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use dinoflow_api::progress::progress_client::ProgressClient;
-use dinoflow_api::progress::{CheckpointWritten, EvaluationDone, Heartbeat, IterationDone};
+use dinoflow_api::progress::{
+    CheckpointWritten, EvaluationDone, Heartbeat, IterationDone, RunStarted,
+};
 
 use super::*;
 
@@ -163,6 +165,61 @@ async fn reports_with_the_jobs_token_update_its_progress() {
         "the controller's fields are left alone"
     );
     // Every write carries only progress fields.
+    for w in store.writes.lock().unwrap().iter() {
+        assert_eq!(
+            crate::controller::apply::controller_fields(w),
+            JobStatus::default()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_run_resumed_on_another_world_size_reports_the_reshard_in_the_status() {
+    let store = store_with_job(1);
+    let endpoint = serve(store.clone()).await;
+    let token = progress_token(KEY, "uid-1");
+    let started = |world_size, checkpoint_world_size| {
+        report(
+            1,
+            Event::Started(RunStarted {
+                world_size,
+                resumed: true,
+                checkpoint_iteration: 30,
+                checkpoint_path: "/ckpt/ckpt-000000030".into(),
+                checkpoint_world_size,
+            }),
+        )
+    };
+    // Same world size: the world is recorded, no reshard.
+    send(&endpoint, Some(token.clone()), vec![started(4, 4)])
+        .await
+        .unwrap();
+    let status = |store: &MemoryStore| {
+        store.jobs.lock().unwrap()[&(JobKind::Pretrain, "ml".to_string(), "vitl".to_string())]
+            .status
+            .clone()
+    };
+    let s = status(&store);
+    assert_eq!((s.world_size, s.last_reshard.as_ref()), (Some(4), None));
+    // 4 -> 2: reported, and kept by the next stream (the endpoint starts from the status).
+    send(&endpoint, Some(token.clone()), vec![started(2, 4)])
+        .await
+        .unwrap();
+    send(&endpoint, Some(token), vec![report(1, iteration(31, 1.0))])
+        .await
+        .unwrap();
+    let s = status(&store);
+    assert_eq!(s.world_size, Some(2));
+    let r = s.last_reshard.expect("the reshard is in the status");
+    assert_eq!(
+        (
+            r.iteration,
+            r.path.as_str(),
+            r.from_world_size,
+            r.to_world_size
+        ),
+        (30, "/ckpt/ckpt-000000030", 4, 2)
+    );
     for w in store.writes.lock().unwrap().iter() {
         assert_eq!(
             crate::controller::apply::controller_fields(w),

@@ -7,16 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tch::Tensor;
 
-use super::CheckpointError;
-use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest};
+use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest, ShardRef};
+use super::shard::{self, ShardHeader, ShardSnapshot, split_replicated};
+use super::{CheckpointError, CheckpointReader};
+use crate::dist::{self, Collective, Single};
 
 const PREFIX: &str = "ckpt-";
 const TMP_PREFIX: &str = ".tmp-ckpt-";
 const TRASH_PREFIX: &str = ".trash-ckpt-";
 
-/// Everything a resume needs. Tensor groups become `<group>.safetensors` (student, teacher,
-/// optimizer, loss state...), JSON documents become `<name>.json` (data position, RNG,
-/// loss scale...). The manager does not interpret either.
+/// Everything a resume needs, replicated (the whole state of a world of one, or what
+/// [`CheckpointManager::load`] assembles from any world): tensor groups (student, teacher,
+/// optimizer, loss state...) and JSON documents (data position, RNG, loss scale...). The
+/// manager does not interpret either.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub iteration: u64,
@@ -48,7 +51,7 @@ pub struct Scan {
     pub rejected: Vec<Rejected>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CheckpointManager {
     root: PathBuf,
     keep_last: usize,
@@ -56,7 +59,8 @@ pub struct CheckpointManager {
 
 impl CheckpointManager {
     /// Opens (creating it if needed) the storage directory. Temporary directories left by a
-    /// writer that died mid-write are removed: only one process (rank 0) writes here.
+    /// writer that died mid-write are removed: only rank 0 opens it for writing, before the
+    /// other ranks start (they write into the directory rank 0 prepares for each checkpoint).
     pub fn open(root: impl Into<PathBuf>, keep_last: usize) -> Result<Self, CheckpointError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
@@ -83,69 +87,161 @@ impl CheckpointManager {
         self.root.join(format!("{PREFIX}{iteration:09}"))
     }
 
-    /// Writes `snapshot` as `ckpt-<iteration>`: files into a temporary directory, each
-    /// fsynced, the manifest last, then an atomic rename and an fsync of the parent.
-    ///
-    /// On failure the temporary directory is removed at once (on a full disk it only holds
-    /// space the next attempt needs) and the checkpoints written before are untouched.
+    /// Writes `snapshot` as `ckpt-<iteration>` from one process (a world of one): see
+    /// [`Self::save_shard`].
     pub fn save(&self, snapshot: &Snapshot) -> Result<VerifiedCheckpoint, CheckpointError> {
-        let tmp = self
-            .root
-            .join(format!("{TMP_PREFIX}{:09}", snapshot.iteration));
-        self.save_via(snapshot, &tmp).map_err(|e| {
-            let _ = fs::remove_dir_all(&tmp);
+        let part = ShardSnapshot {
+            iteration: snapshot.iteration,
+            config_hash: snapshot.config_hash.clone(),
+            guarded: snapshot.guarded.clone(),
+            job: None,
+            chunks: split_replicated(clone_groups(&snapshot.tensors), 0, 1),
+            json: snapshot.json.clone(),
+        };
+        let saved = self.save_shard(&part, &Single)?;
+        Ok(saved.expect("rank 0 of a world of one seals the checkpoint"))
+    }
+
+    /// Writes this rank's `part` of `ckpt-<iteration>`; every rank of `collective` calls it
+    /// with its own part, at the same time. Rank 0 makes the temporary directory; each rank
+    /// writes its group files, each fsynced and checksummed, and its header; once every rank
+    /// is done, rank 0 reads the headers, checks they agree, writes the manifest last, renames
+    /// the directory into place and fsyncs the parent. Returns the sealed checkpoint on rank
+    /// 0, None on the others (after rank 0 sealed it).
+    ///
+    /// On any rank's failure every rank returns an error, the temporary directory is removed
+    /// at once (on a full disk it only holds space the next attempt needs) and the
+    /// checkpoints written before are untouched.
+    pub fn save_shard(
+        &self,
+        part: &ShardSnapshot,
+        collective: &dyn Collective,
+    ) -> Result<Option<VerifiedCheckpoint>, CheckpointError> {
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let tmp = self.root.join(format!("{TMP_PREFIX}{:09}", part.iteration));
+        let no_space = |e: CheckpointError| {
             if e.is_storage_full() {
                 CheckpointError::NoSpace {
-                    iteration: snapshot.iteration,
+                    iteration: part.iteration,
                     path: self.root.clone(),
                     source: Box::new(e),
                 }
             } else {
                 e
             }
-        })
+        };
+        // Every step ends in a vote, so all ranks leave together and none waits forever.
+        let agree = |result: Result<(), CheckpointError>, what: &str| {
+            let failed = dist::any_rank(collective, result.is_err());
+            if failed && rank == 0 {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+            match result {
+                Err(e) => Err(no_space(e)),
+                Ok(()) if failed => Err(CheckpointError::PeerFailed {
+                    iteration: part.iteration,
+                    detail: format!("another rank failed to {what} (see its log)"),
+                }),
+                Ok(()) => Ok(()),
+            }
+        };
+        let prepared = if rank == 0 { prepare_dir(&tmp) } else { Ok(()) };
+        agree(prepared, "prepare the temporary directory")?;
+        let written = shard::write(&tmp, part, rank, world).and_then(|_| {
+            if rank == 0 {
+                for (doc, value) in &part.json {
+                    let bytes =
+                        serde_json::to_vec_pretty(value).expect("JSON values always serialise");
+                    write_synced(&tmp.join(format!("{doc}.json")), &bytes)?;
+                }
+            }
+            Ok(())
+        });
+        agree(written, "write its shard")?;
+        let mut sealed = None;
+        let result = if rank == 0 {
+            self.seal(part, world, &tmp).map(|c| {
+                sealed = Some(c);
+            })
+        } else {
+            Ok(())
+        };
+        agree(result, "seal the manifest")?;
+        Ok(sealed)
     }
 
-    fn save_via(
+    /// Rank 0, after every rank wrote its shard into `tmp`: the manifest over all of them,
+    /// then the rename.
+    fn seal(
         &self,
-        snapshot: &Snapshot,
+        part: &ShardSnapshot,
+        world: usize,
         tmp: &Path,
     ) -> Result<VerifiedCheckpoint, CheckpointError> {
-        let final_dir = self.dir_for(snapshot.iteration);
-        let tmp = tmp.to_path_buf();
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
-        }
-        fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
-
+        let final_dir = self.dir_for(part.iteration);
         let mut files = BTreeMap::new();
-        for (group, tensors) in &snapshot.tensors {
-            let name = format!("{group}.safetensors");
+        let mut shards = Vec::with_capacity(world);
+        for rank in 0..world {
+            let name = shard::header_file(rank);
             let path = tmp.join(&name);
-            super::tensor_file::write(&path, tensors)?;
-            files.insert(name, seal_file(&path)?);
+            let header = ShardHeader::read(&path)?;
+            let expected = (&part.job, part.iteration, &part.config_hash, world, rank);
+            let got = (
+                &header.job,
+                header.iteration,
+                &header.config_hash,
+                header.world_size,
+                header.rank,
+            );
+            if got != expected {
+                return Err(CheckpointError::ShardsDisagree {
+                    path: tmp.to_path_buf(),
+                    detail: format!(
+                        "{name} says (job, iteration, config hash, world size, rank) = {got:?}, rank 0 expects {expected:?}"
+                    ),
+                });
+            }
+            for (file, entry) in header.files {
+                // The writer checksummed its file; its size is checked here, its content
+                // by every reader's verify.
+                let p = tmp.join(&file);
+                let bytes = fs::metadata(&p)
+                    .map_err(|e| CheckpointError::io(&p, e))?
+                    .len();
+                if bytes != entry.entry.bytes {
+                    return Err(CheckpointError::Corrupt {
+                        path: p,
+                        reason: format!(
+                            "size {bytes} bytes, its shard header says {}",
+                            entry.entry.bytes
+                        ),
+                    });
+                }
+                files.insert(file, entry.entry);
+            }
+            files.insert(name.clone(), seal_file(&path)?);
+            shards.push(ShardRef { rank, header: name });
         }
-        for (doc, value) in &snapshot.json {
+        for doc in part.json.keys() {
             let name = format!("{doc}.json");
-            let path = tmp.join(&name);
-            let bytes = serde_json::to_vec_pretty(value).expect("JSON values always serialise");
-            write_synced(&path, &bytes)?;
-            files.insert(name, seal_file(&path)?);
+            files.insert(name.clone(), seal_file(&tmp.join(&name))?);
         }
         let manifest = Manifest {
             format: FORMAT.to_string(),
-            iteration: snapshot.iteration,
-            world_size: snapshot.world_size,
-            config_hash: snapshot.config_hash.clone(),
-            guarded: snapshot.guarded.clone(),
+            iteration: part.iteration,
+            world_size: world,
+            config_hash: part.config_hash.clone(),
+            guarded: part.guarded.clone(),
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             files,
+            job: part.job.clone(),
+            shards,
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         write_synced(&tmp.join(MANIFEST_FILE), &bytes)?;
-        sync_dir(&tmp)?;
+        sync_dir(tmp)?;
 
         // A directory of the same iteration can exist after resuming from an older checkpoint
         // (the newer one was corrupt, or --resume never). Move it aside first: rename(2) does
@@ -153,13 +249,13 @@ impl CheckpointManager {
         if final_dir.exists() {
             let trash = self
                 .root
-                .join(format!("{TRASH_PREFIX}{:09}", snapshot.iteration));
+                .join(format!("{TRASH_PREFIX}{:09}", part.iteration));
             fs::rename(&final_dir, &trash).map_err(|e| CheckpointError::io(&final_dir, e))?;
             fs::remove_dir_all(&trash).map_err(|e| CheckpointError::io(&trash, e))?;
         }
-        fs::rename(&tmp, &final_dir).map_err(|e| CheckpointError::io(&final_dir, e))?;
+        fs::rename(tmp, &final_dir).map_err(|e| CheckpointError::io(&final_dir, e))?;
         sync_dir(&self.root)?;
-        self.prune(snapshot.iteration)?;
+        self.prune(part.iteration)?;
         Ok(VerifiedCheckpoint {
             path: final_dir,
             manifest,
@@ -176,6 +272,7 @@ impl CheckpointManager {
                     scan.latest = Some(checkpoint);
                     break;
                 }
+                Err(e) if e.is_bad_input() => return Err(e),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), reason = %e, "skipping a checkpoint that does not verify");
                     scan.rejected.push(Rejected {
@@ -244,38 +341,19 @@ impl CheckpointManager {
         Ok(())
     }
 
-    /// Loads a verified checkpoint's tensors and JSON documents.
+    /// Loads a verified checkpoint's tensors (whole, whatever the world size that wrote
+    /// them) and JSON documents.
     pub fn load(checkpoint: &VerifiedCheckpoint) -> Result<Snapshot, CheckpointError> {
         let m = &checkpoint.manifest;
-        let mut snapshot = Snapshot {
+        let reader = CheckpointReader::open(checkpoint)?;
+        Ok(Snapshot {
             iteration: m.iteration,
             world_size: m.world_size,
             config_hash: m.config_hash.clone(),
             guarded: m.guarded.clone(),
-            ..Snapshot::default()
-        };
-        for name in m.files.keys() {
-            let path = checkpoint.path.join(name);
-            if let Some(group) = name.strip_suffix(".safetensors") {
-                let tensors =
-                    Tensor::read_safetensors(&path).map_err(|source| CheckpointError::Tensor {
-                        path: path.clone(),
-                        source,
-                    })?;
-                snapshot.tensors.insert(group.to_string(), tensors);
-            } else if let Some(doc) = name.strip_suffix(".json") {
-                let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-                let value = serde_json::from_slice(&bytes).map_err(|source| {
-                    CheckpointError::CorruptJson {
-                        path: path.clone(),
-                        what: "not valid JSON",
-                        source,
-                    }
-                })?;
-                snapshot.json.insert(doc.to_string(), value);
-            }
-        }
-        Ok(snapshot)
+            tensors: reader.groups()?,
+            json: reader.all_json()?,
+        })
     }
 }
 
@@ -294,13 +372,120 @@ pub fn verify(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     }
     let manifest = Manifest::read(path)?;
     manifest.verify(path)?;
+    if !manifest.is_v1() {
+        verify_shards(path, &manifest)?;
+    }
     Ok(VerifiedCheckpoint {
         path: path.to_path_buf(),
         manifest,
     })
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+/// Every rank `0..world_size` has exactly one header, listed and checksummed by the
+/// manifest, whose run, iteration and layout are the manifest's, and whose files the
+/// manifest lists.
+fn verify_shards(path: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ranks: Vec<usize> = m.shards.iter().map(|s| s.rank).collect();
+    if ranks != (0..m.world_size).collect::<Vec<_>>() {
+        return Err(corrupt(format!(
+            "the manifest lists shards of ranks {ranks:?} for a world of {}",
+            m.world_size
+        )));
+    }
+    for s in &m.shards {
+        if !m.files.contains_key(&s.header) {
+            return Err(corrupt(format!(
+                "shard header {} is not checksummed",
+                s.header
+            )));
+        }
+        let header = ShardHeader::read(&path.join(&s.header))?;
+        let disagree =
+            |what: &str, shard: String, manifest: String| CheckpointError::ShardsDisagree {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} (rank {}) has {what} {shard}, the manifest {manifest}",
+                    s.header, s.rank
+                ),
+            };
+        if header.job != m.job {
+            return Err(CheckpointError::ShardsDisagree {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} (rank {}) was written by job {}, the manifest by job {}: a shard from another job",
+                    s.header,
+                    s.rank,
+                    header.job.as_deref().unwrap_or("<none: outside a cluster>"),
+                    m.job.as_deref().unwrap_or("<none: outside a cluster>")
+                ),
+            });
+        }
+        if header.iteration != m.iteration {
+            return Err(disagree(
+                "iteration",
+                header.iteration.to_string(),
+                m.iteration.to_string(),
+            ));
+        }
+        if header.config_hash != m.config_hash {
+            return Err(disagree(
+                "config hash",
+                header.config_hash,
+                m.config_hash.clone(),
+            ));
+        }
+        if (header.world_size, header.rank) != (m.world_size, s.rank) {
+            return Err(disagree(
+                "(world size, rank)",
+                format!("{:?}", (header.world_size, header.rank)),
+                format!("{:?}", (m.world_size, s.rank)),
+            ));
+        }
+        for (file, entry) in &header.files {
+            if m.files.get(file) != Some(&entry.entry) {
+                return Err(disagree(
+                    &format!("file {file} with sha256"),
+                    entry.entry.sha256.clone(),
+                    m.files
+                        .get(file)
+                        .map_or("does not list it".into(), |e| e.sha256.clone()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0: an empty temporary directory for the checkpoint (a stale one of the same
+/// iteration, left by a killed attempt, is removed first).
+fn prepare_dir(tmp: &Path) -> Result<(), CheckpointError> {
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(|e| CheckpointError::io(tmp, e))?;
+    }
+    fs::create_dir(tmp).map_err(|e| CheckpointError::io(tmp, e))?;
+    sync_dir(tmp)
+}
+
+fn clone_groups(
+    groups: &BTreeMap<String, Vec<(String, Tensor)>>,
+) -> BTreeMap<String, Vec<(String, Tensor)>> {
+    groups
+        .iter()
+        .map(|(g, ts)| {
+            let ts = ts
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            (g.clone(), ts)
+        })
+        .collect()
+}
+
+pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
     file.write_all(bytes)
         .map_err(|e| CheckpointError::io(path, e))?;
@@ -308,7 +493,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 /// fsyncs a written file and records its size and checksum as read back from disk.
-fn seal_file(path: &Path) -> Result<FileEntry, CheckpointError> {
+pub(super) fn seal_file(path: &Path) -> Result<FileEntry, CheckpointError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| CheckpointError::io(path, e))?;

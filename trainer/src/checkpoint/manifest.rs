@@ -10,8 +10,12 @@ use sha2::{Digest, Sha256};
 
 use super::CheckpointError;
 
-/// Identifies the on-disk layout; bumped when it changes incompatibly.
-pub const FORMAT: &str = "dinoflow-checkpoint/v1";
+/// Identifies the on-disk layout written now: every rank writes its own shard (chunks of
+/// tensors, see `shard`), the manifest lists the shards. Bumped when it changes incompatibly.
+pub const FORMAT: &str = "dinoflow-checkpoint/v2";
+/// The first layout (rank 0 alone wrote one file per tensor group); still read, as one chunk
+/// per tensor.
+pub const FORMAT_V1: &str = "dinoflow-checkpoint/v1";
 /// File name of the manifest inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -35,6 +39,20 @@ pub struct Manifest {
     pub guarded: BTreeMap<String, String>,
     pub created_unix: u64,
     pub files: BTreeMap<String, FileEntry>,
+    /// The job that wrote it (`Kind/namespace/name`); None outside a cluster and in v1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Which rank wrote which header (v2: one per rank, `0..world_size`; empty in v1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRef>,
+}
+
+/// Rank `rank`'s shard header, a file of the checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRef {
+    pub rank: usize,
+    pub header: String,
 }
 
 impl Manifest {
@@ -47,13 +65,21 @@ impl Manifest {
                 what: "manifest is not valid JSON",
                 source,
             })?;
-        if manifest.format != FORMAT {
+        if manifest.format != FORMAT && manifest.format != FORMAT_V1 {
             return Err(CheckpointError::Corrupt {
                 path,
-                reason: format!("unknown format {:?}, expected {FORMAT:?}", manifest.format),
+                reason: format!(
+                    "unknown format {:?}, expected {FORMAT:?} or {FORMAT_V1:?}",
+                    manifest.format
+                ),
             });
         }
         Ok(manifest)
+    }
+
+    /// The first layout: whole tensors in per-group files, no shard headers.
+    pub fn is_v1(&self) -> bool {
+        self.format == FORMAT_V1
     }
 
     /// Checks every listed file against its size and checksum.

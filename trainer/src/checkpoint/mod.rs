@@ -1,10 +1,17 @@
 //! Checkpoints: one directory per iteration (`ckpt-000001234`), written into a temporary
 //! directory first, sealed by a manifest with checksums written last, and made visible by an
 //! atomic rename. A reader only trusts a directory whose manifest verifies.
+//!
+//! Every rank writes its own shard (chunks of the tensors it holds, `shard`) at the same
+//! time; after all ranks are done, rank 0 seals the manifest over every shard. A reader
+//! ([`CheckpointReader`]) serves any range of any tensor from whichever shards cover it, so
+//! a run resumes under another world size or sharding (`reader`).
 pub mod chunk;
 mod manager;
 pub mod manifest;
+mod reader;
 mod resume;
+pub mod shard;
 mod tensor_file;
 
 use std::path::{Path, PathBuf};
@@ -12,7 +19,9 @@ use std::path::{Path, PathBuf};
 pub use chunk::{Chunk, ChunkSource};
 pub use manager::{CheckpointManager, Rejected, Scan, Snapshot, VerifiedCheckpoint, verify};
 pub use manifest::Manifest;
+pub use reader::CheckpointReader;
 pub use resume::{ResumeMode, check_compatible};
+pub use shard::{ShardSnapshot, split_replicated};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -68,6 +77,25 @@ pub enum CheckpointError {
     },
     #[error("{path}: no verified checkpoint there")]
     NotFound { path: PathBuf },
+    /// The files verify but do not belong together: bad input, never skipped silently (a
+    /// fallback to an older checkpoint would later overwrite this one).
+    #[error(
+        "{path}: the shards of this checkpoint disagree: {detail}. The directory mixes files of different runs or iterations (copied or restored by hand): restore it as one whole from where it was written, or resume from another checkpoint with --resume PATH; nothing was overwritten"
+    )]
+    ShardsDisagree { path: PathBuf, detail: String },
+    #[error(
+        "{path}: tensor {name}: {detail}. The checkpoint does not hold the state this model needs: resume it with the model config it was written with, or start fresh with --resume never"
+    )]
+    NotCovered {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
+    /// Another rank failed its part of a sharded write (its own error is in its log).
+    #[error(
+        "checkpoint of iteration {iteration}: {detail}; the checkpoints written before are kept"
+    )]
+    PeerFailed { iteration: u64, detail: String },
     #[error(
         "refusing to resume from {path}: the config changed in ways that would silently change the run: {}. Pass --force to resume anyway, or --resume never to start fresh",
         .diffs.join("; ")
@@ -91,6 +119,12 @@ impl CheckpointError {
         }
     }
 
+    /// A checkpoint that verifies but is not one consistent whole, or does not hold the
+    /// state asked of it: refused (exit 78), never skipped for an older one.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::ShardsDisagree { .. } | Self::NotCovered { .. })
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
@@ -98,3 +132,6 @@ impl CheckpointError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

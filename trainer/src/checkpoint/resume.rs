@@ -77,6 +77,8 @@ mod tests {
                 .collect(),
             created_unix: 0,
             files: BTreeMap::new(),
+            job: None,
+            shards: Vec::new(),
         }
     }
 

@@ -126,6 +126,11 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
             | CheckpointError::CorruptJson { .. }
             | CheckpointError::Unreadable { .. },
         ) => PERMANENT_FAILURE,
+        // Shards that do not belong together, or a state they do not cover: the same on
+        // every restart.
+        JobError::Resume(e) | JobError::Loop(LoopError::Checkpoint(e)) if e.is_bad_input() => {
+            PERMANENT_FAILURE
+        }
         JobError::Resume(_) => RETRYABLE,
         JobError::Loop(LoopError::NonFiniteLoss { .. }) => NON_FINITE_LOSS,
         JobError::Loop(LoopError::Restore { .. }) => PERMANENT_FAILURE,
@@ -200,6 +205,17 @@ mod tests {
             },
         ));
         assert_eq!(refused.exit_code(), PERMANENT_FAILURE);
+        // Shards of another job or iteration: refused, whether found by the scan or the read.
+        let mixed = || CheckpointError::ShardsDisagree {
+            path: "/c".into(),
+            detail: "shard-00001.json was written by job b".into(),
+        };
+        for e in [
+            JobError::<BuildError>::Resume(mixed()),
+            JobError::Loop(LoopError::Checkpoint(mixed())),
+        ] {
+            assert_eq!(CommandError::from(e).exit_code(), PERMANENT_FAILURE);
+        }
         let peer_lost = CommandError::from(JobError::<BuildError>::World(WorldError::Rendezvous(
             CollectiveError::Rendezvous("peer lost".into()),
         )));

@@ -45,7 +45,8 @@ pub struct TeacherIdentity {
     pub format: String,
     /// The file or directory it was read from.
     pub path: PathBuf,
-    /// sha256 of the weights file (`teacher.safetensors` of a Dinoflow checkpoint).
+    /// sha256 of the weights file (`teacher.safetensors` of a Dinoflow checkpoint; of the
+    /// list of its per-rank files' checksums when several ranks wrote it).
     pub sha256: String,
 }
 
@@ -119,24 +120,43 @@ fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
             "{e}; point it at a verified checkpoint directory (ckpt-NNNNNNNNN) of a PretrainJob"
         ))
     })?;
-    let entry = manifest.files.get("teacher.safetensors").ok_or_else(|| {
-        path_err(format!(
+    // The teacher's files: `teacher.safetensors` when one rank wrote the checkpoint, one
+    // `teacher.rank-RRRRR.safetensors` per rank of a sharded one.
+    let files: Vec<(&String, &checkpoint::manifest::FileEntry)> = manifest
+        .files
+        .iter()
+        .filter(|(name, _)| {
+            name.as_str() == "teacher.safetensors"
+                || (name.starts_with("teacher.rank-") && name.ends_with(".safetensors"))
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(path_err(format!(
             "{} holds no teacher.safetensors; a PretrainJob checkpoint is needed",
             dir.display()
-        ))
-    })?;
-    // Only the teacher file is checked against the manifest: hashing the student and the
-    // optimiser state too would read several times the teacher's size at every start.
-    let file = dir.join("teacher.safetensors");
-    let (bytes, sha256) = checkpoint::manifest::hash_file(&file)
-        .map_err(|e| path_err(format!("{}: {e}", file.display())))?;
-    if (bytes, &sha256) != (entry.bytes, &entry.sha256) {
-        return Err(path_err(format!(
-            "{} does not match its manifest (size or sha256 differ): the checkpoint is damaged; \
-             use another verified checkpoint",
-            file.display()
         )));
     }
+    // Only the teacher's files are checked against the manifest: hashing the student and the
+    // optimiser state too would read several times the teacher's size at every start.
+    let mut shas = Vec::new();
+    for (name, entry) in &files {
+        let file = dir.join(name);
+        let (bytes, sha256) = checkpoint::manifest::hash_file(&file)
+            .map_err(|e| path_err(format!("{}: {e}", file.display())))?;
+        if (bytes, &sha256) != (entry.bytes, &entry.sha256) {
+            return Err(path_err(format!(
+                "{} does not match its manifest (size or sha256 differ): the checkpoint is damaged; \
+                 use another verified checkpoint",
+                file.display()
+            )));
+        }
+        shas.push(sha256);
+    }
+    // One file: its own checksum (as before sharded checkpoints); several: of their list.
+    let sha256 = match shas.as_slice() {
+        [one] => one.clone(),
+        many => checkpoint::manifest::hash_bytes(many.join("\n").as_bytes()),
+    };
     let model_json = manifest.guarded.get("training.model").ok_or_else(|| {
         path_err(format!(
             "the manifest of {} does not record training.model; it was not written by a \
@@ -150,8 +170,14 @@ fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
             dir.display()
         ))
     })?;
-    let sd: StateDict = Tensor::read_safetensors(&file)
-        .map_err(|e| path_err(format!("{}: {e}", file.display())))?
+    // Assembled from the shards of whatever world size wrote it (already hashed above).
+    let checkpoint = checkpoint::VerifiedCheckpoint {
+        path: dir.to_path_buf(),
+        manifest: manifest.clone(),
+    };
+    let sd: StateDict = checkpoint::CheckpointReader::open(&checkpoint)
+        .and_then(|r| r.group("teacher"))
+        .map_err(|e| path_err(e.to_string()))?
         .into_iter()
         .collect();
     Ok(Loaded {

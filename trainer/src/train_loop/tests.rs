@@ -138,6 +138,7 @@ fn settings(total: u64) -> LoopSettings {
         eval: None,
         world_size: 1,
         config_hash: "h".into(),
+        job: None,
         guarded: BTreeMap::new(),
         flops_per_image: Some(1e3),
         peak_flops: Some(1e9),

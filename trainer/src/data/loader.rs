@@ -3,8 +3,10 @@
 //! Worker threads each claim a whole iteration, decode and augment its images, and park the
 //! finished batch in a reorder buffer; the consumer takes batches strictly in iteration order.
 //! Workers never run more than `prefetch` batches ahead of the consumer (the bounded prefetch
-//! queue). A batch depends only on (seed, rank, iteration) — see `sampler` — so a loader
-//! started at iteration k produces exactly the batches k, k+1, … of a loader started at 0.
+//! queue). A batch depends only on (seed, rank, iteration) and the loader's sampler segment —
+//! see `sampler` — so a loader started at iteration k produces exactly the batches k, k+1, …
+//! of a loader started at 0, and one started with another batch or world size at the global
+//! sample position where another stopped continues its data order.
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 
 use super::augment::{MultiCrop, MultiCropConfig};
-use super::sampler::{ShardedInfiniteSampler, sample_rng};
+use super::sampler::{Segment, ShardedInfiniteSampler, sample_rng};
 use super::{DataError, Dataset, SkippedImages};
 
 #[derive(Debug, Clone)]
@@ -31,6 +33,10 @@ pub struct LoaderConfig {
     pub world_size: usize,
     /// First iteration to produce (the resume position).
     pub start_iteration: u64,
+    /// Global samples (all ranks) consumed before `start_iteration`: where the data order
+    /// continues after a change of batch or world size. None: the run never changed them,
+    /// `start_iteration · batch_size · world_size`.
+    pub start_sample: Option<u64>,
     pub shuffle: bool,
     pub crops: MultiCropConfig,
 }
@@ -45,6 +51,7 @@ impl Default for LoaderConfig {
             rank: 0,
             world_size: 1,
             start_iteration: 0,
+            start_sample: None,
             shuffle: true,
             crops: MultiCropConfig::default(),
         }
@@ -109,6 +116,7 @@ struct Shared {
     changed: Condvar,
     dataset: Arc<dyn Dataset>,
     sampler: ShardedInfiniteSampler,
+    segment: Segment,
     augment: MultiCrop,
     skipped: Arc<SkippedImages>,
     cfg: LoaderConfig,
@@ -140,11 +148,30 @@ impl Loader {
         Self::start(dataset, cfg, Arc::new(SkippedImages::new()))
     }
 
-    /// Restarts the loader at `iteration` (a resume). The record of unreadable images is kept,
-    /// so each one is still logged and counted once per run.
+    /// Restarts the loader at `iteration` of its own segment (a resume with the batch and
+    /// world size it has). The record of unreadable images is kept, so each one is still
+    /// logged and counted once per run.
     pub fn seek(&mut self, iteration: u64) -> Result<(), DataError> {
+        let seg = self.shared.segment;
+        let per_iteration = seg.samples_per_iteration() as i128;
+        let sample = seg.start_sample as i128
+            + (iteration as i128 - seg.start_iteration as i128) * per_iteration;
+        let sample = u64::try_from(sample).map_err(|_| DataError::InvalidConfig {
+            field: "data position",
+            message: format!(
+                "iteration {iteration} lies before global sample 0 of this loader's segment \
+                 ({seg:?})"
+            ),
+        })?;
+        self.seek_to(iteration, sample)
+    }
+
+    /// Restarts the loader at `iteration`, whose first sample is global position `sample`
+    /// (a resume that continues a data order written with another batch or world size).
+    pub fn seek_to(&mut self, iteration: u64, sample: u64) -> Result<(), DataError> {
         let cfg = LoaderConfig {
             start_iteration: iteration,
+            start_sample: Some(sample),
             ..self.shared.cfg.clone()
         };
         let skipped = Arc::clone(&self.shared.skipped);
@@ -178,6 +205,14 @@ impl Loader {
             cfg.world_size,
             cfg.shuffle,
         )?;
+        let segment = Segment {
+            start_iteration: cfg.start_iteration,
+            start_sample: cfg
+                .start_sample
+                .unwrap_or(cfg.start_iteration * (cfg.batch_size * cfg.world_size) as u64),
+            batch_size: cfg.batch_size,
+            world_size: cfg.world_size,
+        };
         let state = State {
             next_claim: cfg.start_iteration,
             next_consume: cfg.start_iteration,
@@ -189,6 +224,7 @@ impl Loader {
             changed: Condvar::new(),
             dataset,
             sampler,
+            segment,
             augment,
             skipped,
             cfg,
@@ -235,6 +271,17 @@ impl Loader {
     /// The iteration `next_batch` will return next (the data position to checkpoint).
     pub fn position(&self) -> u64 {
         self.shared.lock().next_consume
+    }
+
+    /// Global samples (all ranks) consumed before [`Self::position`]: with it, the data
+    /// order continues exactly under another batch or world size.
+    pub fn sample_position(&self) -> u64 {
+        self.shared.segment.samples_before(self.position())
+    }
+
+    /// The sampler segment this loader produces.
+    pub fn segment(&self) -> Segment {
+        self.shared.segment
     }
 
     pub fn data_wait(&self) -> DataWait {
@@ -307,7 +354,8 @@ fn build_batch(shared: &Shared, iteration: u64) -> Result<Batch, DataError> {
     let mut labels = Vec::with_capacity(b);
     let mut indices = Vec::with_capacity(b);
     for i in 0..b {
-        let index = shared.sampler.index(iteration * b as u64 + i as u64);
+        let position = shared.segment.position(cfg.rank, iteration, i);
+        let index = shared.sampler.index_at(position);
         let (used, sample) = shared.skipped.get_or_next(shared.dataset.as_ref(), index)?;
         let mut rng = sample_rng(cfg.seed, cfg.rank, iteration, i);
         let g1 = std::mem::take(&mut global_slots[i]);
@@ -447,6 +495,44 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_loader_continued_with_another_batch_and_world_size_draws_the_next_samples() {
+        let ds: Arc<dyn Dataset> = Arc::new(Synthetic {
+            len: 11,
+            bad_every: None,
+        });
+        // One rank, batch 3, for 4 iterations: 12 samples, one image of pass 2 consumed.
+        let mut first = Loader::new(Arc::clone(&ds), small(0, 2)).unwrap();
+        let mut seen: Vec<usize> = take(&mut first, 4)
+            .into_iter()
+            .flat_map(|b| b.indices)
+            .collect();
+        assert_eq!(first.sample_position(), 12);
+        // Then two ranks with batch 5 from iteration 4: positions 12..32 (the rest of
+        // pass 2 and all of pass 3 except its last image).
+        for rank in 0..2 {
+            let cfg = LoaderConfig {
+                rank,
+                world_size: 2,
+                batch_size: 5,
+                start_iteration: 4,
+                start_sample: Some(first.sample_position()),
+                ..small(0, 1)
+            };
+            let mut loader = Loader::new(Arc::clone(&ds), cfg).unwrap();
+            seen.extend(take(&mut loader, 2).into_iter().flat_map(|b| b.indices));
+            assert_eq!(loader.sample_position(), 32);
+        }
+        // Together: global positions 0..32 exactly once each, whichever rank drew them
+        // (two whole passes of the 11 images, then ten of the third).
+        let sampler = ShardedInfiniteSampler::new(11, 42, 0, 1, true).unwrap();
+        let mut want: Vec<usize> = (0..32).map(|g| sampler.index_at(g)).collect();
+        want.sort();
+        seen.sort();
+        assert_eq!(seen, want);
+        assert!((0..11).all(|i| seen.iter().filter(|&&j| j == i).count() >= 2));
     }
 
     #[test]

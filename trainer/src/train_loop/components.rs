@@ -360,20 +360,38 @@ impl BatchSource for Data {
         self.cfg.batch_size as u64
     }
 
+    /// The next iteration and the global samples (all ranks) consumed before it: the data
+    /// order continues from the latter even under another batch or world size.
     fn position(&self) -> serde_json::Value {
-        serde_json::json!({ "iteration": self.loader.position() })
+        serde_json::json!({
+            "iteration": self.loader.position(),
+            "samples": self.loader.sample_position(),
+        })
     }
 
-    /// Restarts the workers at the saved iteration: batches are a function of the iteration,
-    /// so nothing else needs restoring.
+    /// Restarts the workers at the saved iteration and global sample position: batches are a
+    /// function of those, so nothing else needs restoring. A position without `samples`
+    /// (written before it was recorded) comes from a run with one batch and world size.
     fn seek(&mut self, position: &serde_json::Value) -> Result<(), StepError> {
         let it = position["iteration"]
             .as_u64()
             .ok_or_else(|| StepError(format!("data position {position} has no iteration")))?;
-        if it == self.loader.position() {
-            return Ok(());
+        match position.get("samples") {
+            None => {
+                if it != self.loader.position() {
+                    self.loader.seek(it).map_err(step_err)?;
+                }
+            }
+            Some(samples) => {
+                let samples = samples.as_u64().ok_or_else(|| {
+                    StepError(format!("data position {position}: samples is not a count"))
+                })?;
+                if (it, samples) != (self.loader.position(), self.loader.sample_position()) {
+                    self.loader.seek_to(it, samples).map_err(step_err)?;
+                }
+            }
         }
-        self.loader.seek(it).map_err(step_err)
+        Ok(())
     }
 
     fn skipped_images(&self) -> u64 {

@@ -144,6 +144,7 @@ where
         schedules,
         flops_per_image,
         num_classes,
+        phases,
     } = build(&training, &world).map_err(JobError::Build)?;
     let total = training.total_iterations();
     let settings = LoopSettings {
@@ -170,6 +171,7 @@ where
         },
         flops_per_image,
         peak_flops,
+        phases,
     };
     let resume_from = match &args.resume {
         ResumeMode::Never => None,

@@ -596,8 +596,21 @@ impl Progress {
         losses: &[(String, f64)],
         lr: f64,
     ) -> Option<ProgressLine> {
+        self.on_iteration_closing(iteration, images, losses, lr, false)
+    }
+
+    /// As [`Self::on_iteration`]; `close` also ends the window at `iteration` (the last
+    /// iteration of a curriculum phase, so no window mixes two phases' throughput).
+    pub fn on_iteration_closing(
+        &mut self,
+        iteration: u64,
+        images: u64,
+        losses: &[(String, f64)],
+        lr: f64,
+        close: bool,
+    ) -> Option<ProgressLine> {
         self.window_images += images;
-        if !iteration.is_multiple_of(self.every) && iteration != self.total {
+        if !close && !iteration.is_multiple_of(self.every) && iteration != self.total {
             return None;
         }
         let elapsed = self.window_start.elapsed().as_secs_f64().max(1e-9);

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use dinoflow_api::TrainingConfig;
 
 use crate::config::{self, MappingError};
+use crate::curriculum::{Curriculum, PhasedSchedules};
 use crate::data::{DataError, Dataset, LoaderConfig, open_dataset};
 use crate::dist::{self, World};
 use crate::eval::{EvalError, EvalInputs, EvalTransform, LabelledSplit};
 use crate::masking::{MaskGenerator, MaskingError};
 use crate::meta_arch::{MetaArch, MetaArchError};
-use crate::optim::{self, ScheduleError};
-use crate::train_loop::Components;
-use crate::train_loop::components::{Data, Model};
+use crate::optim::ScheduleError;
+use crate::train_loop::components::{Data, DataPhase, Model};
+use crate::train_loop::{Components, LoopPhase};
 
 /// Why building the pretraining model, data and schedules failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +64,13 @@ pub enum EvalInputsError {
 pub fn build_components(
     training: &TrainingConfig,
     world: &World,
-) -> Result<Components<Model, Data, optim::Schedules>, BuildError> {
+) -> Result<Components<Model, Data, PhasedSchedules>, BuildError> {
     let device = world.device();
     let seed = training.train.seed;
     let arch_cfg = config::meta_arch_config(training)?;
     let flops_per_image = Some(config::flops_per_image(training, &arch_cfg));
-    let (patch, global) = (
-        arch_cfg.student.patch_size as usize,
-        training.crops.global_crops_size as usize,
-    );
+    let patch = arch_cfg.student.patch_size as usize;
+    let curriculum = Curriculum::from_config(training)?;
     // The same seed for init on every rank, as the official `fix_random_seeds`.
     tch::manual_seed(seed as i64);
     let arch = MetaArch::new(arch_cfg, device).map_err(BuildError::Model)?;
@@ -83,8 +82,9 @@ pub fn build_components(
         let mut vars: Vec<tch::Tensor> = sorted.into_values().collect();
         dist::broadcast_parameters(world.collective().as_ref(), &mut vars);
     }
-    let schedules = optim::Schedules::new(&config::schedules_config(training, world.world_size()))
-        .map_err(BuildError::Schedule)?;
+    // Each phase's learning rate follows the scaling rule for its batch (`curriculum`).
+    let schedules =
+        PhasedSchedules::new(&curriculum, world.world_size()).map_err(BuildError::Schedule)?;
 
     let path = Path::new(&training.data.path);
     let dataset = open_dataset(&config::dataset_kind(training), path).map_err(BuildError::Data)?;
@@ -98,17 +98,38 @@ pub fn build_components(
         crops: config::multi_crop_config(training)?,
         ..LoaderConfig::default()
     };
-    let masks = MaskGenerator::for_global_crops(global, patch)?;
+    let mut data_phases = Vec::new();
+    let mut loop_phases = Vec::new();
+    for phase in curriculum.phases() {
+        let t = &phase.training;
+        data_phases.push(DataPhase {
+            name: phase.name.clone(),
+            start: phase.start,
+            batch_size: t.train.batch_size_per_gpu as usize,
+            crops: config::multi_crop_config(t)?,
+            // The iBOT mask grid follows the global crop (crop / patch a side).
+            masks: MaskGenerator::for_global_crops(t.crops.global_crops_size as usize, patch)?,
+        });
+        loop_phases.push(LoopPhase {
+            name: phase.name.clone(),
+            start: phase.start,
+            flops_per_image: Some(config::flops_per_image(t, &config::meta_arch_config(t)?)),
+            describe: phase.describe(),
+        });
+    }
+    if !curriculum.is_configured() {
+        loop_phases.clear();
+    }
     // Only rank 0 evaluates (the replicas are identical), so only it opens the val split.
     let eval = if world.is_main() {
         eval_inputs(training, &dataset)?
     } else {
         None
     };
-    let data = Data::new(
+    let data = Data::with_phases(
         dataset,
         loader,
-        masks,
+        data_phases,
         config::mask_collate_config(training),
         device,
     )
@@ -125,6 +146,7 @@ pub fn build_components(
         schedules,
         flops_per_image,
         num_classes,
+        phases: loop_phases,
     })
 }
 

@@ -210,7 +210,7 @@ impl ProgressHook for ProgressReporter {
         let report = IterationDone {
             iteration: r.iteration,
             total_iterations: r.total_iterations,
-            curriculum_phase: String::new(),
+            curriculum_phase: r.phase.unwrap_or_default().to_string(),
             losses: r.losses.iter().map(|(k, v)| (loss_name(k), *v)).collect(),
             learning_rate: r.lr,
             images_per_second: self.images_per_second,
@@ -536,6 +536,7 @@ mod tests {
                 losses: &l,
                 lr: 1e-3,
                 images_per_second: (i % 10 == 0).then_some(123.0),
+                phase: None,
             });
         }
     }

@@ -180,6 +180,29 @@ pub struct LoopSettings {
     /// are known.
     pub flops_per_image: Option<f64>,
     pub peak_flops: Option<f64>,
+    /// The curriculum phases in order, the first from iteration 0; empty without a
+    /// curriculum (no phase is reported then).
+    pub phases: Vec<LoopPhase>,
+}
+
+/// A curriculum phase as the loop reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopPhase {
+    pub name: String,
+    /// First iteration (0-based) of the phase.
+    pub start: u64,
+    /// Training FLOPs per image at the phase's crops and batch (replaces
+    /// [`LoopSettings::flops_per_image`] during the phase).
+    pub flops_per_image: Option<f64>,
+    /// Crop sizes, local-crop count and batch size, as metrics.jsonl records them.
+    pub describe: serde_json::Value,
+}
+
+impl LoopSettings {
+    /// Index of the phase that iteration `iteration` (0-based) trains in.
+    fn phase_index(&self, iteration: u64) -> Option<usize> {
+        self.phases.iter().rposition(|p| p.start <= iteration)
+    }
 }
 
 /// One finished iteration, as progress reports carry it.
@@ -191,6 +214,8 @@ pub struct IterationReport<'r> {
     pub lr: f64,
     /// Set on logging iterations (the throughput window ends there).
     pub images_per_second: Option<f64>,
+    /// The curriculum phase the iteration trained in (None without a curriculum).
+    pub phase: Option<&'r str>,
 }
 
 /// How a run starts, as progress reports carry it.
@@ -222,6 +247,8 @@ pub struct Components<M, D, S> {
     pub schedules: S,
     pub flops_per_image: Option<f64>,
     pub num_classes: i64,
+    /// The curriculum phases as the loop reports them (empty without a curriculum).
+    pub phases: Vec<LoopPhase>,
 }
 
 /// No progress reporting (tests, runs without an operator, ranks other than 0).
@@ -401,6 +428,13 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             .set(last_checkpoint.elapsed().as_secs_f64());
         let images = self.data.images_per_batch() * self.settings.world_size as u64;
         m.images_total.inc_by(images);
+        // The iteration just done is `iteration - 1` (0-based).
+        let phase_index = self.settings.phase_index(iteration - 1);
+        let phase = phase_index.map(|i| &self.settings.phases[i]);
+        // Throughput is per phase: the window closes at a phase's last iteration.
+        let phase_ends = phase_index
+            .and_then(|i| self.settings.phases.get(i + 1))
+            .is_some_and(|next| next.start == iteration);
         let mut line = serde_json::json!({
             "type": "train",
             "iteration": iteration,
@@ -412,13 +446,18 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "teacher_temp": values.teacher_temp,
             "skipped_images": self.data.skipped_images(),
         });
-        let p = progress.on_iteration(iteration, images, losses, values.lr);
+        if let Some(phase) = phase {
+            line["phase"] = phase.name.clone().into();
+            line["curriculum"] = phase.describe.clone();
+        }
+        let p = progress.on_iteration_closing(iteration, images, losses, values.lr, phase_ends);
         self.progress.iteration(&IterationReport {
             iteration,
             total_iterations: self.settings.total_iterations,
             losses,
             lr: values.lr,
             images_per_second: p.as_ref().map(|p| p.images_per_second),
+            phase: phase.map(|p| p.name.as_str()),
         });
         if let Some(p) = p {
             tracing::info!("{}", p.text);
@@ -426,9 +465,8 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             m.eta_seconds.set(p.eta_seconds);
             line["images_per_second"] = p.images_per_second.into();
             line["eta_seconds"] = p.eta_seconds.into();
-            if let (Some(flops), Some(peak)) =
-                (self.settings.flops_per_image, self.settings.peak_flops)
-            {
+            let flops = phase.map_or(self.settings.flops_per_image, |p| p.flops_per_image);
+            if let (Some(flops), Some(peak)) = (flops, self.settings.peak_flops) {
                 let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
                 m.set_mfu(mfu);
                 line["mfu"] = mfu.into();

@@ -8,10 +8,20 @@ use serde::{Deserialize, Serialize};
 pub const MAX_PHASES: usize = 16;
 
 /// One curriculum phase. It starts at `startIteration` or `startEpoch` (exactly one) and
-/// overrides the crop settings from then on; fields left out keep the values of `crops`/`train`.
+/// overrides the crop settings and the batch size from then until the next phase; fields left
+/// out keep the values of `crops`/`train`. Iterations before the first phase use
+/// `crops`/`train` as they are (the phase named `base`). The trainer switches the loader,
+/// the iBOT mask grid and the position-embedding interpolation with the crop size, continues
+/// the data order from the global sample count, and, when `optim.lr` is 0 (derived), uses the
+/// learning rate of `optim.scalingRule` for the phase's global batch.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CurriculumPhase {
+    /// Name reported in `status.curriculumPhase` and metrics.jsonl while the phase runs;
+    /// default `phase-<n>` (n = 1 for the first listed phase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: Option<String>,
     /// First iteration of the phase (0-based).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_iteration: Option<u64>,
@@ -36,6 +46,13 @@ pub struct CurriculumPhase {
 }
 
 impl CurriculumPhase {
+    /// The reported name of the phase at `index` in the list.
+    pub fn display_name(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("phase-{}", index + 1))
+    }
+
     /// The phase's first iteration, converting epochs with `epoch_length`.
     pub fn start(&self, epoch_length: u32) -> Option<u64> {
         match (self.start_iteration, self.start_epoch) {

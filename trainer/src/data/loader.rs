@@ -37,6 +37,10 @@ pub struct LoaderConfig {
     /// continues after a change of batch or world size. None: the run never changed them,
     /// `start_iteration · batch_size · world_size`.
     pub start_sample: Option<u64>,
+    /// First iteration not to produce (the start of the next curriculum phase, which needs
+    /// another loader); None: endless. Workers stop there instead of decoding batches of
+    /// the wrong shape.
+    pub end_iteration: Option<u64>,
     pub shuffle: bool,
     pub crops: MultiCropConfig,
 }
@@ -52,6 +56,7 @@ impl Default for LoaderConfig {
             world_size: 1,
             start_iteration: 0,
             start_sample: None,
+            end_iteration: None,
             shuffle: true,
             crops: MultiCropConfig::default(),
         }
@@ -169,14 +174,24 @@ impl Loader {
     /// Restarts the loader at `iteration`, whose first sample is global position `sample`
     /// (a resume that continues a data order written with another batch or world size).
     pub fn seek_to(&mut self, iteration: u64, sample: u64) -> Result<(), DataError> {
-        let cfg = LoaderConfig {
+        self.restart(LoaderConfig {
             start_iteration: iteration,
             start_sample: Some(sample),
             ..self.shared.cfg.clone()
-        };
+        })
+    }
+
+    /// Restarts the loader on the same dataset with another config (the next curriculum
+    /// phase: crops, batch size, start and end); the record of unreadable images is kept.
+    pub fn restart(&mut self, cfg: LoaderConfig) -> Result<(), DataError> {
         let skipped = Arc::clone(&self.shared.skipped);
         *self = Self::start(Arc::clone(&self.shared.dataset), cfg, skipped)?;
         Ok(())
+    }
+
+    /// The config the loader runs with.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.shared.cfg
     }
 
     fn start(
@@ -250,6 +265,16 @@ impl Loader {
         let start = Instant::now();
         let mut state = self.shared.lock();
         let it = state.next_consume;
+        if self.shared.cfg.end_iteration.is_some_and(|end| it >= end) {
+            return Err(DataError::InvalidConfig {
+                field: "data position",
+                message: format!(
+                    "iteration {it} is past this loader's end ({:?}); the next curriculum \
+                     phase needs its own loader",
+                    self.shared.cfg.end_iteration
+                ),
+            });
+        }
         let result = loop {
             if let Some(result) = state.ready.remove(&it) {
                 break result;
@@ -312,8 +337,10 @@ fn worker(shared: &Shared) {
     loop {
         let it = {
             let mut state = shared.lock();
+            let past_end = |next: u64| shared.cfg.end_iteration.is_some_and(|end| next >= end);
             while !state.stop
-                && state.next_claim >= state.next_consume + shared.cfg.prefetch.max(1) as u64
+                && (state.next_claim >= state.next_consume + shared.cfg.prefetch.max(1) as u64
+                    || past_end(state.next_claim))
             {
                 state = shared
                     .changed

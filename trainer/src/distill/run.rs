@@ -10,11 +10,11 @@ use super::{
     DistillData, DistillError, DistillModel, DistillSettings, FrozenTeacher, load_teacher,
 };
 use crate::config::{self, MappingError};
+use crate::curriculum::PhasedSchedules;
 use crate::dist::World;
 use crate::meta_arch::MetaArchConfig;
-use crate::optim;
 use crate::pretrain::{self, build_components};
-use crate::train_loop::Components;
+use crate::train_loop::{Components, LoopPhase};
 
 /// Why the distillation components could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub fn build(
     world: &World,
     teacher: &TeacherSource,
     settings: &DistillSettings,
-) -> Result<Components<DistillModel, DistillData, optim::Schedules>, BuildError> {
+) -> Result<Components<DistillModel, DistillData, PhasedSchedules>, BuildError> {
     let student = student_config(training, settings);
     let arch = config::meta_arch_config(&student)?;
     settings.check(arch.do_ibot())?;
@@ -74,6 +74,14 @@ pub fn build(
         // an MFU from it wrong, so none is reported.
         flops_per_image: None,
         num_classes: c.num_classes,
+        phases: c
+            .phases
+            .into_iter()
+            .map(|p| LoopPhase {
+                flops_per_image: None,
+                ..p
+            })
+            .collect(),
     })
 }
 

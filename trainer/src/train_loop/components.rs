@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Trainable};
 use crate::data::sampler::sample_rng;
-use crate::data::{DataError, Dataset, Loader, LoaderConfig};
+use crate::data::{DataError, Dataset, Loader, LoaderConfig, MultiCropConfig};
 use crate::dist::Collective;
 use crate::eval::EvalInputs;
 use crate::loss::{CenterState, TeacherCenter};
@@ -84,6 +84,14 @@ impl Model {
         targets: TargetSource<'_>,
     ) -> Result<StepLosses, StepError> {
         tch::manual_seed(step_seed(self.seed, self.rank, batch.iteration));
+        // A curriculum phase may change the local-crop count: take it from the batch
+        // (`[n·B, 3, l, l]` local crops beside `[2·B, 3, g, g]` global ones); the step still
+        // checks the shapes against it.
+        let images = batch.ssl.global_crops.size().first().copied().unwrap_or(0) / 2;
+        if images > 0 {
+            let local = batch.ssl.local_crops.size().first().copied().unwrap_or(0);
+            self.arch.config.n_local_crops = local / images;
+        }
         let collective = self.collective.as_ref();
         self.arch
             .train_step(&batch.ssl, v, collective, targets)
@@ -299,25 +307,46 @@ fn load_vars(
     })
 }
 
+/// What the data side switches at a curriculum phase: batch size, crops, mask grid.
+#[derive(Debug, Clone)]
+pub struct DataPhase {
+    /// Reported name (`crate::curriculum::Phase::name`).
+    pub name: String,
+    /// First iteration of the phase.
+    pub start: u64,
+    pub batch_size: usize,
+    pub crops: MultiCropConfig,
+    pub masks: MaskGenerator,
+}
+
 /// The data loader plus the iBOT mask collation of the official `collate_data_and_cast`.
-/// Masks draw from a generator keyed by (seed, rank, iteration), like the crops.
+/// Masks draw from a generator keyed by (seed, rank, iteration), like the crops. With a
+/// curriculum, the loader is restarted at each phase's first iteration with the phase's crops
+/// and batch size, continuing the global sample order where the last phase stopped.
 pub struct Data {
+    /// Seed, rank, world size, workers; the batch size and crops of the current phase.
     cfg: LoaderConfig,
+    phases: Vec<DataPhase>,
+    /// Index in `phases` of the loader's phase.
+    current: usize,
     loader: Loader,
-    masks: MaskGenerator,
     collate: MaskCollateConfig,
     device: Device,
+    /// Images per rank of the batch `next_batch` returned last (for throughput).
+    last_batch_size: usize,
 }
 
 impl std::fmt::Debug for Data {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Data")
             .field("loader", &self.loader)
+            .field("phase", &self.phases[self.current].name)
             .finish()
     }
 }
 
 impl Data {
+    /// One phase from iteration 0 (no curriculum): `cfg`'s batch size and crops throughout.
     pub fn new(
         dataset: Arc<dyn Dataset>,
         cfg: LoaderConfig,
@@ -325,25 +354,128 @@ impl Data {
         collate: MaskCollateConfig,
         device: Device,
     ) -> Result<Self, DataError> {
-        let loader = Loader::new(dataset, cfg.clone())?;
-        Ok(Self {
-            cfg,
-            loader,
+        let phase = DataPhase {
+            name: crate::curriculum::BASE_PHASE.into(),
+            start: 0,
+            batch_size: cfg.batch_size,
+            crops: cfg.crops.clone(),
             masks,
+        };
+        Self::with_phases(dataset, cfg, vec![phase], collate, device)
+    }
+
+    /// The phases in order, the first from iteration 0; `cfg` gives the rest of the loader
+    /// settings (its batch size and crops are replaced by each phase's).
+    pub fn with_phases(
+        dataset: Arc<dyn Dataset>,
+        cfg: LoaderConfig,
+        phases: Vec<DataPhase>,
+        collate: MaskCollateConfig,
+        device: Device,
+    ) -> Result<Self, DataError> {
+        if phases.first().is_none_or(|p| p.start != 0) {
+            return Err(DataError::InvalidConfig {
+                field: "curriculum.phases",
+                message: "the first data phase must start at iteration 0".into(),
+            });
+        }
+        let current = phases
+            .iter()
+            .rposition(|p| p.start <= cfg.start_iteration)
+            .unwrap_or(0);
+        let mut cfg = cfg;
+        let start_sample = cfg
+            .start_sample
+            .unwrap_or_else(|| samples_before(&phases, cfg.start_iteration, cfg.world_size));
+        cfg.start_sample = Some(start_sample);
+        let loader_cfg = phase_config(&cfg, &phases, current);
+        let loader = Loader::new(dataset, loader_cfg)?;
+        Ok(Self {
+            last_batch_size: phases[current].batch_size,
+            cfg,
+            phases,
+            current,
+            loader,
             collate,
             device,
         })
     }
+
+    /// Restarts the loader in the phase of `iteration`, at global sample `sample`.
+    fn enter(&mut self, iteration: u64, sample: u64) -> Result<(), DataError> {
+        let index = self
+            .phases
+            .iter()
+            .rposition(|p| p.start <= iteration)
+            .unwrap_or(0);
+        let base = LoaderConfig {
+            start_iteration: iteration,
+            start_sample: Some(sample),
+            ..self.cfg.clone()
+        };
+        self.loader
+            .restart(phase_config(&base, &self.phases, index))?;
+        self.current = index;
+        Ok(())
+    }
+
+    /// The phase of the next batch.
+    pub fn phase(&self) -> &DataPhase {
+        &self.phases[self.current]
+    }
+}
+
+/// The loader config of phase `index`: `base` with the phase's batch, crops and end.
+fn phase_config(base: &LoaderConfig, phases: &[DataPhase], index: usize) -> LoaderConfig {
+    let p = &phases[index];
+    LoaderConfig {
+        batch_size: p.batch_size,
+        crops: p.crops.clone(),
+        end_iteration: phases.get(index + 1).map(|n| n.start),
+        ..base.clone()
+    }
+}
+
+/// Global samples the iterations before `iteration` consume on `world_size` ranks.
+fn samples_before(phases: &[DataPhase], iteration: u64, world_size: usize) -> u64 {
+    phases
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let end = phases
+                .get(i + 1)
+                .map_or(iteration, |n| n.start.min(iteration));
+            end.saturating_sub(p.start) * (p.batch_size * world_size) as u64
+        })
+        .sum()
 }
 
 impl BatchSource for Data {
     type Batch = TrainBatch;
 
     fn next_batch(&mut self) -> Result<TrainBatch, StepError> {
+        let next = self.loader.position();
+        if self
+            .phases
+            .get(self.current + 1)
+            .is_some_and(|p| p.start <= next)
+        {
+            let sample = self.loader.sample_position();
+            self.enter(next, sample).map_err(step_err)?;
+            tracing::info!(
+                iteration = next,
+                phase = %self.phase().name,
+                global_crops_size = self.phase().crops.global_crops_size,
+                batch_size_per_gpu = self.phase().batch_size,
+                "curriculum phase starts"
+            );
+        }
         let b = self.loader.next_batch().map_err(step_err)?;
         let n_images = b.global_shape[0];
         let mut rng = sample_rng(self.cfg.seed, self.cfg.rank, b.iteration, usize::MAX - 1);
-        let m = collate_masks(n_images, &self.masks, &self.collate, &mut rng).map_err(step_err)?;
+        let phase = &self.phases[self.current];
+        let m = collate_masks(n_images, &phase.masks, &self.collate, &mut rng).map_err(step_err)?;
+        self.last_batch_size = phase.batch_size;
         let d = self.device;
         let ssl = SslBatch {
             global_crops: b.global_tensor().to_device(d),
@@ -361,39 +493,59 @@ impl BatchSource for Data {
     }
 
     fn images_per_batch(&self) -> u64 {
-        self.cfg.batch_size as u64
+        self.last_batch_size as u64
     }
 
-    /// The next iteration and the global samples (all ranks) consumed before it: the data
-    /// order continues from the latter even under another batch or world size.
+    /// The next iteration, the global samples (all ranks) consumed before it — the data
+    /// order continues from there even under another batch or world size — and the
+    /// curriculum phase that iteration trains in.
     fn position(&self) -> serde_json::Value {
+        let next = self.loader.position();
+        let phase = self
+            .phases
+            .iter()
+            .rev()
+            .find(|p| p.start <= next)
+            .map_or("", |p| p.name.as_str());
         serde_json::json!({
-            "iteration": self.loader.position(),
+            "iteration": next,
             "samples": self.loader.sample_position(),
+            "phase": phase,
         })
     }
 
-    /// Restarts the workers at the saved iteration and global sample position: batches are a
-    /// function of those, so nothing else needs restoring. A position without `samples`
-    /// (written before it was recorded) comes from a run with one batch and world size.
+    /// Restarts the workers at the saved iteration and global sample position, in the phase
+    /// of that iteration: batches are a function of those, so nothing else needs restoring.
+    /// A position without `samples` (written before it was recorded) comes from a run that
+    /// kept its world size.
     fn seek(&mut self, position: &serde_json::Value) -> Result<(), StepError> {
         let it = position["iteration"]
             .as_u64()
             .ok_or_else(|| StepError(format!("data position {position} has no iteration")))?;
-        match position.get("samples") {
-            None => {
-                if it != self.loader.position() {
-                    self.loader.seek(it).map_err(step_err)?;
-                }
-            }
-            Some(samples) => {
-                let samples = samples.as_u64().ok_or_else(|| {
-                    StepError(format!("data position {position}: samples is not a count"))
-                })?;
-                if (it, samples) != (self.loader.position(), self.loader.sample_position()) {
-                    self.loader.seek_to(it, samples).map_err(step_err)?;
-                }
-            }
+        let samples = match position.get("samples") {
+            None => samples_before(&self.phases, it, self.cfg.world_size),
+            Some(s) => s.as_u64().ok_or_else(|| {
+                StepError(format!("data position {position}: samples is not a count"))
+            })?,
+        };
+        let saved_phase = position["phase"].as_str();
+        let phase = self
+            .phases
+            .iter()
+            .rev()
+            .find(|p| p.start <= it)
+            .map(|p| p.name.as_str());
+        if saved_phase.is_some_and(|s| Some(s) != phase) {
+            tracing::warn!(
+                iteration = it,
+                checkpoint_phase = saved_phase,
+                config_phase = phase,
+                "training.curriculum changed since the checkpoint: resuming in the phase the \
+                 config gives for this iteration"
+            );
+        }
+        if (it, samples) != (self.loader.position(), self.loader.sample_position()) {
+            self.enter(it, samples).map_err(step_err)?;
         }
         Ok(())
     }

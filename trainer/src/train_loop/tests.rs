@@ -142,6 +142,7 @@ fn settings(total: u64) -> LoopSettings {
         guarded: BTreeMap::new(),
         flops_per_image: Some(1e3),
         peak_flops: Some(1e9),
+        phases: Vec::new(),
     }
 }
 

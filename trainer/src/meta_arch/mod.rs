@@ -135,6 +135,8 @@ impl MetaArch {
 mod parity_tests;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod trajectory_parity_tests;
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,11 @@ fn setup() -> Setup {
         super::centering::SINKHORN_ITERATIONS,
         "fixture uses a different Sinkhorn–Knopp iteration count"
     );
+    assert_eq!(
+        fx.f64_at("/config/koleo_eps"),
+        super::koleo::KOLEO_EPS,
+        "fixture uses a different KoLeo epsilon"
+    );
     Setup {
         teacher_temp: fx.f64_at("/config/teacher_temp"),
         student_temp: fx.f64_at("/config/student_temp"),

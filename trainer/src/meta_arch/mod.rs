@@ -190,6 +190,8 @@ mod parity_tests;
 mod parallel_tests;
 #[cfg(test)]
 pub(crate) mod test_support;
+#[cfg(test)]
+mod trajectory_parity_tests;
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,11 @@ use crate::parity_fixture::{Fixture, assert_close};
 use crate::precision::Precision;
 use crate::weights;
 
-fn config_from_fixture(fx: &Fixture, precision: Precision) -> MetaArchConfig {
+/// The meta-architecture of a training fixture (`train_step`, `train_trajectory`): every
+/// setting from its JSON `config` (`arch`, the merged official `cfg`, and `adamw` where the
+/// generator records it; otherwise `cfg.optim.adamw_beta1/2` and PyTorch's default eps, which
+/// the reference never overrides).
+pub(super) fn config_from_fixture(fx: &Fixture, precision: Precision) -> MetaArchConfig {
     let c = &fx.json["config"];
     let cfg = &c["cfg"];
     let num = |v: &Value| v.as_f64().unwrap();
@@ -32,7 +36,21 @@ fn config_from_fixture(fx: &Fixture, precision: Precision) -> MetaArchConfig {
         nlayers: int(&section["head_nlayers"]),
         mlp_bias: true,
     };
-    let betas = c["adamw"]["betas"].as_array().unwrap();
+    let adamw = match c.get("adamw") {
+        Some(a) => {
+            let betas = a["betas"].as_array().unwrap();
+            AdamWConfig {
+                beta1: num(&betas[0]),
+                beta2: num(&betas[1]),
+                eps: num(&a["eps"]),
+            }
+        }
+        None => AdamWConfig {
+            beta1: num(&cfg["optim"]["adamw_beta1"]),
+            beta2: num(&cfg["optim"]["adamw_beta2"]),
+            ..AdamWConfig::default()
+        },
+    };
     MetaArchConfig {
         dino_head: head(&cfg["dino"]),
         ibot_head: cfg["ibot"]["separate_head"]
@@ -53,25 +71,27 @@ fn config_from_fixture(fx: &Fixture, precision: Precision) -> MetaArchConfig {
             layerwise_decay: num(&cfg["optim"]["layerwise_decay"]),
             patch_embed_lr_mult: num(&cfg["optim"]["patch_embed_lr_mult"]),
         },
-        adamw: AdamWConfig {
-            beta1: num(&betas[0]),
-            beta2: num(&betas[1]),
-            eps: num(&c["adamw"]["eps"]),
-        },
+        adamw,
         precision,
         ..MetaArchConfig::official(student.clone())
     }
 }
 
 fn batch_from_fixture(fx: &Fixture) -> SslBatch {
+    collated_batch(fx, "collated.")
+}
+
+/// The collated batch stored under `prefix` (`collated.`, `step3.collated.`).
+pub(super) fn collated_batch(fx: &Fixture, prefix: &str) -> SslBatch {
+    let t = |name: &str| fx.t(&format!("{prefix}{name}"));
     SslBatch {
-        global_crops: fx.t("collated.global_crops").shallow_clone(),
-        local_crops: fx.t("collated.local_crops").shallow_clone(),
-        masks: fx.t("collated.masks").shallow_clone(),
-        mask_indices_list: fx.t("collated.mask_indices_list").shallow_clone(),
-        masks_weight: fx.t("collated.masks_weight").shallow_clone(),
-        n_masked_patches: fx.t("collated.n_masked_patches").int64_value(&[0]),
-        upperbound: fx.t("collated.upperbound").int64_value(&[0]),
+        global_crops: t("global_crops").shallow_clone(),
+        local_crops: t("local_crops").shallow_clone(),
+        masks: t("masks").shallow_clone(),
+        mask_indices_list: t("mask_indices_list").shallow_clone(),
+        masks_weight: t("masks_weight").shallow_clone(),
+        n_masked_patches: t("n_masked_patches").int64_value(&[0]),
+        upperbound: t("upperbound").int64_value(&[0]),
     }
 }
 
@@ -88,7 +108,7 @@ fn hyper_from_fixture(fx: &Fixture) -> ScheduleValues {
 }
 
 /// Student and teacher set to `before.student.*` (the teacher is a bit-identical copy).
-fn arch_from_fixture(fx: &Fixture, precision: Precision) -> MetaArch {
+pub(super) fn arch_from_fixture(fx: &Fixture, precision: Precision) -> MetaArch {
     let arch = MetaArch::new(config_from_fixture(fx, precision), Device::Cpu).unwrap();
     let sd = fx.state_dict("before.student.");
     weights::load_state_dict(&arch.student.vs, &sd).unwrap();

@@ -72,6 +72,11 @@ pub trait Trainable {
     fn eval_inputs(&self) -> Option<(&EvalInputs, Kind)> {
         None
     }
+    /// Where the last step's time went, where it can be measured without a device sync (the
+    /// CPU); None otherwise.
+    fn step_phases(&self) -> Option<crate::meta_arch::StepPhases> {
+        None
+    }
 }
 
 /// The data side. The batch of iteration `i` must be a function of (seed, rank, i) so that
@@ -87,6 +92,10 @@ pub trait BatchSource {
     /// Running total of images skipped because they could not be decoded.
     fn skipped_images(&self) -> u64 {
         0
+    }
+    /// Batches prepared ahead and waiting to be consumed (None: the source has no queue).
+    fn queue_depth(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -269,7 +278,10 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             }
             // Schedules.
             let values = self.schedules.at(iteration);
-            // Step.
+            // Step. The queue is sampled before the take: 0 means this step waits for data.
+            if let Some(depth) = self.data.queue_depth() {
+                self.metrics.loader_queue_depth.set(depth as i64);
+            }
             let wait = Instant::now();
             let batch = self
                 .data
@@ -299,6 +311,9 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             }
             // Compute time includes the read above, which waits for the queued step.
             self.metrics.observe_iteration(data_wait, compute.elapsed());
+            if let Some(phases) = self.model.step_phases() {
+                self.metrics.observe_step_phases(&phases);
+            }
             iteration += 1;
             // Metrics.
             self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
@@ -374,9 +389,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                 m.set_mfu(mfu);
                 line["mfu"] = mfu.into();
             }
-            if let Some(rss) = crate::metrics::resident_memory_bytes() {
-                m.memory_bytes.set(rss as f64);
-            }
+            m.record_memory();
         }
         self.write_line(&line)
     }

@@ -24,7 +24,7 @@ pub use batch::SslBatch;
 pub use config::MetaArchConfig;
 pub use losses::{LossValues, StepLosses};
 pub use network::{SUBMODULES, SslNetwork, StudentOutputs, TeacherHeadOutputs, copy_weights};
-pub use step::{StepOutcome, StepReport};
+pub use step::{StepOutcome, StepPhases, StepReport};
 pub use targets::TargetSource;
 
 use crate::loss::{DinoLoss, DinoLossConfig, IbotLoss, IbotLossConfig, LossError};
@@ -64,6 +64,8 @@ pub struct MetaArch {
     pub ibot_loss: Option<IbotLoss>,
     pub optimizer: AdamW,
     pub loss_scaler: Option<DynamicLossScaler>,
+    /// Where the last step's time went (CPU only, see [`StepPhases`]).
+    pub last_step_phases: Option<StepPhases>,
 }
 
 impl MetaArch {
@@ -127,6 +129,7 @@ impl MetaArch {
             ibot_loss,
             optimizer,
             loss_scaler,
+            last_step_phases: None,
         })
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use dinoflow_api::contract::JobKind;
@@ -467,7 +467,12 @@ fn host_memory() -> Option<HostMemory> {
 fn parse_proc_status(status: &str) -> Option<HostMemory> {
     let kb = |key: &str| -> Option<u64> {
         let line = status.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..].trim().strip_suffix("kB")?.trim().parse().ok()
+        line[key.len()..]
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
     };
     let resident = kb("VmRSS:")? * 1024;
     // The peak is never below the current value (a kernel without VmHWM: the current one).
@@ -757,7 +762,8 @@ mod tests {
 
     #[test]
     fn proc_status_gives_resident_memory_and_its_peak() {
-        let status = "Name:\ttrainer\nVmPeak:\t 9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        let status =
+            "Name:\ttrainer\nVmPeak:\t 9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
         assert_eq!(
             parse_proc_status(status),
             Some(HostMemory {

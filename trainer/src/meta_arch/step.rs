@@ -336,7 +336,10 @@ mod tests {
         step(&mut arch, &tiny_batch());
         let elapsed = started.elapsed();
         let p = arch.last_step_phases.expect("phases of a CPU step");
-        assert!(p.forward > Duration::ZERO && p.backward > Duration::ZERO, "{p:?}");
+        assert!(
+            p.forward > Duration::ZERO && p.backward > Duration::ZERO,
+            "{p:?}"
+        );
         assert!(p.optimizer > Duration::ZERO, "{p:?}");
         // One process: nothing to all-reduce, so (almost) no time in it.
         assert!(p.communication < p.forward, "{p:?}");

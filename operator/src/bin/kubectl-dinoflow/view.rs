@@ -167,12 +167,14 @@ impl Job {
 
     pub fn checkpoints_view(&self, now: Timestamp) -> CheckpointsView {
         let training = &self.spec["training"];
-        let period = training["checkpoint"]["periodIterations"].as_u64().or_else(|| {
-            // Unset: 3 official epochs, as the trainer does.
-            training["train"]["officialEpochLength"]
-                .as_u64()
-                .map(|e| 3 * e)
-        });
+        let period = training["checkpoint"]["periodIterations"]
+            .as_u64()
+            .or_else(|| {
+                // Unset: 3 official epochs, as the trainer does.
+                training["train"]["officialEpochLength"]
+                    .as_u64()
+                    .map(|e| 3 * e)
+            });
         let last = self.status_view(now).last_checkpoint;
         let next_iteration = match (period, self.status.iteration, self.status.phase()) {
             (Some(p), Some(i), phase) if p > 0 && !phase.is_finished() => {
@@ -244,7 +246,11 @@ pub fn render_status(v: &StatusView) -> String {
         or_dash(v.mfu.map(|m| format!("{:.1}%", 100.0 * m)))
     );
     if !v.losses.is_empty() {
-        let losses: Vec<String> = v.losses.iter().map(|(k, x)| format!("{k}={x:.4}")).collect();
+        let losses: Vec<String> = v
+            .losses
+            .iter()
+            .map(|(k, x)| format!("{k}={x:.4}"))
+            .collect();
         let _ = writeln!(out, "Losses:      {}", losses.join(" "));
     }
     let checkpoint = v.last_checkpoint.as_ref().map(|c| {

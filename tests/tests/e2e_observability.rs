@@ -400,7 +400,9 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
         progress.contains("ETA ") && !progress.contains("ETA -"),
         "{progress}"
     );
-    assert!(text.contains(" images/s"), "{text}");
+    assert!(text.contains(" images/s   MFU: "), "{text}");
+    // DINOFLOW_PEAK_FLOPS is set: the estimate travels with the progress reports.
+    assert!(!text.contains("MFU: -"), "{text}");
     let table = text
         .split_once("Evaluations:\n")
         .map(|(_, t)| t)
@@ -422,6 +424,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
     ))
     .unwrap();
     assert_eq!(json["totalIterations"], 60, "{json}");
+    assert!(json["mfu"].as_f64().is_some_and(|m| m > 0.0), "{json}");
     assert!(
         json["progress"]
             .as_f64()

@@ -176,6 +176,8 @@ pub struct IterationReport<'r> {
     pub lr: f64,
     /// Set on logging iterations (the throughput window ends there).
     pub images_per_second: Option<f64>,
+    /// Estimated MFU of that window, when the peak FLOP/s are known.
+    pub mfu: Option<f64>,
 }
 
 /// Where progress goes besides metrics.jsonl and Prometheus: the operator's gRPC stream on
@@ -369,12 +371,19 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             "skipped_images": self.data.skipped_images(),
         });
         let p = progress.on_iteration(iteration, images, losses, values.lr);
+        let mfu = match (&p, self.settings.flops_per_image, self.settings.peak_flops) {
+            (Some(p), Some(flops), Some(peak)) => {
+                Some(flops * p.images_per_second / (peak * self.settings.world_size as f64))
+            }
+            _ => None,
+        };
         self.progress.iteration(&IterationReport {
             iteration,
             total_iterations: self.settings.total_iterations,
             losses,
             lr: values.lr,
             images_per_second: p.as_ref().map(|p| p.images_per_second),
+            mfu,
         });
         if let Some(p) = p {
             tracing::info!("{}", p.text);
@@ -382,10 +391,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             m.eta_seconds.set(p.eta_seconds);
             line["images_per_second"] = p.images_per_second.into();
             line["eta_seconds"] = p.eta_seconds.into();
-            if let (Some(flops), Some(peak)) =
-                (self.settings.flops_per_image, self.settings.peak_flops)
-            {
-                let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
+            if let Some(mfu) = mfu {
                 m.set_mfu(mfu);
                 line["mfu"] = mfu.into();
             }

@@ -33,7 +33,7 @@ pub struct StatusView {
     /// Seconds to the last iteration at the current attempt's average rate.
     pub eta_seconds: Option<f64>,
     pub images_per_second: Option<f64>,
-    /// Not in the job status yet; the trainer exports it as `dinoflow_trainer_mfu_ratio`.
+    /// Estimated MFU (0..1), when the trainer knows the peak FLOP/s.
     pub mfu: Option<f64>,
     pub losses: std::collections::BTreeMap<String, f64>,
     pub last_checkpoint: Option<CheckpointView>,
@@ -113,7 +113,7 @@ impl Job {
             progress,
             eta_seconds: self.eta_seconds(),
             images_per_second: s.images_per_second,
-            mfu: None,
+            mfu: s.mfu,
             losses: s.losses.clone(),
             last_checkpoint: s.last_checkpoint.as_ref().map(|c| CheckpointView {
                 iteration: c.iteration,
@@ -382,6 +382,7 @@ mod tests {
             iteration: Some(120),
             total_iterations: Some(300),
             images_per_second: Some(812.25),
+            mfu: Some(0.4123),
             run_attempt: Some(1),
             progress_restarts: Some(1),
             attempt_checkpoint_iteration: Some(100),
@@ -439,7 +440,7 @@ mod tests {
             "PretrainJob ml/tiny",
             "Phase:       Running",
             "[############------------------] 120/300 iterations (40.0%)  ETA 6m00s",
-            "Throughput:  812.2 images/s   MFU: -",
+            "Throughput:  812.2 images/s   MFU: 41.2%",
             "Losses:      total_loss=9.5000",
             "Checkpoint:  iteration 100 (1m30s ago) /ckpt/ckpt-000000100",
             "Restarts:    attempt 1: 0 after failures, 1 after progress, 0 disruptions",
@@ -465,6 +466,7 @@ mod tests {
         assert!(text.contains("Phase:       Pending"), "{text}");
         assert!(text.contains("no progress reported yet"), "{text}");
         assert!(text.contains("Checkpoint:  none yet"), "{text}");
+        assert!(text.contains("MFU: -"), "unknown, not 0: {text}");
         assert!(text.contains("Evaluations:\n  none yet"), "{text}");
     }
 

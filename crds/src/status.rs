@@ -183,6 +183,11 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_per_second: Option<f64>,
 
+    /// Latest estimated model FLOPs utilisation (0..1); only when the trainer knows the
+    /// device's peak FLOP/s (`DINOFLOW_PEAK_FLOPS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+
     /// Latest checkpoint the trainer wrote and verified; a restart resumes from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,

@@ -42,6 +42,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`metric_label`](Self::metric_label), so the error counter can start each at 0.
+    pub const METRIC_LABELS: [&'static str; 8] = [
+        "kube",
+        "serde",
+        "yaml",
+        "missing_field",
+        "invalid_job",
+        "not_leader",
+        "lease",
+        "timeout",
+    ];
+
     /// Metric label of the variant (`dinoflow_operator_reconcile_errors_total{error=...}`).
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -104,6 +116,10 @@ mod tests {
             Error::Timeout(std::time::Duration::from_secs(1)),
         ];
         let mut labels: Vec<_> = errors.iter().map(Error::metric_label).collect();
+        for label in &labels {
+            assert!(Error::METRIC_LABELS.contains(label), "{label} not listed");
+        }
+        assert!(Error::METRIC_LABELS.contains(&"kube"));
         labels.sort_unstable();
         labels.dedup();
         assert_eq!(labels.len(), errors.len());

@@ -136,6 +136,10 @@ impl Default for Metrics {
             for reason in failure_reason::ALL {
                 failures.with_label_values(&[kind, reason]);
             }
+            // A dashboard's errors-by-cause panel then shows 0 rather than no data.
+            for error in Error::METRIC_LABELS {
+                errors.with_label_values(&[kind, error]);
+            }
         }
         let m = Self {
             registry,
@@ -272,6 +276,28 @@ mod tests {
         assert!(text.contains("dinoflow_operator_jobs{kind=\"PretrainJob\",phase=\"Running\"} 2"));
         assert!(text.contains("dinoflow_operator_jobs{kind=\"PretrainJob\",phase=\"Failed\"} 0"));
     }
+    #[test]
+    fn reconcile_errors_start_at_zero_for_every_cause_and_count_by_cause() {
+        let m = Metrics::default();
+        let text = m.render();
+        for kind in KINDS {
+            for error in Error::METRIC_LABELS {
+                let line = format!(
+                    "dinoflow_operator_reconcile_errors_total{{error=\"{error}\",kind=\"{kind}\"}} 0"
+                );
+                assert!(text.contains(&line), "{line} missing in {text}");
+            }
+        }
+        m.reconcile_failed("DistillJob", &Error::NotLeader);
+        let text = m.render();
+        assert!(text.contains(
+            "dinoflow_operator_reconcile_errors_total{error=\"not_leader\",kind=\"DistillJob\"} 1"
+        ));
+        assert!(text.contains(
+            "dinoflow_operator_reconcile_errors_total{error=\"not_leader\",kind=\"PretrainJob\"} 0"
+        ));
+    }
+
     #[test]
     fn restarts_and_failures_are_counted_by_reason_from_zero() {
         use crate::decide::reason;

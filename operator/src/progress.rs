@@ -63,6 +63,7 @@ pub fn progress_fields(status: &JobStatus) -> JobStatus {
         losses: status.losses.clone(),
         learning_rate: status.learning_rate,
         images_per_second: status.images_per_second,
+        mfu: status.mfu,
         last_checkpoint: status.last_checkpoint.clone(),
         evaluations: status.evaluations.clone(),
         world_size: status.world_size,
@@ -99,6 +100,7 @@ pub fn apply_report(progress: &mut JobStatus, report: &ProgressReport, now: Time
                 .images_per_second
                 .is_finite()
                 .then_some(it.images_per_second);
+            progress.mfu = it.mfu.filter(|m| m.is_finite());
         }
         Some(Event::Checkpoint(c)) => {
             progress.last_checkpoint = Some(CheckpointRef {

@@ -45,6 +45,9 @@ pub enum HarnessError {
 
     #[error("{command} failed:\n{output}")]
     Build { command: String, output: String },
+
+    #[error("prometheus: {0}")]
+    Prometheus(String),
 }
 
 impl HarnessError {

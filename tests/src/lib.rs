@@ -12,6 +12,7 @@ mod error;
 mod invalid;
 mod kubectl;
 mod paths;
+mod prometheus;
 
 pub use apply::{apply_object, parse_manifests};
 pub use binaries::build_workspace_binary;
@@ -22,3 +23,4 @@ pub use kubectl::KubectlOutput;
 pub use paths::{
     CACHE_ENV, cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
 };
+pub use prometheus::{Prometheus, url_encode};

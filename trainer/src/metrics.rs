@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use dinoflow_api::contract::JobKind;
@@ -119,6 +119,11 @@ pub struct TrainerMetrics {
     pub data_wait_seconds_total: Counter,
     /// Forward, backward, gradient all-reduce, optimizer and teacher EMA update.
     pub compute_seconds_total: Counter,
+    /// The compute split by `phase` (`forward`, `backward`, `communication`, `optimizer`);
+    /// CPU runs only (`meta_arch::StepPhases` says why).
+    pub step_phase_seconds_total: CounterVec,
+    /// Batches the loader has ready, sampled before each step takes its batch.
+    pub loader_queue_depth: IntGauge,
     /// Without labels, and a vector only so that the series is absent (not 0) until
     /// [`set_mfu`](Self::set_mfu) is called: unknown peak FLOP/s means no estimate.
     pub mfu: GaugeVec,
@@ -126,6 +131,9 @@ pub struct TrainerMetrics {
     /// Gradient and optimizer-state bytes this rank holds, by `kind` (`gradients`,
     /// `optimizer_state`): what `training.sharding` divides by the world size.
     pub training_state_bytes: GaugeVec,
+    /// Memory of the device the model trains on, by `device` and `state` (`allocated`,
+    /// `peak`); see [`record_memory`](Self::record_memory).
+    pub device_memory_bytes: GaugeVec,
     pub checkpoint_age_seconds: Gauge,
     pub checkpoint_iteration: IntGauge,
     /// A vector without labels so that it is absent until the first checkpoint is written.
@@ -206,6 +214,17 @@ impl TrainerMetrics {
                 "compute_seconds_total",
                 "Time in the training step: forward, backward, all-reduce, optimizer, teacher EMA",
             ))?,
+            step_phase_seconds_total: CounterVec::new(
+                opts(
+                    "step_phase_seconds_total",
+                    "Time in each phase of the training step (forward, backward, communication, optimizer); CPU runs only",
+                ),
+                &["phase"],
+            )?,
+            loader_queue_depth: IntGauge::with_opts(opts(
+                "loader_queue_depth",
+                "Batches the data loader has ready, sampled before each step takes one (0: the step waits)",
+            ))?,
             mfu: GaugeVec::new(
                 opts(
                     "mfu_ratio",
@@ -223,6 +242,12 @@ impl TrainerMetrics {
                     "Gradient and optimizer-state bytes this rank holds (sharded or replicated), by kind",
                 ),
                 &["kind"],
+            device_memory_bytes: GaugeVec::new(
+                opts(
+                    "device_memory_bytes",
+                    "Memory of the training device by state (allocated, peak); on the CPU the process's resident memory",
+                ),
+                &["device", "state"],
             )?,
             checkpoint_age_seconds: Gauge::with_opts(opts(
                 "checkpoint_age_seconds",
@@ -293,9 +318,12 @@ impl TrainerMetrics {
             Box::new(self.iteration_duration_seconds.clone()),
             Box::new(self.data_wait_seconds_total.clone()),
             Box::new(self.compute_seconds_total.clone()),
+            Box::new(self.step_phase_seconds_total.clone()),
+            Box::new(self.loader_queue_depth.clone()),
             Box::new(self.mfu.clone()),
             Box::new(self.memory_bytes.clone()),
             Box::new(self.training_state_bytes.clone()),
+            Box::new(self.device_memory_bytes.clone()),
             Box::new(self.checkpoint_age_seconds.clone()),
             Box::new(self.checkpoint_iteration.clone()),
             Box::new(self.last_checkpoint_timestamp_seconds.clone()),
@@ -360,6 +388,40 @@ impl TrainerMetrics {
             .observe((data_wait + compute).as_secs_f64());
     }
 
+    /// Adds one step's [`StepPhases`](crate::meta_arch::StepPhases).
+    pub fn observe_step_phases(&self, p: &crate::meta_arch::StepPhases) {
+        for (phase, d) in [
+            ("forward", p.forward),
+            ("backward", p.backward),
+            ("communication", p.communication),
+            ("optimizer", p.optimizer),
+        ] {
+            self.step_phase_seconds_total
+                .with_label_values(&[phase])
+                .inc_by(d.as_secs_f64());
+        }
+    }
+
+    /// Samples memory: the process's resident set (`memory_bytes`) and, when the model
+    /// trains on the CPU (no CUDA, as `dist::World` picks the device), the device memory: on
+    /// the CPU tensors live in the process's memory, so `allocated` is the resident set and
+    /// `peak` its high-water mark. CUDA memory is not reported: tch exposes no allocator
+    /// statistics (`torch.cuda.memory_allocated`), so those series are absent on GPUs.
+    pub fn record_memory(&self) {
+        let Some(host) = host_memory() else {
+            return;
+        };
+        self.memory_bytes.set(host.resident as f64);
+        static ON_CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ON_CPU.get_or_init(|| !tch::Cuda::is_available()) {
+            for (state, bytes) in [("allocated", host.resident), ("peak", host.peak)] {
+                self.device_memory_bytes
+                    .with_label_values(&["cpu", state])
+                    .set(bytes as f64);
+            }
+        }
+    }
+
     /// A checkpoint of `iteration` is on disk. `written` is the write's duration and the
     /// checkpoint's directory on the rank that wrote it (None on the ranks that waited).
     pub fn checkpoint_written(&self, iteration: u64, written: Option<(Duration, &Path)>) {
@@ -412,12 +474,32 @@ fn dir_size_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Resident set size of this process in bytes (Linux); None elsewhere.
-pub fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // Every Linux target we run on uses 4 KiB pages; reading the real value needs libc.
-    Some(pages * 4096)
+/// The process's resident memory and its high-water mark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HostMemory {
+    resident: u64,
+    peak: u64,
+}
+
+/// From `/proc/self/status` (`VmRSS`, `VmHWM`, in kB); None where there is no procfs.
+fn host_memory() -> Option<HostMemory> {
+    parse_proc_status(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+fn parse_proc_status(status: &str) -> Option<HostMemory> {
+    let kb = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let resident = kb("VmRSS:")? * 1024;
+    // The peak is never below the current value (a kernel without VmHWM: the current one).
+    let peak = kb("VmHWM:").map_or(resident, |p| (p * 1024).max(resident));
+    Some(HostMemory { resident, peak })
 }
 
 /// The HTTP endpoint serving `/metrics` (axum, the workspace's one HTTP stack) on a thread of
@@ -458,9 +540,7 @@ impl MetricsServer {
             .route(
                 "/metrics",
                 axum::routing::get(move || {
-                    if let Some(bytes) = resident_memory_bytes() {
-                        metrics.memory_bytes.set(bytes as f64);
-                    }
+                    metrics.record_memory();
                     let body = metrics.render();
                     async move {
                         (
@@ -681,6 +761,52 @@ mod tests {
                 family.name()
             );
         }
+    }
+
+    #[test]
+    fn step_phases_queue_depth_and_cpu_memory_are_exported() {
+        let m = TrainerMetrics::new().unwrap();
+        m.observe_step_phases(&crate::meta_arch::StepPhases {
+            forward: Duration::from_millis(30),
+            backward: Duration::from_millis(60),
+            communication: Duration::ZERO,
+            optimizer: Duration::from_millis(10),
+        });
+        m.loader_queue_depth.set(3);
+        m.record_memory();
+        let text = m.render();
+        for line in [
+            r#"dinoflow_trainer_step_phase_seconds_total{phase="forward"} 0.03"#,
+            r#"dinoflow_trainer_step_phase_seconds_total{phase="backward"} 0.06"#,
+            r#"dinoflow_trainer_step_phase_seconds_total{phase="communication"} 0"#,
+            r#"dinoflow_trainer_step_phase_seconds_total{phase="optimizer"} 0.01"#,
+            "dinoflow_trainer_loader_queue_depth 3",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
+        // The tests run without CUDA: the device is the CPU, its memory the process's.
+        let device = |state: &str| {
+            m.device_memory_bytes
+                .with_label_values(&["cpu", state])
+                .get()
+        };
+        assert!(device("allocated") > 1e6, "{text}");
+        assert!(device("peak") >= device("allocated"), "{text}");
+        assert_eq!(device("allocated"), m.memory_bytes.get());
+    }
+
+    #[test]
+    fn proc_status_gives_resident_memory_and_its_peak() {
+        let status =
+            "Name:\ttrainer\nVmPeak:\t 9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        assert_eq!(
+            parse_proc_status(status),
+            Some(HostMemory {
+                resident: 1024 * 1024,
+                peak: 2048 * 1024
+            })
+        );
+        assert_eq!(parse_proc_status("Name: x\n"), None);
     }
 
     #[test]

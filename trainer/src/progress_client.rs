@@ -70,6 +70,8 @@ pub struct ProgressReporter {
     shared: Arc<Shared>,
     done: Option<std_mpsc::Receiver<()>>,
     images_per_second: f64,
+    /// MFU of the latest logging window, if known (sent with every iteration, as throughput).
+    mfu: Option<f64>,
     /// How long dropping the reporter waits to deliver what is buffered.
     pub flush_timeout: Duration,
 }
@@ -108,6 +110,7 @@ impl ProgressReporter {
             shared,
             done: Some(done_rx),
             images_per_second: 0.0,
+            mfu: None,
             flush_timeout: Duration::from_secs(5),
         })
     }
@@ -207,6 +210,9 @@ impl ProgressHook for ProgressReporter {
         if let Some(ips) = r.images_per_second {
             self.images_per_second = ips;
         }
+        if r.mfu.is_some() {
+            self.mfu = r.mfu;
+        }
         let report = IterationDone {
             iteration: r.iteration,
             total_iterations: r.total_iterations,
@@ -214,6 +220,7 @@ impl ProgressHook for ProgressReporter {
             losses: r.losses.iter().map(|(k, v)| (loss_name(k), *v)).collect(),
             learning_rate: r.lr,
             images_per_second: self.images_per_second,
+            mfu: self.mfu,
         };
         self.shared.lock().latest_iteration = Some(report);
         self.shared.wake.notify_one();
@@ -537,6 +544,7 @@ mod tests {
                 lr: 1e-3,
                 images_per_second: (i % 10 == 0).then_some(123.0),
                 phase: None,
+                mfu: (i % 10 == 0).then_some(0.5),
             });
         }
     }
@@ -581,6 +589,7 @@ mod tests {
         assert_eq!(last.losses["total"], 7.0);
         assert_eq!(last.losses["koleo"], -0.5);
         assert_eq!(last.images_per_second, 123.0);
+        assert_eq!(last.mfu, Some(0.5), "the latest MFU rides along like the throughput");
         assert!(reports.iter().any(|r| matches!(&r.event,
             Some(Event::Checkpoint(c)) if c.iteration == 300 && c.path.ends_with("300"))));
         let evals: BTreeMap<String, EvaluationDone> = reports

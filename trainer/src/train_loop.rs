@@ -94,6 +94,11 @@ pub trait Trainable {
     fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
         None
     }
+    /// Where the last step's time went, where it can be measured without a device sync (the
+    /// CPU); None otherwise.
+    fn step_phases(&self) -> Option<crate::meta_arch::StepPhases> {
+        None
+    }
 }
 
 /// The data side. The batch of iteration `i` must be a function of (seed, rank, i) so that
@@ -109,6 +114,10 @@ pub trait BatchSource {
     /// Running total of images skipped because they could not be decoded.
     fn skipped_images(&self) -> u64 {
         0
+    }
+    /// Batches prepared ahead and waiting to be consumed (None: the source has no queue).
+    fn queue_depth(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -216,6 +225,8 @@ pub struct IterationReport<'r> {
     pub images_per_second: Option<f64>,
     /// The curriculum phase the iteration trained in (None without a curriculum).
     pub phase: Option<&'r str>,
+    /// Estimated MFU of that window, when the peak FLOP/s are known.
+    pub mfu: Option<f64>,
 }
 
 /// How a run starts, as progress reports carry it.
@@ -342,7 +353,10 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             }
             // Schedules.
             let values = self.schedules.at(iteration);
-            // Step.
+            // Step. The queue is sampled before the take: 0 means this step waits for data.
+            if let Some(depth) = self.data.queue_depth() {
+                self.metrics.loader_queue_depth.set(depth as i64);
+            }
             let wait = Instant::now();
             let batch = self
                 .data
@@ -385,6 +399,9 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             }
             // Compute time includes the read above, which waits for the queued step.
             self.metrics.observe_iteration(data_wait, compute.elapsed());
+            if let Some(phases) = self.model.step_phases() {
+                self.metrics.observe_step_phases(&phases);
+            }
             iteration += 1;
             // Metrics.
             self.record(iteration, &values, &losses, &mut progress, last_checkpoint)?;
@@ -451,6 +468,14 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             line["curriculum"] = phase.describe.clone();
         }
         let p = progress.on_iteration_closing(iteration, images, losses, values.lr, phase_ends);
+        // FLOPs per image follow the phase's crops.
+        let flops = phase.map_or(self.settings.flops_per_image, |p| p.flops_per_image);
+        let mfu = match (&p, flops, self.settings.peak_flops) {
+            (Some(p), Some(flops), Some(peak)) => {
+                Some(flops * p.images_per_second / (peak * self.settings.world_size as f64))
+            }
+            _ => None,
+        };
         self.progress.iteration(&IterationReport {
             iteration,
             total_iterations: self.settings.total_iterations,
@@ -458,6 +483,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             lr: values.lr,
             images_per_second: p.as_ref().map(|p| p.images_per_second),
             phase: phase.map(|p| p.name.as_str()),
+            mfu,
         });
         if let Some(p) = p {
             tracing::info!("{}", p.text);
@@ -465,15 +491,11 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             m.eta_seconds.set(p.eta_seconds);
             line["images_per_second"] = p.images_per_second.into();
             line["eta_seconds"] = p.eta_seconds.into();
-            let flops = phase.map_or(self.settings.flops_per_image, |p| p.flops_per_image);
-            if let (Some(flops), Some(peak)) = (flops, self.settings.peak_flops) {
-                let mfu = flops * p.images_per_second / (peak * self.settings.world_size as f64);
+            if let Some(mfu) = mfu {
                 m.set_mfu(mfu);
                 line["mfu"] = mfu.into();
             }
-            if let Some(rss) = crate::metrics::resident_memory_bytes() {
-                m.memory_bytes.set(rss as f64);
-            }
+            m.record_memory();
         }
         self.write_line(&line)
     }

@@ -71,6 +71,7 @@ fn iteration(i: u64, loss: f64) -> Event {
         losses: [("total".to_string(), loss)].into(),
         learning_rate: 0.004,
         images_per_second: 512.0,
+        mfu: Some(0.25),
     })
 }
 
@@ -308,4 +309,19 @@ fn evaluations_are_kept_per_name() {
         .map(|e| (e.name.as_str(), e.iteration))
         .collect();
     assert_eq!(got, [("knn", 2), ("linear", 1)]);
+}
+
+#[test]
+fn the_mfu_is_written_when_reported_and_a_non_finite_one_is_dropped() {
+    let mut s = JobStatus::default();
+    let at = Timestamp::from_second(1).unwrap();
+    apply_report(&mut s, &report(0, iteration(1, 2.0)), at);
+    assert_eq!(s.mfu, Some(0.25));
+    let unknown = IterationDone {
+        iteration: 2,
+        mfu: Some(f64::NAN),
+        ..Default::default()
+    };
+    apply_report(&mut s, &report(0, Event::Iteration(unknown)), at);
+    assert_eq!(s.mfu, None);
 }

@@ -307,6 +307,12 @@ impl Loader {
     /// The sampler segment this loader produces.
     pub fn segment(&self) -> Segment {
         self.shared.segment
+    /// Batches built ahead and waiting for the consumer (at most `prefetch`): 0 when the next
+    /// `next_batch` will wait for a worker.
+    pub fn queue_depth(&self) -> usize {
+        let state = self.shared.lock();
+        let next = state.next_consume;
+        state.ready.keys().filter(|&&it| it >= next).count()
     }
 
     pub fn data_wait(&self) -> DataWait {
@@ -488,6 +494,28 @@ mod tests {
         assert_eq!(b.global_tensor().size(), [6, 3, 24, 24]);
         assert_eq!(b.labels_tensor().size(), [3]);
         assert_eq!(loader.position(), 1);
+    }
+
+    #[test]
+    fn the_queue_fills_up_to_prefetch_and_drains_as_batches_are_taken() {
+        let ds: Arc<dyn Dataset> = Arc::new(Synthetic {
+            len: 10,
+            bad_every: None,
+        });
+        let mut loader = Loader::new(ds, small(0, 2)).unwrap();
+        let full = |loader: &Loader| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while loader.queue_depth() < 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            loader.queue_depth()
+        };
+        // prefetch 2: the workers stop two batches ahead of the consumer.
+        assert_eq!(full(&loader), 2);
+        loader.next_batch().unwrap();
+        assert_eq!(full(&loader), 2, "refilled after a take");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(loader.queue_depth(), 2, "never more than prefetch");
     }
 
     #[test]

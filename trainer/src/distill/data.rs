@@ -67,6 +67,10 @@ impl BatchSource for DistillData {
     fn skipped_images(&self) -> u64 {
         self.inner.skipped_images()
     }
+
+    fn queue_depth(&self) -> Option<usize> {
+        self.inner.queue_depth()
+    }
 }
 
 #[cfg(test)]

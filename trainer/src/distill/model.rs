@@ -66,6 +66,10 @@ impl Trainable for DistillModel {
         self.base.read(losses)
     }
 
+    fn step_phases(&self) -> Option<crate::meta_arch::StepPhases> {
+        self.base.arch.last_step_phases
+    }
+
     /// Student, student EMA (when kept), optimiser and centers; the frozen teacher is not
     /// stored (it is re-read from its source, whose checksum the guarded fields carry).
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {

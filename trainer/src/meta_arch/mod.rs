@@ -26,7 +26,7 @@ pub use batch::SslBatch;
 pub use config::MetaArchConfig;
 pub use losses::{LossValues, StepLosses};
 pub use network::{SUBMODULES, SslNetwork, StudentOutputs, TeacherHeadOutputs, copy_weights};
-pub use step::{StepOutcome, StepReport};
+pub use step::{StepOutcome, StepPhases, StepReport};
 pub use targets::TargetSource;
 
 use crate::loss::{DinoLoss, DinoLossConfig, IbotLoss, IbotLossConfig, LossError};
@@ -71,6 +71,8 @@ pub struct MetaArch {
     /// collective of the first step, see [`MetaArch::prepare_parallel`]); it then owns the
     /// AdamW state and [`MetaArch::optimizer`] stays empty.
     pub sharded: Option<ShardedStudent>,
+    /// Where the last step's time went (CPU only, see [`StepPhases`]).
+    pub last_step_phases: Option<StepPhases>,
 }
 
 impl MetaArch {
@@ -133,6 +135,7 @@ impl MetaArch {
             optimizer,
             loss_scaler,
             sharded: None,
+            last_step_phases: None,
         })
     }
 

@@ -3,7 +3,9 @@
 //! one flag decides whether the update is applied); the losses and clipping statistics stay on
 //! the device in the [`StepOutcome`] until the caller reads them.
 
-use tch::{Kind, Tensor};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
 
 use super::{MetaArch, MetaArchError, SUBMODULES, SslBatch, StepLosses, TargetSource};
 use crate::dist::Collective;
@@ -20,6 +22,45 @@ pub struct StepOutcome {
     pub clip: Vec<(String, ClipTensors)>,
     /// False when fp16 loss scaling found a non-finite gradient and skipped the update.
     pub applied: bool,
+}
+
+/// Host wall time of the parts of one step, for `dinoflow_trainer_step_phase_seconds_total`.
+/// Measured on the CPU only, where every tensor op has finished when it returns. On a GPU the
+/// host only queues kernels, so these times would be queueing times, and making them true
+/// would need a device sync per phase: there the step is not split (its total, up to the
+/// loss read, is still measured by the loop).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepPhases {
+    /// Teacher targets (centering included), student forward and the losses.
+    pub forward: Duration,
+    pub backward: Duration,
+    /// Gradient all-reduce over the ranks (zero in a one-process run).
+    pub communication: Duration,
+    /// Unscaling, clipping, AdamW and the EMA update.
+    pub optimizer: Duration,
+}
+
+/// Laps of [`StepPhases`]; does nothing when off (on a GPU).
+struct PhaseClock {
+    at: Option<Instant>,
+}
+
+impl PhaseClock {
+    fn start(device: Device) -> Self {
+        Self {
+            at: (device == Device::Cpu).then(Instant::now),
+        }
+    }
+
+    /// Time since the previous lap.
+    fn lap(&mut self) -> Duration {
+        let Some(at) = self.at else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        self.at = Some(now);
+        now - at
+    }
 }
 
 /// A [`StepOutcome`] read to the host.
@@ -61,6 +102,8 @@ impl MetaArch {
         targets: TargetSource<'_>,
     ) -> Result<StepOutcome, MetaArchError> {
         self.prepare_parallel(collective.rank(), collective.world_size())?;
+        let mut clock = PhaseClock::start(self.student.vs.device());
+        let mut phases = StepPhases::default();
         if let Some(sharded) = &mut self.sharded {
             sharded.apply_schedule(values.lr, values.wd, values.last_layer_lr);
         } else {
@@ -70,17 +113,23 @@ impl MetaArch {
         }
         let (losses, to_backprop) =
             self.forward_losses(batch, values.teacher_temp, collective, targets)?;
+        phases.forward = clock.lap();
         if let Some(sharded) = &mut self.sharded {
-            // Sharded: reduction, clipping and the update per flat unit (crate::parallel).
+            // Sharded: reduction, clipping and the update per flat unit (crate::parallel);
+            // backward, communication and optimizer interleave there, so they are timed as
+            // one phase (counted as backward).
             let (clip, applied) = sharded.backward_and_step(
                 &to_backprop,
                 collective,
                 self.loss_scaler.as_mut(),
                 self.config.clip_grad,
             )?;
+            phases.backward = clock.lap();
             if let Some(momentum) = targets.ema_momentum(values.momentum) {
                 self.update_ema(momentum)?;
             }
+            phases.optimizer = clock.lap();
+            self.last_step_phases = clock.at.is_some().then_some(phases);
             return Ok(StepOutcome {
                 losses,
                 clip,
@@ -88,6 +137,7 @@ impl MetaArch {
             });
         }
         to_backprop.backward();
+        phases.backward = clock.lap();
         if collective.world_size() > 1 {
             // Data parallelism: average before unscaling and clipping, as DDP/FSDP do, so
             // every rank applies the same update; each sub-module in its reduce dtype.
@@ -102,6 +152,7 @@ impl MetaArch {
                 .collect();
             crate::parallel::average_gradients_by_kind(collective, by_module);
         }
+        phases.communication = clock.lap();
 
         let mut found_non_finite = false;
         if let Some(scaler) = &self.loss_scaler {
@@ -133,6 +184,8 @@ impl MetaArch {
         if let Some(momentum) = targets.ema_momentum(values.momentum) {
             self.update_ema(momentum)?;
         }
+        phases.optimizer = clock.lap();
+        self.last_step_phases = clock.at.is_some().then_some(phases);
         Ok(StepOutcome {
             losses,
             clip,
@@ -304,6 +357,24 @@ mod tests {
         );
         assert!(!arch.student.vs.variables()["backbone.blocks.1.mlp.fc1.weight"].equal(&before));
         assert!(!arch.teacher.vs.variables()["dino_head.mlp.0.weight"].equal(&teacher_before));
+    }
+
+    #[test]
+    fn a_cpu_step_records_where_its_time_went() {
+        let mut arch = MetaArch::new(tiny_config(), Device::Cpu).unwrap();
+        assert_eq!(arch.last_step_phases, None);
+        let started = Instant::now();
+        step(&mut arch, &tiny_batch());
+        let elapsed = started.elapsed();
+        let p = arch.last_step_phases.expect("phases of a CPU step");
+        assert!(
+            p.forward > Duration::ZERO && p.backward > Duration::ZERO,
+            "{p:?}"
+        );
+        assert!(p.optimizer > Duration::ZERO, "{p:?}");
+        // One process: nothing to all-reduce, so (almost) no time in it.
+        assert!(p.communication < p.forward, "{p:?}");
+        assert!(p.forward + p.backward + p.communication + p.optimizer <= elapsed);
     }
 
     #[test]

@@ -228,6 +228,10 @@ impl Trainable for Model {
         self.eval.as_ref().map(|inputs| (inputs, kind))
     }
 
+    fn step_phases(&self) -> Option<crate::meta_arch::StepPhases> {
+        self.arch.last_step_phases
+    }
+
     fn json_state(&self) -> serde_json::Value {
         serde_json::json!({ "loss_scaler": self.arch.loss_scaler.as_ref().map(DynamicLossScaler::state) })
     }
@@ -554,6 +558,10 @@ impl BatchSource for Data {
         self.loader
             .skipped_counter()
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn queue_depth(&self) -> Option<usize> {
+        Some(self.loader.queue_depth())
     }
 }
 

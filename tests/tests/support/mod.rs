@@ -1,0 +1,411 @@
+//! The world of the e2e tests that run jobs (e2e_training.rs, e2e_observability.rs): the
+//! shared local control plane, the CRDs, an in-process operator with its progress endpoint,
+//! and the local node agent running the operator's pods as trainer processes.
+//! (A `tests/<dir>/mod.rs` module: Cargo builds no test binary of its own from it.)
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use dinoflow_api::contract::{LABEL_JOB, TRAINER_COMMAND};
+use dinoflow_api::status::JobStatus;
+use dinoflow_api::{DistillJob, PretrainJob};
+use dinoflow_e2e::{NODE_LABEL, TestCluster, build_workspace_binary, repo_root, yaml_files};
+use dinoflow_node_agent::{AgentConfig, Capacity, NodeAgent};
+use dinoflow_operator::controller::{self, Scope};
+use dinoflow_operator::health::Readiness;
+use dinoflow_operator::leader::Leadership;
+use dinoflow_operator::metrics::Metrics;
+use dinoflow_operator::progress::{KubeJobStore, ProgressService};
+use dinoflow_operator::settings::Settings;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use serde_yaml_ng::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const PROGRESS_KEY: &[u8] = b"e2e-training-progress-key";
+
+/// The trainer binary, built once per test binary.
+pub fn trainer() -> PathBuf {
+    static TRAINER: OnceLock<PathBuf> = OnceLock::new();
+    TRAINER
+        .get_or_init(|| {
+            build_workspace_binary("dinoflow-trainer", "dinoflow-trainer")
+                .unwrap_or_else(|e| panic!("the e2e tests run the real trainer: {e}"))
+        })
+        .clone()
+}
+
+/// Control plane, CRDs, a namespace, an operator watching it and a node agent.
+pub struct World {
+    pub cluster: &'static TestCluster,
+    pub client: Client,
+    pub ns: String,
+    pub agent: Option<NodeAgent>,
+    pub stop_operator: CancellationToken,
+    pub operator: tokio::task::JoinHandle<()>,
+    pub progress: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The operator's metrics (what its `/metrics` serves).
+    pub metrics: Metrics,
+    /// Agent root and host directories of the job's volumes; removed by [`World::stop`], so
+    /// kept when a test fails.
+    pub dir: PathBuf,
+}
+
+impl World {
+    pub async fn start(prefix: &str) -> Self {
+        Self::start_with_gpus(prefix, 0).await
+    }
+
+    /// A world whose Node advertises `gpus` `nvidia.com/gpu` (there are none: a job asking
+    /// for them runs that many trainer processes in its pod, on the CPU).
+    pub async fn start_with_gpus(prefix: &str, gpus: u32) -> Self {
+        let trainer = tokio::task::spawn_blocking(trainer).await.unwrap();
+        let cluster = TestCluster::shared();
+        install_crds(cluster);
+        let client = cluster.client().await.expect("client for the test cluster");
+        let ns = cluster.create_namespace(prefix).expect("namespace");
+
+        let stop_operator = CancellationToken::new();
+        let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+            .expect("a port for the progress endpoint");
+        let progress_addr = incoming.local_addr().unwrap();
+        let metrics = Metrics::default();
+        let service = ProgressService::new(
+            KubeJobStore::new(client.clone()),
+            PROGRESS_KEY.to_vec(),
+            Leadership::always(),
+            metrics.clone(),
+        );
+        let progress = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service.into_server())
+                .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
+        );
+        let settings = Settings {
+            default_image: "dinoflow/trainer:e2e".into(),
+            progress_endpoint: format!("http://{progress_addr}"),
+            progress_key: PROGRESS_KEY.to_vec(),
+        };
+        let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
+            client.clone(),
+            settings,
+            metrics.clone(),
+            Leadership::always(),
+            Readiness::default(),
+            Scope {
+                namespace: Some(ns.clone()),
+            },
+            stop_operator.clone(),
+        ));
+
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{ns}-"))
+            .tempdir()
+            .unwrap()
+            .keep();
+        let mut config = AgentConfig::new(format!("local-{ns}"), dir.join("agent"))
+            .binary(TRAINER_COMMAND, trainer)
+            .label(NODE_LABEL, &ns);
+        config.capacity = Capacity::of_host(gpus);
+        let agent = NodeAgent::start(client.clone(), config)
+            .await
+            .expect("node agent registers a schedulable Node");
+        Self {
+            cluster,
+            client,
+            ns,
+            agent: Some(agent),
+            stop_operator,
+            operator,
+            progress,
+            metrics,
+            dir,
+        }
+    }
+
+    pub fn jobs(&self) -> Api<PretrainJob> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// `kubectl apply -f` of `manifest` (YAML) into the test's namespace.
+    pub fn kubectl_apply(&self, manifest: &str) {
+        let file = self.dir.join("job.yaml");
+        std::fs::write(&file, manifest).unwrap();
+        let file = file.to_string_lossy();
+        self.cluster
+            .kubectl(["apply", "-n", &self.ns, "-f", &file])
+            .unwrap()
+            .ok()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    pub async fn status(&self, job: &str) -> JobStatus {
+        self.jobs()
+            .get(job)
+            .await
+            .expect("get job")
+            .status
+            .unwrap_or_default()
+    }
+
+    /// Polls the job's status until `done`; on timeout panics with the job's status and
+    /// conditions, its pods, and every pod log's path and tail.
+    pub async fn wait_status(
+        &self,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&JobStatus) -> bool,
+    ) -> JobStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.status(job).await;
+            if done(&status) {
+                return status;
+            }
+            if status.phase.is_some_and(|p| p.is_finished())
+                || tokio::time::Instant::now() >= deadline
+            {
+                self.fail(
+                    job,
+                    &format!(
+                        "job {job}: {what} (phase {:?})",
+                        status.phase.map(|p| p.as_str())
+                    ),
+                )
+                .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn fail(&self, job: &str, what: &str) -> ! {
+        let status = self.status(job).await;
+        let conditions: Vec<String> = status
+            .conditions
+            .iter()
+            .map(|c| format!("  {}={} {}: {}", c.type_, c.status, c.reason, c.message))
+            .collect();
+        let pods: Vec<String> = self
+            .pods(job)
+            .await
+            .iter()
+            .map(|p| {
+                let s = p.status.clone().unwrap_or_default();
+                format!(
+                    "  {} phase={:?} node={:?}",
+                    p.name_any(),
+                    s.phase,
+                    p.spec.as_ref().and_then(|s| s.node_name.clone())
+                )
+            })
+            .collect();
+        let mut logs = String::new();
+        for log in self.agent.as_ref().map(NodeAgent::logs).unwrap_or_default() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            logs += &format!("--- {} (last lines) ---\n", log.display());
+            for line in tail.into_iter().rev() {
+                logs += line;
+                logs.push('\n');
+            }
+        }
+        let kept = &self.dir;
+        panic!(
+            "timed out or failed waiting for {what}\nstatus: {status:?}\nconditions:\n{}\npods:\n{}\nlogs (kept under {}):\n{logs}",
+            conditions.join("\n"),
+            pods.join("\n"),
+            kept.display()
+        );
+    }
+
+    pub async fn pods(&self, job: &str) -> Vec<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={job}"));
+        let mut pods = pods.list(&lp).await.expect("list pods").items;
+        pods.sort_by_key(|p| p.name_any());
+        pods
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent
+                .stop()
+                .await
+                .expect("node agent stops and removes its Node");
+        }
+        self.stop_operator.cancel();
+        tokio::time::timeout(Duration::from_secs(20), &mut self.operator)
+            .await
+            .expect("the operator stops within 20 s")
+            .expect("the operator does not panic");
+        self.progress
+            .await
+            .unwrap()
+            .expect("the progress endpoint shuts down cleanly");
+        let _ = self
+            .cluster
+            .kubectl(["delete", "namespace", self.ns.as_str(), "--wait=false"]);
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
+}
+
+/// The CRDs from crds/*.yaml, installed once per test binary like a user would.
+pub fn install_crds(cluster: &TestCluster) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let files = yaml_files(&repo_root().join("crds")).unwrap();
+        cluster.install_crds(&files).expect("install CRDs");
+    });
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The tiny Fashion-MNIST example made small: `nodes` pods, `epochs` × 6 iterations of 16
+/// images, no evaluation, a checkpoint every `checkpoint_every` iterations and at the end,
+/// written to a hostPath volume at /checkpoints (`host_dir`); the pods select the world's Node.
+pub fn tiny_job(
+    world: &World,
+    name: &str,
+    nodes: u32,
+    epochs: u64,
+    checkpoint_every: u64,
+    host_dir: &Path,
+) -> String {
+    tiny_job_on(
+        world,
+        name,
+        (nodes, 0, 16),
+        epochs,
+        checkpoint_every,
+        host_dir,
+    )
+}
+
+/// [`tiny_job`] on `nodes` pods of `gpus_per_node` processes each (0: one CPU process), with
+/// `batch` images per process and iteration.
+pub fn tiny_job_on(
+    world: &World,
+    name: &str,
+    (nodes, gpus_per_node, batch): (u32, u32, u32),
+    epochs: u64,
+    checkpoint_every: u64,
+    host_dir: &Path,
+) -> String {
+    let example = repo_root().join("manifests/examples/tiny-cpu-fashion-mnist.yaml");
+    let mut job: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&example).unwrap()).unwrap();
+    let set = |v: &mut Value, path: &str, value: Value| {
+        let mut at = v;
+        let keys: Vec<&str> = path.split('.').collect();
+        for k in &keys[..keys.len() - 1] {
+            at = &mut at[*k];
+        }
+        at[keys[keys.len() - 1]] = value;
+    };
+    let yaml = |s: &str| -> Value { serde_yaml_ng::from_str(s).unwrap() };
+    set(&mut job, "metadata.name", yaml(name));
+    set(
+        &mut job,
+        "spec.training.optim.epochs",
+        yaml(&epochs.to_string()),
+    );
+    set(
+        &mut job,
+        "spec.training.train.officialEpochLength",
+        yaml("6"),
+    );
+    set(
+        &mut job,
+        "spec.training.train.batchSizePerGpu",
+        yaml(&batch.to_string()),
+    );
+    set(
+        &mut job,
+        "spec.training.evaluation",
+        yaml("{knn: {enabled: false}, linearProbe: {enabled: false}}"),
+    );
+    set(
+        &mut job,
+        "spec.training.checkpoint",
+        yaml(&format!(
+            "{{periodIterations: {checkpoint_every}, keepLast: 3}}"
+        )),
+    );
+    set(
+        &mut job,
+        "spec.training.output.dir",
+        yaml(&format!("/checkpoints/{name}")),
+    );
+    // All local pods share the host's ports.
+    set(
+        &mut job,
+        "spec.training.logging",
+        yaml("{everyIterations: 1, metricsPort: 0}"),
+    );
+    let cluster = format!(
+        r#"
+nodes: {nodes}
+gpusPerNode: {gpus_per_node}
+masterPort: {port}
+terminationGracePeriodSeconds: 20
+nodeSelector: {{"{NODE_LABEL}": "{ns}"}}
+volumes:
+  - name: checkpoints
+    mountPath: /checkpoints
+    hostPath: {{path: "{dir}", type: DirectoryOrCreate}}
+podTemplate:
+  env:
+    # Two cores shared with the control plane and the other test.
+    - {{name: DINOFLOW_THREADS, value: "1"}}
+    - {{name: OMP_NUM_THREADS, value: "1"}}
+    - {{name: RUST_LOG, value: info}}
+    - {{name: NO_COLOR, value: "1"}}
+"#,
+        port = free_port(),
+        ns = world.ns,
+        nodes = nodes,
+        gpus_per_node = gpus_per_node,
+        dir = host_dir.display(),
+    );
+    set(&mut job, "spec.cluster", yaml(&cluster));
+    serde_yaml_ng::to_string(&job).unwrap()
+}
+
+/// The log of a pod with its ANSI colour codes removed.
+pub fn pod_log(world: &World, pod: &str) -> String {
+    let agent = world.agent.as_ref().unwrap();
+    let logs: Vec<PathBuf> = agent
+        .logs()
+        .into_iter()
+        .filter(|l| {
+            l.parent()
+                .and_then(Path::file_name)
+                .is_some_and(|d| d.to_string_lossy().starts_with(&format!("{pod}-")))
+        })
+        .collect();
+    assert_eq!(logs.len(), 1, "one log for pod {pod}: {logs:?}");
+    let raw = std::fs::read_to_string(&logs[0]).unwrap();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

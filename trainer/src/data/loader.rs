@@ -307,6 +307,8 @@ impl Loader {
     /// The sampler segment this loader produces.
     pub fn segment(&self) -> Segment {
         self.shared.segment
+    }
+
     /// Batches built ahead and waiting for the consumer (at most `prefetch`): 0 when the next
     /// `next_batch` will wait for a worker.
     pub fn queue_depth(&self) -> usize {

@@ -242,6 +242,7 @@ impl TrainerMetrics {
                     "Gradient and optimizer-state bytes this rank holds (sharded or replicated), by kind",
                 ),
                 &["kind"],
+            )?,
             device_memory_bytes: GaugeVec::new(
                 opts(
                     "device_memory_bytes",

@@ -309,6 +309,7 @@ fn rank_leg(
             guarded: BTreeMap::new(),
             flops_per_image: None,
             peak_flops: None,
+            phases: Vec::new(),
         },
         checkpoints: ckpts,
         metrics: &metrics,

@@ -207,7 +207,16 @@ fn admit(
         s.read_exact(&mut nonce)?;
         let mut tag = [0u8; auth::LEN];
         s.read_exact(&mut tag)?;
-        Ok((version, rank, world, port, has_token[0] != 0, session, nonce, tag))
+        Ok((
+            version,
+            rank,
+            world,
+            port,
+            has_token[0] != 0,
+            session,
+            nonce,
+            tag,
+        ))
     });
     let (version, rank, world, port, has_token, session, nonce, tag) = match hello {
         Ok(h) if &magic == MAGIC => h,
@@ -374,7 +383,13 @@ pub(super) fn join(cfg: &TcpConfig) -> Result<Links, CollectiveError> {
     let mut accept = [0u8; auth::LEN];
     s.read_exact(&mut accept)
         .map_err(|e| fail(format!("handshake reply: {e}")))?;
-    let signed = [&b"accept"[..], &nonce, &root_nonce, session, &rank.to_le_bytes()];
+    let signed = [
+        &b"accept"[..],
+        &nonce,
+        &root_nonce,
+        session,
+        &rank.to_le_bytes(),
+    ];
     if !cfg.auth.verify(&signed, &accept) {
         return Err(fail(format!(
             "rank 0 at {target} does not hold this job's token: not this job's rank 0"
@@ -394,7 +409,9 @@ pub(super) fn join(cfg: &TcpConfig) -> Result<Links, CollectiveError> {
     s.read_exact(&mut tag)
         .map_err(|e| fail(format!("address list: {e}")))?;
     if !cfg.auth.verify(&[b"gang", &nonce, &gang, &table], &tag) {
-        return Err(fail("the address list is not signed with the job token".into()));
+        return Err(fail(
+            "the address list is not signed with the job token".into(),
+        ));
     }
     let ring = ring_links(cfg, &data, &addrs, &gang, deadline)?;
     set_op_timeouts(&s, cfg)?;

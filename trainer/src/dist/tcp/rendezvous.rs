@@ -11,6 +11,8 @@
 //! own, as the joining rank reached it), address, u16 port), tag; or u8 1 + reason when ranks
 //! never came. Ring link, rank r → r+1: `DFLR`, u32 r, u32 r+1, tag over the gang nonce;
 //! reply u8 0.
+//! (Over 500 lines: both sides of the handshake and the ring links are one protocol, best read
+//! together.)
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

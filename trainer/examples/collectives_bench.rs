@@ -57,17 +57,16 @@ fn input(numel: i64, rank: usize) -> Tensor {
 fn run(world: usize, algorithm: Algorithm, numel: i64, reps: usize) -> Row {
     let ranks = group(world, algorithm);
     let start = Arc::new(Barrier::new(world));
-    let want = Arc::new(
-        Tensor::arange(numel, (Kind::Float, Device::Cpu)).remainder(1024) * world as f64
-            + (world * (world - 1) / 2) as f64,
-    );
     let handles: Vec<_> = ranks
         .into_iter()
         .enumerate()
         .map(|(rank, c)| {
-            let (start, want) = (Arc::clone(&start), Arc::clone(&want));
+            let start = Arc::clone(&start);
             std::thread::spawn(move || {
                 let input = input(numel, rank);
+                let want = Tensor::arange(numel, (Kind::Float, Device::Cpu)).remainder(1024)
+                    * world as f64
+                    + (world * (world - 1) / 2) as f64;
                 let mut t = input.copy();
                 c.try_all_reduce_sum(&mut t).unwrap(); // warm-up
                 let mut times = Vec::new();

@@ -11,13 +11,17 @@ use dinoflow_trainer::dist::tcp::{Algorithm, AuthKey, TcpCollective, TcpConfig};
 use tch::{Device, Kind, Tensor};
 
 fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} must be set (bench/gpu/check.sh sets it)"))
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} must be set (bench/gpu/check.sh sets it)"))
 }
 
 fn main() {
     let rank: usize = var("RANK").parse().unwrap();
     let world: usize = var("WORLD_SIZE").parse().unwrap();
-    assert!(tch::Cuda::is_available(), "CUDA is not visible to the trainer (libtorch CUDA build? driver?)");
+    assert!(
+        tch::Cuda::is_available(),
+        "CUDA is not visible to the trainer (libtorch CUDA build? driver?)"
+    );
     let gpus = tch::Cuda::device_count() as usize;
     let ordinal = rank % gpus;
     let device = Device::Cuda(ordinal);
@@ -50,14 +54,22 @@ fn main() {
         // reduce-scatter: W·3 elements of value r → this rank's 3 hold the sum of ranks.
         let input = Tensor::full([3 * world as i64], r, (kind, device));
         let mine = c.reduce_scatter_sum(&input);
-        assert!(mine.equal(&Tensor::full([3], w * (w - 1.0) / 2.0, (kind, device))), "reduce-scatter {kind:?}");
+        assert!(
+            mine.equal(&Tensor::full([3], w * (w - 1.0) / 2.0, (kind, device))),
+            "reduce-scatter {kind:?}"
+        );
         // all-gather: rank r's shard [r, r] lands at [2r, 2r+2).
         let all = c.all_gather(&Tensor::full([2], r, (kind, device)));
-        let want = Tensor::arange(world as i64, (Kind::Int64, device)).repeat_interleave_self_int(2, 0, None).to_kind(kind);
+        let want = Tensor::arange(world as i64, (Kind::Int64, device))
+            .repeat_interleave_self_int(2, 0, None)
+            .to_kind(kind);
         assert!(all.equal(&want), "all-gather {kind:?}");
         let mut b = Tensor::full([5], r + 7.0, (kind, device));
         c.broadcast_from_root(&mut b);
-        assert!(b.equal(&Tensor::full([5], 7.0, (kind, device))), "broadcast {kind:?}");
+        assert!(
+            b.equal(&Tensor::full([5], 7.0, (kind, device))),
+            "broadcast {kind:?}"
+        );
         println!("rank {rank}: {kind:?} all-reduce, reduce-scatter, all-gather, broadcast ok");
     }
     // 64 MiB fp32 all-reduce, timed.

@@ -143,26 +143,16 @@ impl NcclCollective {
             id = Tensor::from_slice(&bytes);
         }
         tcp.try_broadcast_from_root(&mut id)?;
-        let bytes = Vec::<u8>::try_from(&id).map_err(|e| {
-            CollectiveError::Rendezvous(format!("NCCL unique id: {e}"))
-        })?;
-        let mut uid = sys::ncclUniqueId {
-            internal: [0; 128],
-        };
+        let bytes = Vec::<u8>::try_from(&id)
+            .map_err(|e| CollectiveError::Rendezvous(format!("NCCL unique id: {e}")))?;
+        let mut uid = sys::ncclUniqueId { internal: [0; 128] };
         for (d, s) in uid.internal.iter_mut().zip(bytes) {
             *d = s as ::core::ffi::c_char;
         }
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world size.
-        unsafe {
-            nccl::comm_init_rank(
-                &mut comm,
-                tcp.world_size() as i32,
-                uid,
-                tcp.rank() as i32,
-            )
-        }
-        .map_err(|e| nccl_err("communicator", &e))?;
+        unsafe { nccl::comm_init_rank(&mut comm, tcp.world_size() as i32, uid, tcp.rank() as i32) }
+            .map_err(|e| nccl_err("communicator", &e))?;
         let this = Self {
             rank: tcp.rank(),
             world_size: tcp.world_size(),
@@ -174,7 +164,11 @@ impl NcclCollective {
             lock: std::sync::Mutex::new(()),
         };
         this.start_watchdog(op_timeout);
-        tracing::info!(rank = this.rank, device = ordinal, "NCCL communicator ready");
+        tracing::info!(
+            rank = this.rank,
+            device = ordinal,
+            "NCCL communicator ready"
+        );
         Ok(this)
     }
 
@@ -196,7 +190,10 @@ impl NcclCollective {
                 let hung = started != 0
                     && epoch.elapsed().as_millis() as u64 - started > op_timeout.as_millis() as u64;
                 let why = if polled != sys::ncclResult_t::ncclSuccess {
-                    Some(format!("ncclCommGetAsyncError failed: {}", describe(polled)))
+                    Some(format!(
+                        "ncclCommGetAsyncError failed: {}",
+                        describe(polled)
+                    ))
                 } else if !matches!(
                     code,
                     sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
@@ -224,7 +221,11 @@ impl NcclCollective {
     fn run(
         &self,
         t: &Tensor,
-        call: impl FnOnce(*mut ::core::ffi::c_void, usize, sys::ncclDataType_t) -> Result<(), nccl::NcclError>,
+        call: impl FnOnce(
+            *mut ::core::ffi::c_void,
+            usize,
+            sys::ncclDataType_t,
+        ) -> Result<(), nccl::NcclError>,
     ) {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(dtype) = nccl_type(t.kind()) else {
@@ -264,19 +265,16 @@ impl Collective for NcclCollective {
         if !Self::is_cuda(t) {
             return self.tcp.all_reduce_sum(t);
         }
-        let mut c = t.contiguous();
+        let c = t.contiguous();
         let comm = self.comm.0;
         self.run(&c, |p, n, dt| {
             // SAFETY: `p` is `n` elements of device memory owned by `c`, alive for the call.
-            unsafe {
-                nccl::all_reduce(p, p, n, dt, sys::ncclRedOp_t::ncclSum, comm, null_stream())
-            }
-            .map(drop)
+            unsafe { nccl::all_reduce(p, p, n, dt, sys::ncclRedOp_t::ncclSum, comm, null_stream()) }
+                .map(drop)
         });
         if c.data_ptr() != t.data_ptr() {
             tch::no_grad(|| t.copy_(&c));
         }
-        let _ = &mut c;
     }
 
     fn broadcast_from_root(&self, t: &mut Tensor) {
@@ -311,7 +309,15 @@ impl Collective for NcclCollective {
         self.run(&src, |p, _, dt| {
             // SAFETY: `p` holds W·n elements, `dst` n, both device memory alive for the call.
             unsafe {
-                nccl::reduce_scatter(p, dst, n, dt, sys::ncclRedOp_t::ncclSum, comm, null_stream())
+                nccl::reduce_scatter(
+                    p,
+                    dst,
+                    n,
+                    dt,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    null_stream(),
+                )
             }
             .map(drop)
         });
@@ -354,8 +360,14 @@ mod tests {
 
     #[test]
     fn dtypes_map_to_nccls_and_errors_to_reasons() {
-        assert_eq!(nccl_type(Kind::Float), Some(sys::ncclDataType_t::ncclFloat32));
-        assert_eq!(nccl_type(Kind::BFloat16), Some(sys::ncclDataType_t::ncclBfloat16));
+        assert_eq!(
+            nccl_type(Kind::Float),
+            Some(sys::ncclDataType_t::ncclFloat32)
+        );
+        assert_eq!(
+            nccl_type(Kind::BFloat16),
+            Some(sys::ncclDataType_t::ncclBfloat16)
+        );
         assert_eq!(nccl_type(Kind::Bool), None);
         assert!(describe(sys::ncclResult_t::ncclRemoteError).contains("remote rank"));
         assert!(describe(sys::ncclResult_t::ncclSystemError).contains("NCCL_SOCKET_IFNAME"));

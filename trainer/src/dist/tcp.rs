@@ -172,8 +172,11 @@ impl TcpCollective {
 
     /// Replaces `t` on every rank by rank `0`'s `t`.
     pub fn try_broadcast_from_root(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        self.op(OP_BROADCAST, t.kind(), t.numel(), |links, mine, sent| {
-            match (self.algorithm, links) {
+        self.op(
+            OP_BROADCAST,
+            t.kind(),
+            t.numel(),
+            |links, mine, sent| match (self.algorithm, links) {
                 (Algorithm::Star, Links { star, .. }) => star_op(star, mine, t, sent),
                 (Algorithm::Ring, Links { ring: None, .. }) => Ok(()),
                 (Algorithm::Ring, Links { ring: Some(r), .. }) => {
@@ -184,8 +187,8 @@ impl TcpCollective {
                     }
                     Ok(())
                 }
-            }
-        })
+            },
+        )
     }
 
     /// [`Collective::reduce_scatter_sum`] with the error returned.
@@ -204,16 +207,21 @@ impl TcpCollective {
             return Ok(full.narrow(0, (self.rank * n) as i64, n as i64).copy());
         }
         let kind = input.kind();
-        self.op(OP_REDUCE_SCATTER, kind, input.numel(), |links, mine, sent| {
-            let mut buf = bytes_of(input);
-            let chunks = ring::equal_chunks(n * elt(kind), w);
-            if let Some(r) = &links.ring {
-                self.ring(r, sent)
-                    .reduce_scatter(mine, &mut buf, &chunks, adder(kind)?)?;
-            }
-            let mine = &buf[chunks[self.rank].clone()];
-            Ok(Tensor::from_data_size(mine, &[n as i64], kind).to_device(input.device()))
-        })
+        self.op(
+            OP_REDUCE_SCATTER,
+            kind,
+            input.numel(),
+            |links, mine, sent| {
+                let mut buf = bytes_of(input);
+                let chunks = ring::equal_chunks(n * elt(kind), w);
+                if let Some(r) = &links.ring {
+                    self.ring(r, sent)
+                        .reduce_scatter(mine, &mut buf, &chunks, adder(kind)?)?;
+                }
+                let mine = &buf[chunks[self.rank].clone()];
+                Ok(Tensor::from_data_size(mine, &[n as i64], kind).to_device(input.device()))
+            },
+        )
     }
 
     /// [`Collective::all_gather`] with the error returned.

@@ -11,6 +11,8 @@
 //! own, as the joining rank reached it), address, u16 port), tag; or u8 1 + reason when ranks
 //! never came. Ring link, rank r → r+1: `DFLR`, u32 r, u32 r+1, tag over the gang nonce;
 //! reply u8 0.
+//! (Over 500 lines: both sides of the handshake and the ring links are one protocol, best read
+//! together.)
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -207,7 +209,16 @@ fn admit(
         s.read_exact(&mut nonce)?;
         let mut tag = [0u8; auth::LEN];
         s.read_exact(&mut tag)?;
-        Ok((version, rank, world, port, has_token[0] != 0, session, nonce, tag))
+        Ok((
+            version,
+            rank,
+            world,
+            port,
+            has_token[0] != 0,
+            session,
+            nonce,
+            tag,
+        ))
     });
     let (version, rank, world, port, has_token, session, nonce, tag) = match hello {
         Ok(h) if &magic == MAGIC => h,
@@ -374,7 +385,13 @@ pub(super) fn join(cfg: &TcpConfig) -> Result<Links, CollectiveError> {
     let mut accept = [0u8; auth::LEN];
     s.read_exact(&mut accept)
         .map_err(|e| fail(format!("handshake reply: {e}")))?;
-    let signed = [&b"accept"[..], &nonce, &root_nonce, session, &rank.to_le_bytes()];
+    let signed = [
+        &b"accept"[..],
+        &nonce,
+        &root_nonce,
+        session,
+        &rank.to_le_bytes(),
+    ];
     if !cfg.auth.verify(&signed, &accept) {
         return Err(fail(format!(
             "rank 0 at {target} does not hold this job's token: not this job's rank 0"
@@ -394,7 +411,9 @@ pub(super) fn join(cfg: &TcpConfig) -> Result<Links, CollectiveError> {
     s.read_exact(&mut tag)
         .map_err(|e| fail(format!("address list: {e}")))?;
     if !cfg.auth.verify(&[b"gang", &nonce, &gang, &table], &tag) {
-        return Err(fail("the address list is not signed with the job token".into()));
+        return Err(fail(
+            "the address list is not signed with the job token".into(),
+        ));
     }
     let ring = ring_links(cfg, &data, &addrs, &gang, deadline)?;
     set_op_timeouts(&s, cfg)?;

@@ -86,14 +86,16 @@ impl Ring<'_> {
                 what: "sending a header to",
                 source,
             })?;
-        self.sent
-            .fetch_add(Header::LEN as u64, Ordering::Relaxed);
+        self.sent.fetch_add(Header::LEN as u64, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
         // Which side failed first: its error is the cause, the other's a consequence.
         let first_failure = AtomicU8::new(NONE);
-        let failed_first =
-            |who: u8| first_failure.compare_exchange(NONE, who, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        let failed_first = |who: u8| {
+            first_failure
+                .compare_exchange(NONE, who, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        };
         std::thread::scope(|s| {
             let sender = s.spawn(|| -> io::Result<()> {
                 let mut next = self.next;
@@ -119,8 +121,13 @@ impl Ring<'_> {
             let result = (|| {
                 let theirs =
                     Header::read(&mut pipe.prev).map_err(pipe.io_err("receiving a header from"))?;
-                if (theirs.op, theirs.seq, theirs.kind, theirs.numel, theirs.bytes)
-                    != (mine.op, mine.seq, mine.kind, mine.numel, mine.bytes)
+                if (
+                    theirs.op,
+                    theirs.seq,
+                    theirs.kind,
+                    theirs.numel,
+                    theirs.bytes,
+                ) != (mine.op, mine.seq, mine.kind, mine.numel, mine.bytes)
                 {
                     return Err(CollectiveError::Mismatch {
                         rank: pipe.prev_rank,
@@ -139,9 +146,9 @@ impl Ring<'_> {
                 (Ok(r), Ok(())) => Ok(r),
                 (_, Err(source)) if first_failure.load(Ordering::SeqCst) == SENDER => {
                     Err(CollectiveError::Io {
-                    peer: self.next_rank(),
-                    what: "sending to",
-                    source,
+                        peer: self.next_rank(),
+                        what: "sending to",
+                        source,
                     })
                 }
                 (Err(e), _) => Err(e),
@@ -330,7 +337,11 @@ mod tests {
         let segs: Vec<_> = segments(&(3..SEGMENT * 2 + 10)).collect();
         assert_eq!(
             segs,
-            vec![3..SEGMENT + 3, SEGMENT + 3..2 * SEGMENT + 3, 2 * SEGMENT + 3..2 * SEGMENT + 10]
+            vec![
+                3..SEGMENT + 3,
+                SEGMENT + 3..2 * SEGMENT + 3,
+                2 * SEGMENT + 3..2 * SEGMENT + 10
+            ]
         );
     }
 }

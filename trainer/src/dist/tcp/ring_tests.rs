@@ -108,7 +108,9 @@ fn the_star_baseline_moves_everything_through_rank_zero_with_the_same_result() {
     let out = on_every_rank(&group, move |rank, c| {
         let mut t = input(rank, len, Kind::Float);
         c.try_all_reduce_sum(&mut t).unwrap();
-        let rs = c.try_reduce_scatter_sum(&input(rank, 6, Kind::Float)).unwrap();
+        let rs = c
+            .try_reduce_scatter_sum(&input(rank, 6, Kind::Float))
+            .unwrap();
         let ag = c
             .try_all_gather(&Tensor::from_slice(&[rank as i64]))
             .unwrap();
@@ -122,7 +124,10 @@ fn the_star_baseline_moves_everything_through_rank_zero_with_the_same_result() {
     // Rank 0 sent the result to both others; the leaves their input once.
     assert!(out[0].1 >= 2 * (n + h), "{}", out[0].1);
     assert!(out[1].1 >= n + h && out[1].1 < 2 * n);
-    assert_eq!(out[1].2, bytes_of(&expected(world, 6, Kind::Float).narrow(0, 2, 2)));
+    assert_eq!(
+        out[1].2,
+        bytes_of(&expected(world, 6, Kind::Float).narrow(0, 2, 2))
+    );
     assert_eq!(out[2].3, bytes_of(&Tensor::from_slice(&[0i64, 1, 2])));
 }
 
@@ -133,16 +138,25 @@ fn broadcast_reduce_scatter_all_gather_and_barrier_on_the_ring() {
     let out = on_every_rank(&group, move |rank, c| {
         let mut big = input(rank, 700_001, Kind::Float);
         c.try_broadcast_from_root(&mut big).unwrap();
-        let rs = c.try_reduce_scatter_sum(&input(rank, 4 * 3, Kind::Double)).unwrap();
+        let rs = c
+            .try_reduce_scatter_sum(&input(rank, 4 * 3, Kind::Double))
+            .unwrap();
         let ag = c
             .try_all_gather(&Tensor::from_slice(&[rank as i64 * 10, -1]))
             .unwrap();
         c.try_barrier().unwrap();
-        (bytes_of(&big), bytes_of(&rs), Vec::<i64>::try_from(&ag).unwrap())
+        (
+            bytes_of(&big),
+            bytes_of(&rs),
+            Vec::<i64>::try_from(&ag).unwrap(),
+        )
     });
     let sums = expected(world, 12, Kind::Double);
     for (rank, (big, rs, ag)) in out.iter().enumerate() {
-        assert!(*big == bytes_of(&input(0, 700_001, Kind::Float)), "rank {rank}");
+        assert!(
+            *big == bytes_of(&input(0, 700_001, Kind::Float)),
+            "rank {rank}"
+        );
         assert_eq!(*rs, bytes_of(&sums.narrow(0, 3 * rank as i64, 3)));
         assert_eq!(*ag, vec![0, -1, 10, -1, 20, -1, 30, -1]);
     }
@@ -171,7 +185,8 @@ fn ranks_issuing_different_collectives_on_the_ring_all_fail() {
         if rank == 2 {
             c.try_all_gather(&t).map(|_| ()).map_err(|e| e.to_string())
         } else {
-            c.try_all_reduce_sum(&mut t.copy()).map_err(|e| e.to_string())
+            c.try_all_reduce_sum(&mut t.copy())
+                .map_err(|e| e.to_string())
         }
     });
     // Rank 0's predecessor is rank 2, which runs something else.
@@ -199,10 +214,7 @@ fn a_dead_ring_neighbour_is_named_and_a_hung_one_times_out() {
     let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
     let err = group[0].try_all_reduce_sum(&mut t).unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(5));
-    assert!(
-        matches!(&err, CollectiveError::Io { peer: 1, .. }),
-        "{err}"
-    );
+    assert!(matches!(&err, CollectiveError::Io { peer: 1, .. }), "{err}");
 }
 
 fn config(rank: usize, world_size: usize, port: u16, token: Option<&str>) -> TcpConfig {
@@ -220,7 +232,10 @@ fn config(rank: usize, world_size: usize, port: u16, token: Option<&str>) -> Tcp
 }
 
 /// Rank 0 with `root_token`; a rank 1 with `intruder` tries first, then the right one joins.
-fn intruder_then_member(root_token: Option<&'static str>, intruder: Option<&'static str>) -> String {
+fn intruder_then_member(
+    root_token: Option<&'static str>,
+    intruder: Option<&'static str>,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let root = std::thread::spawn(move || {
@@ -242,7 +257,10 @@ fn a_rank_with_another_jobs_token_is_refused_and_the_right_one_still_joins() {
     let err = intruder_then_member(Some("job-a-token"), Some("job-b-token"));
     assert!(err.contains("rank 0 refused this rank"), "{err}");
     assert!(err.contains("job token"), "{err}");
-    assert!(!err.contains("job-a-token") && !err.contains("job-b-token"), "{err}");
+    assert!(
+        !err.contains("job-a-token") && !err.contains("job-b-token"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -279,6 +297,9 @@ fn a_joined_rank_learns_which_ranks_never_came() {
     let err = TcpCollective::rendezvous(&config(1, 3, port, None))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("rank 0 gave up: ranks 2 did not join"), "{err}");
+    assert!(
+        err.contains("rank 0 gave up: ranks 2 did not join"),
+        "{err}"
+    );
     assert!(root.join().unwrap().is_err());
 }

@@ -67,10 +67,10 @@ mod tests {
             Kind::Int8,
             Kind::Uint8,
         ] {
-            let a = (Tensor::arange(37, (Kind::Double, tch::Device::Cpu)) * 1.37 - 9.0)
-                .to_kind(kind);
-            let b = (Tensor::arange(37, (Kind::Double, tch::Device::Cpu)) * -0.71 + 3.3)
-                .to_kind(kind);
+            let a =
+                (Tensor::arange(37, (Kind::Double, tch::Device::Cpu)) * 1.37 - 9.0).to_kind(kind);
+            let b =
+                (Tensor::arange(37, (Kind::Double, tch::Device::Cpu)) * -0.71 + 3.3).to_kind(kind);
             let mut acc = bytes(&a);
             adder_for(kind).unwrap()(&mut acc, &bytes(&b));
             assert_eq!(acc, bytes(&(&a + &b)), "{kind:?}");

@@ -24,10 +24,12 @@ pub fn header_file(rank: usize) -> String {
     format!("shard-{rank:05}.json")
 }
 
-/// File name of `group`'s chunks written by `rank` of `world_size`: the first format's
-/// `<group>.safetensors` in a world of one.
-pub fn group_file(group: &str, rank: usize, world_size: usize) -> String {
-    if world_size == 1 {
+/// File name of `group`'s chunks written by `rank`: rank 0's keeps the first format's
+/// `<group>.safetensors` (in a world of one it is that file byte for byte; in a larger one
+/// it holds rank 0's chunks, split tensors under `name@offset` keys), the others'
+/// `<group>.rank-RRRRR.safetensors`.
+pub fn group_file(group: &str, rank: usize) -> String {
+    if rank == 0 {
         format!("{group}.safetensors")
     } else {
         format!("{group}.rank-{rank:05}.safetensors")
@@ -150,7 +152,7 @@ pub(super) fn write(
         if chunks.is_empty() {
             continue;
         }
-        let name = group_file(group, rank, world_size);
+        let name = group_file(group, rank);
         let path = dir.join(&name);
         let mut tensors = Vec::with_capacity(chunks.len());
         let mut entries = Vec::with_capacity(chunks.len());

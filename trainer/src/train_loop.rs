@@ -2,6 +2,7 @@
 //! its losses -> metrics -> evaluation -> checkpoint. It is generic over three small traits so
 //! the loop itself can be tested with a toy model; [`components`] holds the real ViT, losses
 //! and loader behind them and `crate::pretrain` / `crate::distill` wire them from a config.
+//! (Over 500 lines: the loop and the traits it is generic over are one contract, read together.)
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -373,91 +373,12 @@ pub fn verify(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     let manifest = Manifest::read(path)?;
     manifest.verify(path)?;
     if !manifest.is_v1() {
-        verify_shards(path, &manifest)?;
+        shard::verify_all(path, &manifest)?;
     }
     Ok(VerifiedCheckpoint {
         path: path.to_path_buf(),
         manifest,
     })
-}
-
-/// Every rank `0..world_size` has exactly one header, listed and checksummed by the
-/// manifest, whose run, iteration and layout are the manifest's, and whose files the
-/// manifest lists.
-fn verify_shards(path: &Path, m: &Manifest) -> Result<(), CheckpointError> {
-    let corrupt = |reason: String| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let ranks: Vec<usize> = m.shards.iter().map(|s| s.rank).collect();
-    if ranks != (0..m.world_size).collect::<Vec<_>>() {
-        return Err(corrupt(format!(
-            "the manifest lists shards of ranks {ranks:?} for a world of {}",
-            m.world_size
-        )));
-    }
-    for s in &m.shards {
-        if !m.files.contains_key(&s.header) {
-            return Err(corrupt(format!(
-                "shard header {} is not checksummed",
-                s.header
-            )));
-        }
-        let header = ShardHeader::read(&path.join(&s.header))?;
-        let disagree =
-            |what: &str, shard: String, manifest: String| CheckpointError::ShardsDisagree {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "{} (rank {}) has {what} {shard}, the manifest {manifest}",
-                    s.header, s.rank
-                ),
-            };
-        if header.job != m.job {
-            return Err(CheckpointError::ShardsDisagree {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "{} (rank {}) was written by job {}, the manifest by job {}: a shard from another job",
-                    s.header,
-                    s.rank,
-                    header.job.as_deref().unwrap_or("<none: outside a cluster>"),
-                    m.job.as_deref().unwrap_or("<none: outside a cluster>")
-                ),
-            });
-        }
-        if header.iteration != m.iteration {
-            return Err(disagree(
-                "iteration",
-                header.iteration.to_string(),
-                m.iteration.to_string(),
-            ));
-        }
-        if header.config_hash != m.config_hash {
-            return Err(disagree(
-                "config hash",
-                header.config_hash,
-                m.config_hash.clone(),
-            ));
-        }
-        if (header.world_size, header.rank) != (m.world_size, s.rank) {
-            return Err(disagree(
-                "(world size, rank)",
-                format!("{:?}", (header.world_size, header.rank)),
-                format!("{:?}", (m.world_size, s.rank)),
-            ));
-        }
-        for (file, entry) in &header.files {
-            if m.files.get(file) != Some(&entry.entry) {
-                return Err(disagree(
-                    &format!("file {file} with sha256"),
-                    entry.entry.sha256.clone(),
-                    m.files
-                        .get(file)
-                        .map_or("does not list it".into(), |e| e.sha256.clone()),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Rank 0: an empty temporary directory for the checkpoint (a stale one of the same

@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::manifest::FileEntry;
+use super::manifest::{FileEntry, Manifest};
 use super::{CheckpointError, Chunk};
 
 /// Identifies the layout of a shard header.
@@ -24,10 +24,12 @@ pub fn header_file(rank: usize) -> String {
     format!("shard-{rank:05}.json")
 }
 
-/// File name of `group`'s chunks written by `rank` of `world_size`: the first format's
-/// `<group>.safetensors` in a world of one.
-pub fn group_file(group: &str, rank: usize, world_size: usize) -> String {
-    if world_size == 1 {
+/// File name of `group`'s chunks written by `rank`: rank 0's keeps the first format's
+/// `<group>.safetensors` (in a world of one it is that file byte for byte; in a larger one
+/// it holds rank 0's chunks, split tensors under `name@offset` keys), the others'
+/// `<group>.rank-RRRRR.safetensors`.
+pub fn group_file(group: &str, rank: usize) -> String {
+    if rank == 0 {
         format!("{group}.safetensors")
     } else {
         format!("{group}.rank-{rank:05}.safetensors")
@@ -150,7 +152,7 @@ pub(super) fn write(
         if chunks.is_empty() {
             continue;
         }
-        let name = group_file(group, rank, world_size);
+        let name = group_file(group, rank);
         let path = dir.join(&name);
         let mut tensors = Vec::with_capacity(chunks.len());
         let mut entries = Vec::with_capacity(chunks.len());
@@ -200,6 +202,85 @@ pub(super) fn write(
     let bytes = serde_json::to_vec_pretty(&header).expect("shard headers serialise");
     super::manager::write_synced(&dir.join(header_file(rank)), &bytes)?;
     Ok(header)
+}
+
+/// Every rank `0..world_size` has exactly one header, listed and checksummed by the
+/// manifest, whose run, iteration and layout are the manifest's, and whose files the
+/// manifest lists.
+pub(super) fn verify_all(path: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ranks: Vec<usize> = m.shards.iter().map(|s| s.rank).collect();
+    if ranks != (0..m.world_size).collect::<Vec<_>>() {
+        return Err(corrupt(format!(
+            "the manifest lists shards of ranks {ranks:?} for a world of {}",
+            m.world_size
+        )));
+    }
+    for s in &m.shards {
+        if !m.files.contains_key(&s.header) {
+            return Err(corrupt(format!(
+                "shard header {} is not checksummed",
+                s.header
+            )));
+        }
+        let header = ShardHeader::read(&path.join(&s.header))?;
+        let disagree =
+            |what: &str, shard: String, manifest: String| CheckpointError::ShardsDisagree {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} (rank {}) has {what} {shard}, the manifest {manifest}",
+                    s.header, s.rank
+                ),
+            };
+        if header.job != m.job {
+            return Err(CheckpointError::ShardsDisagree {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} (rank {}) was written by job {}, the manifest by job {}: a shard from another job",
+                    s.header,
+                    s.rank,
+                    header.job.as_deref().unwrap_or("<none: outside a cluster>"),
+                    m.job.as_deref().unwrap_or("<none: outside a cluster>")
+                ),
+            });
+        }
+        if header.iteration != m.iteration {
+            return Err(disagree(
+                "iteration",
+                header.iteration.to_string(),
+                m.iteration.to_string(),
+            ));
+        }
+        if header.config_hash != m.config_hash {
+            return Err(disagree(
+                "config hash",
+                header.config_hash,
+                m.config_hash.clone(),
+            ));
+        }
+        if (header.world_size, header.rank) != (m.world_size, s.rank) {
+            return Err(disagree(
+                "(world size, rank)",
+                format!("{:?}", (header.world_size, header.rank)),
+                format!("{:?}", (m.world_size, s.rank)),
+            ));
+        }
+        for (file, entry) in &header.files {
+            if m.files.get(file) != Some(&entry.entry) {
+                return Err(disagree(
+                    &format!("file {file} with sha256"),
+                    entry.entry.sha256.clone(),
+                    m.files
+                        .get(file)
+                        .map_or("does not list it".into(), |e| e.sha256.clone()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

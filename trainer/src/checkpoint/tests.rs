@@ -114,7 +114,7 @@ fn every_rank_writes_its_shard_and_rank_zero_seals_one_manifest_over_all() {
     // Each rank's files, the headers and rank 0's documents, all checksummed.
     for rank in 0..3 {
         for group in ["student", "optimizer"] {
-            let f = format!("{group}.rank-{rank:05}.safetensors");
+            let f = shard::group_file(group, rank);
             assert!(
                 m.files.contains_key(&f),
                 "{f} missing: {:?}",

@@ -120,8 +120,9 @@ fn load_dinoflow(dir: &Path) -> Result<Loaded, DistillError> {
             "{e}; point it at a verified checkpoint directory (ckpt-NNNNNNNNN) of a PretrainJob"
         ))
     })?;
-    // The teacher's files: `teacher.safetensors` when one rank wrote the checkpoint, one
-    // `teacher.rank-RRRRR.safetensors` per rank of a sharded one.
+    // The teacher's files: `teacher.safetensors` (all of it when one rank wrote the
+    // checkpoint, rank 0's chunks otherwise) and `teacher.rank-RRRRR.safetensors` of the
+    // other ranks.
     let files: Vec<(&String, &checkpoint::manifest::FileEntry)> = manifest
         .files
         .iter()

@@ -76,6 +76,11 @@ pub struct EvalArgs {
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Also run the k-NN protocol on the evaluation transform's raw pixels (same splits,
+    /// same k values and temperature): the baseline a learned feature has to beat. Its cost
+    /// grows with `3 · crop²` per image, fine for small images, not for ImageNet at 224.
+    #[arg(long)]
+    pub raw_pixels: bool,
 }
 
 /// What `launch` runs in each worker: the job kind, named by its subcommand (`train`,

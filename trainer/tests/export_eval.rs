@@ -113,11 +113,22 @@ fn eval_reproduces_the_loop_and_export_round_trips_with_official_key_names() {
     assert!(keys.iter().all(|k| !k.starts_with("backbone.")), "{keys:?}");
 
     let from_export = report(&trainer(
-        &["eval", "--config"],
+        &["eval", "--raw-pixels", "--config"],
         &[&config, Path::new("--weights"), &export],
     ));
     assert_eq!(from_export["metrics"], loop_metrics);
     assert!(from_export["iteration"].is_null());
+    // The raw-pixel baseline beside it, with the same k values: pixels classify
+    // Fashion-MNIST far above chance (10%) even from 600 reference images.
+    let raw = from_export["raw_pixels"]
+        .as_object()
+        .expect("raw_pixels report");
+    for k in [5, 10] {
+        let top1 = raw[&format!("knn_top1_k{k}")].as_f64().unwrap();
+        assert!((50.0..=100.0).contains(&top1), "raw pixels k={k}: {top1}");
+    }
+    assert_eq!(raw.len(), 4, "{raw:?}");
+    assert!(from_ckpt.get("raw_pixels").is_none(), "only on request");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use crate::cli::EvalArgs;
 use crate::config;
 use crate::data::open_dataset;
 use crate::dist::World;
-use crate::eval::evaluate_backbone;
+use crate::eval::{evaluate_backbone, raw_pixel_knn};
 use crate::export::{BackboneSource, compute_kind, load_backbone};
 use crate::pretrain::eval_inputs;
 
@@ -61,9 +61,24 @@ fn evaluate(args: &EvalArgs) -> Result<serde_json::Value, CommandError> {
         .into_iter()
         .map(|(k, v)| (k, json!(v)))
         .collect();
-    Ok(json!({
+    let mut out = json!({
         "source": source.describe(),
         "iteration": source.iteration(),
         "metrics": metrics,
-    }))
+    });
+    if args.raw_pixels {
+        let knn = raw_pixel_knn(&inputs, eval.num_classes, &eval.knn)
+            .map_err(CommandError::Evaluation)?;
+        let raw: serde_json::Map<String, serde_json::Value> = knn
+            .iter()
+            .flat_map(|a| {
+                [
+                    (format!("knn_top1_k{}", a.k), json!(a.top1)),
+                    (format!("knn_top5_k{}", a.k), json!(a.top5)),
+                ]
+            })
+            .collect();
+        out["raw_pixels"] = serde_json::Value::Object(raw);
+    }
+    Ok(out)
 }

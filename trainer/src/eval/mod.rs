@@ -1,6 +1,7 @@
 //! Evaluation hooks on the final backbone: k-NN (official protocol) and a linear probe.
 //! An [`Evaluator`] runs a frozen backbone over the labelled splits of [`EvalInputs`]; the
 //! hooks themselves see features only.
+pub mod baseline;
 pub mod data;
 pub mod knn;
 pub mod linear;
@@ -10,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::model::DinoVisionTransformer;
 
+pub use baseline::raw_pixel_knn;
 pub use data::{EvalTransform, LabelledSplit};
 pub use knn::{KnnAccuracy, KnnConfig, knn_classify};
 pub use linear::{LinearConfig, LinearResult, linear_input, linear_probe};

@@ -589,7 +589,11 @@ mod tests {
         assert_eq!(last.losses["total"], 7.0);
         assert_eq!(last.losses["koleo"], -0.5);
         assert_eq!(last.images_per_second, 123.0);
-        assert_eq!(last.mfu, Some(0.5), "the latest MFU rides along like the throughput");
+        assert_eq!(
+            last.mfu,
+            Some(0.5),
+            "the latest MFU rides along like the throughput"
+        );
         assert!(reports.iter().any(|r| matches!(&r.event,
             Some(Event::Checkpoint(c)) if c.iteration == 300 && c.path.ends_with("300"))));
         let evals: BTreeMap<String, EvaluationDone> = reports

@@ -225,6 +225,7 @@ pub fn controller_fields(status: &JobStatus) -> JobStatus {
         losses: Default::default(),
         learning_rate: None,
         images_per_second: None,
+        mfu: None,
         last_checkpoint: None,
         evaluations: Vec::new(),
         world_size: None,

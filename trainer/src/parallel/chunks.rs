@@ -85,9 +85,12 @@ impl ShardedStudent {
                 }
                 let full = source.read(&key, 0, var.numel() as i64)?;
                 tch::no_grad(|| {
-                    let _ = var
-                        .detach()
-                        .copy_(&full.to_kind(var.kind()).to_device(var.device()).view_as(var));
+                    let _ = var.detach().copy_(
+                        &full
+                            .to_kind(var.kind())
+                            .to_device(var.device())
+                            .view_as(var),
+                    );
                 });
             }
         }
@@ -101,7 +104,11 @@ impl ShardedStudent {
                 }
                 let read = |suffix: &str| {
                     source
-                        .read(&qualified("optimizer", &format!("{name}{suffix}")), p.start, p.len)
+                        .read(
+                            &qualified("optimizer", &format!("{name}{suffix}")),
+                            p.start,
+                            p.len,
+                        )
                         .map(|t| t.to_kind(Kind::Float))
                 };
                 states.push((

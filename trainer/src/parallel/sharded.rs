@@ -170,7 +170,11 @@ impl ShardedStudent {
 
     /// Gradients of all unit parameters without accumulating into `.grad` (nothing full-size
     /// survives the reduction), reduced unit by unit. Returns which parameters got one.
-    fn backward_and_reduce(&mut self, objective: &Tensor, collective: &dyn Collective) -> Vec<Vec<bool>> {
+    fn backward_and_reduce(
+        &mut self,
+        objective: &Tensor,
+        collective: &dyn Collective,
+    ) -> Vec<Vec<bool>> {
         let params: Vec<&Tensor> = self
             .units
             .iter()
@@ -300,7 +304,10 @@ impl ShardedStudent {
                     .collect();
                 let used: i64 = ps.iter().map(|p| p.len).sum();
                 if used < u.shard_len {
-                    parts.push(Tensor::zeros([u.shard_len - used], (Kind::Float, device(u))));
+                    parts.push(Tensor::zeros(
+                        [u.shard_len - used],
+                        (Kind::Float, device(u)),
+                    ));
                 }
                 let full = collective.all_gather(&Tensor::cat(&parts, 0));
                 for ((_, v), &off) in u.params.iter().zip(&u.offsets) {

@@ -148,7 +148,12 @@ mod tests {
     fn vars(names: &[(&str, i64)]) -> Vec<(String, Tensor)> {
         names
             .iter()
-            .map(|(n, len)| (n.to_string(), Tensor::zeros([*len], (Kind::Float, tch::Device::Cpu))))
+            .map(|(n, len)| {
+                (
+                    n.to_string(),
+                    Tensor::zeros([*len], (Kind::Float, tch::Device::Cpu)),
+                )
+            })
             .collect()
     }
 
@@ -190,7 +195,12 @@ mod tests {
         let units = plan_units(&backbone(), 4, &sharded(2), 0, 2);
         assert_eq!(
             names(&units),
-            ["backbone.chunk0", "backbone.chunk1", "backbone", "dino_head"]
+            [
+                "backbone.chunk0",
+                "backbone.chunk1",
+                "backbone",
+                "dino_head"
+            ]
         );
         assert_eq!(units[0].params.len(), 2);
         // depth 4, 3 chunks: chunks of 4 // 3 = 1 block, as the official code (4 units).

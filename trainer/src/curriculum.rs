@@ -336,6 +336,33 @@ mod tests {
     }
 
     #[test]
+    fn the_examples_switch_resolution_where_their_comments_say() {
+        let load = |name: &str| {
+            let path = format!(
+                "{}/../manifests/examples/{name}.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let t = dinoflow_api::load_training_config(&path).unwrap().training;
+            Curriculum::from_config(&t).unwrap()
+        };
+        let tiny = load("tiny-cpu-fashion-mnist-curriculum");
+        let p: Vec<_> = tiny
+            .phases()
+            .iter()
+            .map(|p| (p.name.as_str(), p.start, p.global_crops_size(), p.batch_size_per_gpu()))
+            .collect();
+        assert_eq!(p, [("base", 0, 28, 64), ("high-res", 250, 42, 32)]);
+        let vitl = load("vitl14-12x8");
+        let p: Vec<_> = vitl
+            .phases()
+            .iter()
+            .map(|p| (p.name.as_str(), p.start, p.global_crops_size(), p.batch_size_per_gpu()))
+            .collect();
+        assert_eq!(p, [("base", 0, 224, 32), ("high-res-518", 612_500, 518, 8)]);
+        assert_eq!(vitl.phases()[0].training.total_iterations(), 625_000);
+    }
+
+    #[test]
     fn a_phase_with_a_quarter_of_the_batch_runs_at_half_the_sqrt_scaled_lr() {
         let t = two_phase();
         let c = Curriculum::from_config(&t).unwrap();

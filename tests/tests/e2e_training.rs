@@ -81,6 +81,71 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verif
     world.stop().await;
 }
 
+/// A two-phase curriculum (`training.curriculum`): 6 iterations at 28px global crops, then 6
+/// at 42px with 8 instead of 16 images. `status.curriculumPhase` goes from `base` to
+/// `high-res` (polled faster than the operator's one write a second, so the first phase's
+/// status is seen), and metrics.jsonl shows the crop size change after iteration 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_phase_curriculum_switches_crops_and_the_status_shows_the_phase() {
+    let started = std::time::Instant::now();
+    let world = World::start("e2e-curric").await;
+    let out = world.dir.join("checkpoints");
+    let mut job: Value =
+        serde_yaml_ng::from_str(&tiny_job(&world, "curric", 1, 2, 100, &out)).unwrap();
+    job["spec"]["training"]["curriculum"] = serde_yaml_ng::from_str(
+        "{phases: [{name: high-res, startIteration: 6, globalCropsSize: 42, \
+         localCropsSize: 21, batchSizePerGpu: 8}]}",
+    )
+    .unwrap();
+    world.kubectl_apply(&serde_yaml_ng::to_string(&job).unwrap());
+
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = world.status("curric").await;
+        if let Some(p) = &status.curriculum_phase
+            && seen.last() != Some(p)
+        {
+            seen.push(p.clone());
+        }
+        if status.phase.map(|p| p.as_str()) == Some("Succeeded") {
+            break status;
+        }
+        if status.phase.is_some_and(|p| p.is_finished()) || tokio::time::Instant::now() > deadline {
+            world.fail("curric", "phase Succeeded").await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.iteration, Some(12), "{status:?}");
+    assert_eq!(
+        seen,
+        ["base", "high-res"],
+        "status.curriculumPhase over time"
+    );
+    assert_eq!(status.curriculum_phase.as_deref(), Some("high-res"));
+
+    let text = std::fs::read_to_string(out.join("curric/metrics.jsonl")).unwrap();
+    let crops: Vec<(u64, u64, u64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "train")
+        .map(|v| {
+            let c = &v["curriculum"];
+            (
+                v["iteration"].as_u64().unwrap(),
+                c["global_crops_size"].as_u64().unwrap(),
+                c["batch_size_per_gpu"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, u64, u64)> = (1..=12)
+        .map(|it| if it <= 6 { (it, 28, 16) } else { (it, 42, 8) })
+        .collect();
+    assert_eq!(crops, expected);
+    world.stop().await;
+    eprintln!("two-phase curriculum e2e: {:?}", started.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_and_succeeds() {
     let world = World::start("e2e-restart").await;

@@ -10,13 +10,15 @@ use crate::config;
 /// A tiny pretraining config; `global` sets the position-embedding grid (patch 7).
 fn tiny(global: u32, depth: u32) -> TrainingConfig {
     let yaml = format!(
-        "model: {{arch: custom, embedDim: 16, depth: {depth}, numHeads: 2, patchSize: 7, \
-         numRegisterTokens: 1}}\n\
-         dino: {{headNPrototypes: 32, headHiddenDim: 16, headBottleneckDim: 8, headNlayers: 2}}\n\
-         crops: {{globalCropsSize: {global}, localCropsSize: 14, localCropsNumber: 2}}\n\
+        "training:\n  model: {{arch: custom, embedDim: 16, depth: {depth}, numHeads: 2, \
+         patchSize: 7, numRegisterTokens: 1}}\n  \
+         dino: {{headNPrototypes: 32, headHiddenDim: 16, headBottleneckDim: 8, headNlayers: 2}}\n  \
+         crops: {{globalCropsSize: {global}, localCropsSize: 14, localCropsNumber: 2}}\n  \
          data: {{path: /unused}}\n"
     );
-    serde_yaml_ng::from_str(&yaml).unwrap()
+    dinoflow_api::load_training_config_str(&yaml)
+        .unwrap()
+        .training
 }
 
 fn arch(t: &TrainingConfig, seed: i64) -> MetaArch {

@@ -373,9 +373,13 @@ pub struct RunPolicy {
     /// Seconds without a progress report from a running gang before it counts as hung and
     /// is restarted (a retryable failure). Counted from the latest of: every pod running
     /// (scheduling and image pulls never count), the last report, the operator's own start
-    /// (no report reaches a stopped operator). Unset: no hang detection.
+    /// (no report reaches a stopped operator). The trainer reports every completed iteration
+    /// (at most once a second) and heartbeats every 10 s while it starts up (model, dataset,
+    /// initial weights, checkpoint restore), evaluates or writes a checkpoint; a single
+    /// iteration sends nothing until it ends, so the timeout must exceed the slowest
+    /// iteration. Unset: no hang detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 30").message("cluster.runPolicy.hangTimeoutSeconds must be >= 30 (the trainer heartbeats every 30 s)"))]
+    #[x_kube(validation = Rule::new("self >= 30").message("cluster.runPolicy.hangTimeoutSeconds must be >= 30 (the trainer reports at least every 10 s outside iterations, and after each iteration)"))]
     pub hang_timeout_seconds: Option<i64>,
 
     /// Seconds the gang may stay unscheduled before the job reports it (condition and event

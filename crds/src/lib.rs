@@ -7,6 +7,7 @@ pub mod contract;
 pub mod crd;
 pub mod distill;
 pub mod exit_codes;
+pub mod fields;
 mod job_resource;
 pub mod load;
 pub mod presets;

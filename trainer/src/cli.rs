@@ -18,6 +18,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The config file the command reads (its `training.logging` applies from the start).
+    pub fn config_path(&self) -> &std::path::Path {
+        match &self.command {
+            Command::Train(a) | Command::Distill(a) => &a.config,
+            Command::Validate { config } => config,
+            Command::Launch(a) => &a.train.config,
+            Command::Export(a) => &a.source.config,
+            Command::Eval(a) => &a.source.config,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train (or resume training) from a config: a bare `training:` block or a whole

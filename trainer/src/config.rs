@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use dinoflow_api::TrainingConfig;
 use dinoflow_api::training::{
-    Arch, Centering, Dtype, FfnLayer as ApiFfn, ScalingRule, ShardingStrategy,
+    Arch, Centering, DatasetSplit, Dtype, FfnLayer as ApiFfn, ScalingRule, ShardingStrategy,
 };
 
 use crate::checkpoint::manifest::hash_bytes;
 use crate::data::augment::{ColorJitterConfig, CropExtras};
-use crate::data::{DatasetKind, MultiCropConfig};
+use crate::data::{DatasetKind, ImageNetSplit, LoaderConfig, MultiCropConfig};
 use crate::eval::{EvalConfig, KnnConfig, LinearConfig};
 use crate::loss::CenteringMode;
 use crate::masking::MaskCollateConfig;
@@ -162,6 +162,7 @@ pub fn meta_arch_config(t: &TrainingConfig) -> Result<MetaArchConfig, MappingErr
         clip_grad: t.optim.clip_grad,
         student_temp: t.loss.student_temp,
         center_momentum: t.loss.center_momentum,
+        sinkhorn_iterations: t.loss.sinkhorn_knopp_iterations as usize,
         param_groups: ParamGroupConfig {
             layerwise_decay: t.optim.layerwise_decay,
             patch_embed_lr_mult: t.optim.patch_embed_lr_mult,
@@ -245,6 +246,42 @@ pub fn flops_per_image(t: &TrainingConfig, arch: &MetaArchConfig) -> f64 {
         masks: mask_collate_config(t),
     };
     crate::flops::training_flops_per_image(arch, &shape)
+}
+
+/// How often the loop logs, checkpoints and evaluates, in iterations (0: never periodically).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cadences {
+    pub log_every: u64,
+    pub checkpoint_every: u64,
+    pub eval_every: u64,
+}
+
+/// `logging.everyIterations`, `checkpoint.periodIterations` (3 official epochs when unset) and
+/// `evaluation.periodIterations`.
+pub fn cadences(t: &TrainingConfig) -> Cadences {
+    Cadences {
+        log_every: u64::from(t.logging.every_iterations),
+        checkpoint_every: t.checkpoint.period(t.train.official_epoch_length),
+        eval_every: u64::from(t.evaluation.period_iterations),
+    }
+}
+
+/// The data loader of this rank: `train.batchSizePerGpu`, `data.numWorkers`, `train.seed`
+/// and the crops.
+pub fn loader_config(
+    t: &TrainingConfig,
+    rank: usize,
+    world_size: usize,
+) -> Result<LoaderConfig, MappingError> {
+    Ok(LoaderConfig {
+        batch_size: t.train.batch_size_per_gpu as usize,
+        num_workers: t.data.num_workers as usize,
+        seed: t.train.seed,
+        rank,
+        world_size,
+        crops: multi_crop_config(t)?,
+        ..LoaderConfig::default()
+    })
 }
 
 /// The fp16 dynamic loss scaler's settings (`precision.lossScale`); used only when the
@@ -358,24 +395,41 @@ pub fn mask_collate_config(t: &TrainingConfig) -> MaskCollateConfig {
     }
 }
 
-/// The dataset reader for `training.data.kind` (training split).
+/// The dataset reader for `training.data.kind` (training data: `data.split` of ImageNet).
 pub fn dataset_kind(t: &TrainingConfig) -> DatasetKind {
-    dataset_kind_for_split(t, "train")
+    dataset_kind_for_split(t, "train", imagenet_split(t.data.split))
 }
 
-/// The reader for `training.data.valPath`: same kind; an IDX folder gives its `t10k` files.
+/// The reader for `training.data.valPath`: same kind; an IDX folder gives its `t10k` files,
+/// ImageNet its `VAL` split (the official evaluation's `ImageNet:split=VAL`).
 pub fn val_dataset_kind(t: &TrainingConfig) -> DatasetKind {
-    dataset_kind_for_split(t, "t10k")
+    dataset_kind_for_split(t, "t10k", ImageNetSplit::Val)
 }
 
-fn dataset_kind_for_split(t: &TrainingConfig, idx_split: &str) -> DatasetKind {
+fn imagenet_split(split: DatasetSplit) -> ImageNetSplit {
+    match split {
+        DatasetSplit::Train => ImageNetSplit::Train,
+        DatasetSplit::Val => ImageNetSplit::Val,
+        DatasetSplit::Test => ImageNetSplit::Test,
+    }
+}
+
+fn dataset_kind_for_split(
+    t: &TrainingConfig,
+    idx_split: &str,
+    imagenet: ImageNetSplit,
+) -> DatasetKind {
     use dinoflow_api::training::DatasetKind as K;
     match t.data.kind {
         K::Idx => DatasetKind::Idx {
             split: idx_split.into(),
         },
         K::Webdataset => DatasetKind::Tar,
-        K::Imagefolder | K::Imagenet | K::Imagenet22k => DatasetKind::ImageFolder,
+        K::Imagenet => DatasetKind::ImageNet {
+            extra: t.data.extra_path.as_ref().map(std::path::PathBuf::from),
+            split: imagenet,
+        },
+        K::Imagefolder | K::Imagenet22k => DatasetKind::ImageFolder,
     }
 }
 
@@ -508,6 +562,245 @@ mod tests {
         assert_eq!(crops.mean, [0.286; 3]);
         // sqrt rule: 0.004 * sqrt(64 / 1024).
         assert!((peak_lr(&t, 1) - 0.001).abs() < 1e-12);
+    }
+
+    /// Evidence for `crds/fields.txt`: a non-default value of each field mapped here reaches
+    /// the module that acts on it (whose own tests show the effect of that setting).
+    #[test]
+    fn a_non_default_value_of_every_mapped_field_reaches_its_module() {
+        let mut t = TrainingConfig::default();
+        t.model.arch = Arch::Custom;
+        (t.model.embed_dim, t.model.depth, t.model.num_heads) = (Some(48), Some(3), Some(4));
+        t.model.patch_size = 8;
+        t.model.drop_path_rate = 0.25;
+        t.model.drop_path_uniform = false;
+        t.model.layerscale = 0.0;
+        t.model.qkv_bias = false;
+        t.model.proj_bias = false;
+        t.model.ffn_bias = false;
+        t.model.ffn_layer = ApiFfn::Swiglufused;
+        t.model.num_register_tokens = 4;
+        t.model.interpolate_antialias = true;
+        t.model.interpolate_offset = 0.0;
+        t.dino.head_n_prototypes = 300;
+        t.dino.head_hidden_dim = 40;
+        t.dino.head_bottleneck_dim = 20;
+        t.dino.head_nlayers = 2;
+        t.dino.loss_weight = 0.5;
+        t.dino.koleo_loss_weight = 0.2;
+        t.ibot.separate_head = true;
+        t.ibot.head_n_prototypes = 200;
+        t.ibot.head_hidden_dim = 30;
+        t.ibot.head_bottleneck_dim = 10;
+        t.ibot.head_nlayers = 1;
+        t.ibot.loss_weight = 0.7;
+        t.ibot.mask_ratio_min_max = [0.2, 0.4];
+        t.ibot.mask_sample_probability = 0.3;
+        t.loss.centering = Centering::SinkhornKnopp;
+        t.loss.student_temp = 0.2;
+        t.loss.center_momentum = 0.8;
+        t.loss.sinkhorn_knopp_iterations = 5;
+        t.optim.clip_grad = 1.5;
+        t.optim.layerwise_decay = 0.8;
+        t.optim.patch_embed_lr_mult = 0.3;
+        t.crops.global_crops_size = 64;
+        t.crops.local_crops_size = 32;
+        t.crops.local_crops_number = 3;
+        t.crops.global_crops_scale = [0.4, 0.9];
+        t.crops.local_crops_scale = [0.1, 0.3];
+        let a = &mut t.crops.augmentation;
+        a.horizontal_flip_probability = 0.1;
+        (a.brightness, a.contrast, a.saturation, a.hue) = (0.1, 0.2, 0.3, 0.05);
+        a.color_jitter_probability = 0.6;
+        a.grayscale_probability = 0.3;
+        a.blur_sigma = [0.5, 1.5];
+        a.global1_blur_probability = 0.9;
+        a.global2_blur_probability = 0.2;
+        a.local_blur_probability = 0.4;
+        a.global2_solarize_probability = 0.25;
+        a.normalize_mean = vec![0.1, 0.2, 0.3];
+        a.normalize_std = vec![0.4, 0.5, 0.6];
+
+        let m = meta_arch_config(&t).unwrap();
+        let v = &m.student;
+        assert_eq!(
+            (v.embed_dim, v.depth, v.num_heads, v.patch_size),
+            (48, 3, 4, 8)
+        );
+        assert_eq!((v.drop_path_rate, v.drop_path_uniform), (0.25, false));
+        assert_eq!(v.layerscale, None);
+        assert_eq!((v.qkv_bias, v.proj_bias, v.ffn_bias), (false, false, false));
+        assert_eq!(v.ffn_layer, FfnLayer::SwiGluFused);
+        assert_eq!(v.num_register_tokens, 4);
+        assert_eq!((v.interpolate_antialias, v.interpolate_offset), (true, 0.0));
+        assert_eq!(v.img_size, 64);
+        let d = &m.dino_head;
+        assert_eq!(
+            (d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers),
+            (300, 40, 20, 2)
+        );
+        let i = m.ibot_head.as_ref().expect("separate iBOT head");
+        assert_eq!(
+            (i.out_dim, i.hidden_dim, i.bottleneck_dim, i.nlayers),
+            (200, 30, 10, 1)
+        );
+        assert_eq!(
+            (m.dino_loss_weight, m.koleo_loss_weight, m.ibot_loss_weight),
+            (0.5, 0.2, 0.7)
+        );
+        assert_eq!(m.centering, CenteringMode::SinkhornKnopp);
+        assert_eq!((m.student_temp, m.center_momentum), (0.2, 0.8));
+        assert_eq!(m.sinkhorn_iterations, 5);
+        assert_eq!(m.n_local_crops, 3);
+        assert_eq!(m.clip_grad, 1.5);
+        assert_eq!(
+            (
+                m.param_groups.layerwise_decay,
+                m.param_groups.patch_embed_lr_mult
+            ),
+            (0.8, 0.3)
+        );
+
+        let c = multi_crop_config(&t).unwrap();
+        assert_eq!(
+            (
+                c.global_crops_size,
+                c.local_crops_size,
+                c.local_crops_number
+            ),
+            (64, 32, 3)
+        );
+        assert_eq!(
+            (c.global_crops_scale, c.local_crops_scale),
+            ((0.4, 0.9), (0.1, 0.3))
+        );
+        assert_eq!(c.hflip_p, 0.1);
+        let j = &c.color_jitter;
+        assert_eq!(
+            (j.brightness, j.contrast, j.saturation, j.hue, j.p),
+            (0.1, 0.2, 0.3, 0.05, 0.6)
+        );
+        assert_eq!(c.grayscale_p, 0.3);
+        assert_eq!(c.blur_sigma, (0.5, 1.5));
+        assert_eq!(
+            (c.global1.blur_p, c.global2.blur_p, c.local.blur_p),
+            (0.9, 0.2, 0.4)
+        );
+        assert_eq!(
+            (
+                c.global1.solarize_p,
+                c.global2.solarize_p,
+                c.local.solarize_p
+            ),
+            (0.0, 0.25, 0.0)
+        );
+        assert_eq!((c.mean, c.std), ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]));
+
+        let k = mask_collate_config(&t);
+        assert_eq!(
+            (k.mask_ratio_min_max, k.mask_sample_probability),
+            ((0.2, 0.4), 0.3)
+        );
+    }
+
+    #[test]
+    fn schedules_loader_and_cadences_take_their_fields() {
+        let mut t = TrainingConfig::default();
+        t.optim.epochs = 7;
+        t.optim.warmup_epochs = 2;
+        t.optim.base_lr = 0.01;
+        t.optim.min_lr = 1e-5;
+        t.optim.weight_decay = 0.05;
+        t.optim.weight_decay_end = 0.3;
+        t.optim.freeze_last_layer_epochs = 3;
+        t.teacher.momentum_teacher = 0.9;
+        t.teacher.final_momentum_teacher = 0.99;
+        t.teacher.warmup_teacher_temp = 0.03;
+        t.teacher.teacher_temp = 0.06;
+        t.teacher.warmup_teacher_temp_epochs = 4;
+        t.train.official_epoch_length = 11;
+        t.train.batch_size_per_gpu = 5;
+        t.train.seed = 42;
+        t.data.num_workers = 3;
+        let s = schedules_config(&t, 1);
+        assert_eq!((s.epochs, s.warmup_epochs, s.epoch_length), (7, 2, 11));
+        assert_eq!(
+            (s.min_lr, s.weight_decay, s.weight_decay_end),
+            (1e-5, 0.05, 0.3)
+        );
+        assert_eq!(s.freeze_last_layer_epochs, 3);
+        assert_eq!((s.momentum_teacher, s.final_momentum_teacher), (0.9, 0.99));
+        assert_eq!((s.warmup_teacher_temp, s.teacher_temp), (0.03, 0.06));
+        assert_eq!(s.warmup_teacher_temp_epochs, 4);
+        // sqrt rule: 0.01 * sqrt(5 / 1024); an explicit optim.lr wins; scalingRule none keeps it.
+        assert!((s.lr - 0.01 * (5.0f64 / 1024.0).sqrt()).abs() < 1e-15);
+        t.optim.scaling_rule = ScalingRule::None;
+        assert_eq!(peak_lr(&t, 4), 0.01);
+        t.optim.lr = 0.5;
+        assert_eq!(peak_lr(&t, 4), 0.5);
+        let l = loader_config(&t, 1, 2).unwrap();
+        assert_eq!((l.batch_size, l.num_workers, l.seed), (5, 3, 42));
+        assert_eq!((l.rank, l.world_size), (1, 2));
+
+        t.logging.every_iterations = 3;
+        t.evaluation.period_iterations = 9;
+        assert_eq!(
+            cadences(&t),
+            Cadences {
+                log_every: 3,
+                checkpoint_every: 33, // unset: 3 official epochs of 11
+                eval_every: 9
+            }
+        );
+        t.checkpoint.period_iterations = Some(4);
+        assert_eq!(cadences(&t).checkpoint_every, 4);
+    }
+
+    #[test]
+    fn evaluation_fields_reach_the_hooks_and_both_off_means_no_evaluation() {
+        let mut t = TrainingConfig::default();
+        t.evaluation.knn.k = vec![3, 5];
+        t.evaluation.knn.temperature = 0.1;
+        t.evaluation.linear_probe.enabled = true;
+        t.evaluation.linear_probe.learning_rates = vec![0.01, 0.1];
+        t.evaluation.linear_probe.epochs = 2;
+        t.evaluation.linear_probe.batch_size = 16;
+        t.train.seed = 9;
+        let e = eval_config(&t, 10).unwrap();
+        assert_eq!((e.knn.ks.as_slice(), e.knn.temperature), (&[3, 5][..], 0.1));
+        let l = e.linear.as_ref().expect("linear probe on");
+        assert_eq!(
+            (l.learning_rates.as_slice(), l.epochs),
+            (&[0.01, 0.1][..], 2)
+        );
+        assert_eq!((l.batch_size, l.seed), (16, 9));
+        t.evaluation.knn.enabled = false;
+        assert!(eval_config(&t, 10).unwrap().knn.ks.is_empty());
+        t.evaluation.linear_probe.enabled = false;
+        assert!(eval_config(&t, 10).is_none());
+    }
+
+    #[test]
+    fn imagenet_reads_its_split_and_extra_path_and_evaluates_on_val() {
+        let mut t = TrainingConfig::default();
+        t.data.split = DatasetSplit::Val;
+        t.data.extra_path = Some("/extra".into());
+        let extra = Some(std::path::PathBuf::from("/extra"));
+        assert_eq!(
+            dataset_kind(&t),
+            DatasetKind::ImageNet {
+                extra: extra.clone(),
+                split: ImageNetSplit::Val
+            }
+        );
+        t.data.split = DatasetSplit::Train;
+        assert_eq!(
+            val_dataset_kind(&t),
+            DatasetKind::ImageNet {
+                extra,
+                split: ImageNetSplit::Val
+            }
+        );
     }
 
     #[test]

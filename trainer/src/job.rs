@@ -67,6 +67,9 @@ pub enum JobError<B: std::error::Error + 'static> {
         "{detail}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods"
     )]
     RanksDisagree { detail: String },
+    /// `model.pretrainedWeights` / `model.weights` could not be loaded.
+    #[error("initial weights: {0}")]
+    Init(#[source] crate::train_loop::StepError),
     #[error(transparent)]
     Loop(#[from] LoopError),
     #[error(transparent)]
@@ -138,6 +141,21 @@ where
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(JobError::Signals)?;
     }
 
+    // Rank 0 reports from here on: building the model, opening the dataset and loading
+    // initial weights can take minutes at scale, and count as a long phase (heartbeats), so a
+    // slow start is not taken for a hang.
+    let mut reporter = match progress_target {
+        Some(target) if world.is_main() => {
+            Some(ProgressReporter::start(target).map_err(JobError::Progress)?)
+        }
+        _ => None,
+    };
+    let mut no_progress = NoProgress;
+    let progress: &mut dyn ProgressHook = match &mut reporter {
+        Some(r) => r,
+        None => &mut no_progress,
+    };
+    progress.long_phase(true);
     let Components {
         mut model,
         mut data,
@@ -147,13 +165,12 @@ where
         phases,
     } = build(&training, &world).map_err(JobError::Build)?;
     let total = training.total_iterations();
+    let cadences = config::cadences(&training);
     let settings = LoopSettings {
         total_iterations: args.max_iterations.map_or(total, |m| m.min(total)),
-        log_every: u64::from(training.logging.every_iterations),
-        checkpoint_every: training
-            .checkpoint
-            .period(training.train.official_epoch_length),
-        eval_every: u64::from(training.evaluation.period_iterations),
+        log_every: cadences.log_every,
+        checkpoint_every: cadences.checkpoint_every,
+        eval_every: cadences.eval_every,
         eval_at_start: true,
         eval_at_end: true,
         // Only rank 0 has evaluation inputs (`pretrain::build_components`); the others wait
@@ -185,17 +202,6 @@ where
             tracing::warn!("resuming with --force despite a changed config: {warning}");
         }
     }
-    let mut reporter = match progress_target {
-        Some(target) if world.is_main() => {
-            Some(ProgressReporter::start(target).map_err(JobError::Progress)?)
-        }
-        _ => None,
-    };
-    let mut no_progress = NoProgress;
-    let progress: &mut dyn ProgressHook = match &mut reporter {
-        Some(r) => r,
-        None => &mut no_progress,
-    };
     if let Some(ckpt) = &resume_from {
         log_reshard(&training, ckpt, world.world_size());
     }
@@ -227,8 +233,12 @@ where
             tracing::info!(iteration = it, path = %ckpt.path.display(), "resumed from checkpoint");
             it
         }
-        None => 0,
+        None => {
+            lp.model.start_fresh().map_err(JobError::Init)?;
+            0
+        }
     };
+    lp.progress.long_phase(false);
     // A rank that cannot see rank 0's checkpoints would train another model in lockstep.
     dist::ensure_same_on_every_rank(collective, start, "start iteration")
         .map_err(|detail| JobError::RanksDisagree { detail })?;

@@ -4,12 +4,8 @@ use clap::Parser;
 use dinoflow_trainer::cli::Cli;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    std::process::exit(dinoflow_trainer::commands::run(Cli::parse()));
+    let cli = Cli::parse();
+    // `training.logging.format` decides the log format before the first line is written.
+    dinoflow_trainer::logging::init(dinoflow_trainer::logging::format_of(cli.config_path()));
+    std::process::exit(dinoflow_trainer::commands::run(cli));
 }

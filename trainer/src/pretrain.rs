@@ -9,7 +9,7 @@ use dinoflow_api::TrainingConfig;
 
 use crate::config::{self, MappingError};
 use crate::curriculum::{Curriculum, PhasedSchedules};
-use crate::data::{DataError, Dataset, LoaderConfig, open_dataset};
+use crate::data::{DataError, Dataset, open_dataset};
 use crate::dist::{self, World};
 use crate::eval::{EvalError, EvalInputs, EvalTransform, LabelledSplit};
 use crate::masking::{MaskGenerator, MaskingError};
@@ -89,15 +89,7 @@ pub fn build_components(
     let path = Path::new(&training.data.path);
     let dataset = open_dataset(&config::dataset_kind(training), path).map_err(BuildError::Data)?;
     let num_classes = dataset.num_classes().unwrap_or(0) as i64;
-    let loader = LoaderConfig {
-        batch_size: training.train.batch_size_per_gpu as usize,
-        num_workers: training.data.num_workers as usize,
-        seed,
-        rank: world.rank(),
-        world_size: world.world_size(),
-        crops: config::multi_crop_config(training)?,
-        ..LoaderConfig::default()
-    };
+    let loader = config::loader_config(training, world.rank(), world.world_size())?;
     let mut data_phases = Vec::new();
     let mut loop_phases = Vec::new();
     for phase in curriculum.phases() {
@@ -141,6 +133,7 @@ pub fn build_components(
             rank: world.rank(),
             collective: Box::new(Arc::clone(world.collective())),
             eval,
+            init: crate::pretrained::from_config(training, &crate::weights::torch_home()),
         },
         data,
         schedules,

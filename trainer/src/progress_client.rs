@@ -10,7 +10,7 @@
 //! Heartbeats: each stream opens with one (the operator checks the token at once), and a
 //! running loop reports every iteration. A timer heartbeat at all times would hide a wedged
 //! loop from the operator's hang detection, so the timer runs only while the loop says it is
-//! in a long phase (evaluation, checkpoint write; [`ProgressHook::long_phase`]): then a
+//! in a long phase (start-up, evaluation, checkpoint write; [`ProgressHook::long_phase`]): then a
 //! heartbeat goes out every [`HEARTBEAT_INTERVAL`], keeping the CRD's promise that
 //! `hangTimeoutSeconds >= 30` is safe.
 use std::collections::{BTreeMap, VecDeque};

@@ -74,6 +74,12 @@ pub trait Trainable {
     fn load_json_state(&mut self, _state: &serde_json::Value) -> Result<(), StepError> {
         Ok(())
     }
+    /// Called once when the run starts at iteration 0, never when it resumes from a
+    /// checkpoint: loads the configured initial weights (`model.pretrainedWeights`,
+    /// `model.weights`).
+    fn start_fresh(&mut self) -> Result<(), StepError> {
+        Ok(())
+    }
     /// Run identity beyond the config (e.g. the frozen teacher's checksum): added to the
     /// checkpoint's guarded fields, so a resume under a different one is refused.
     fn guarded(&self) -> BTreeMap<String, String> {

@@ -265,6 +265,37 @@ pub fn write_safetensors(sd: &StateDict, path: &Path) -> Result<(), WeightsError
     })
 }
 
+/// Newer PyTorch saves `weight_norm` as `parametrizations.weight.original0/1` (g, v).
+pub fn rename_parametrized_weight_norm(sd: StateDict) -> StateDict {
+    sd.into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace("parametrizations.weight.original0", "weight_g")
+                .replace("parametrizations.weight.original1", "weight_v");
+            (k, v)
+        })
+        .collect()
+}
+
+/// `$TORCH_HOME/hub/checkpoints/<name>_pretrain.pth`, where torch.hub stores DINOv2 weights.
+pub fn hub_file(torch_home: &Path, name: &str) -> PathBuf {
+    torch_home
+        .join("hub/checkpoints")
+        .join(format!("{name}_pretrain.pth"))
+}
+
+/// The torch hub root: `$TORCH_HOME`, else `$XDG_CACHE_HOME/torch`, else `~/.cache/torch`
+/// (torch.hub's own order).
+pub fn torch_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("TORCH_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(cache).join("torch");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/torch")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,3 +74,51 @@ fn a_missing_file_exits_78_naming_it() {
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("/nonexistent/dinoflow.yaml"), "{stderr}");
 }
+
+/// `training.logging.format`: `json` turns every stderr line into a JSON object (the final
+/// error included); the default `text` keeps plain lines.
+#[test]
+fn logging_format_json_writes_json_lines_and_text_plain_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |format: &str| {
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "training:\n  data: {{kind: imagefolder, path: {}/no-such-data}}\n  \
+                 logging: {{format: {format}, metricsPort: 0}}\n",
+                dir.path().display()
+            ),
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"))
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--output-dir")
+            .arg(dir.path().join("out"))
+            .output()
+            .expect("the trainer binary runs");
+        assert_eq!(out.status.code(), Some(78));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let json = run("json");
+    let lines: Vec<&str> = json.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-data")
+    );
+    let text = run("text");
+    assert!(text.lines().any(|l| l.starts_with("error: ")), "{text}");
+    assert!(
+        text.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+    );
+}

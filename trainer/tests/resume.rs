@@ -129,3 +129,74 @@ fn resume_auto_picks_the_newest_verified_checkpoint_and_skips_a_torn_one() {
     let l = losses(&out_dir);
     assert_eq!(l.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
 }
+
+/// `model.pretrainedWeights` is read when a run starts from scratch and never on resume: the
+/// resumed run succeeds after the weights file is gone and does not load it again.
+#[test]
+fn pretrained_weights_start_a_fresh_run_and_a_resume_does_not_reload_them() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source_cfg = TinyJob {
+        epochs: 1,
+        ..TinyJob::default()
+    }
+    .write(dir.path(), "source.yaml");
+    let source = dir.path().join("source");
+    let out = trainer(&source_cfg, &source, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let weights = dir.path().join("backbone.safetensors");
+    let export = Command::new(env!("CARGO_BIN_EXE_dinoflow-trainer"))
+        .args(["export", "--config"])
+        .arg(&source_cfg)
+        .arg("--output-dir")
+        .arg(&source)
+        .arg("--out")
+        .arg(&weights)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+
+    let cfg = TinyJob::default().write(dir.path(), "job.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "dropPathRate: 0.1}",
+        &format!(
+            "dropPathRate: 0.1, pretrainedWeights: {}}}",
+            weights.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = dir.path().join("run");
+    let first = trainer(&cfg, &run, &["--max-iterations", "3"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(log.contains("initial weights loaded"), "{log}");
+    std::fs::remove_file(&weights).unwrap();
+    let resumed = trainer(&cfg, &run, &[])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{log}");
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    assert!(!log.contains("initial weights loaded"), "{log}");
+    // A fresh start without the file is refused, naming the field.
+    let fresh = trainer(&cfg, &dir.path().join("fresh"), &[])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&fresh.stderr);
+    assert_eq!(fresh.status.code(), Some(78), "{log}");
+    assert!(log.contains("training.model.pretrainedWeights"), "{log}");
+}

@@ -103,7 +103,8 @@ pub struct CheckpointConfig {
     #[schemars(range(min = 1))]
     pub keep_last: u32,
     /// Official `train.saveckp_freq` (epochs). The official trainer ignores it and so does
-    /// Dinoflow; accepted so official configs translate one to one.
+    /// Dinoflow: only the official value 20 is accepted (official configs copy over as they
+    /// are); set the cadence with `periodIterations`.
     pub saveckp_freq: u32,
 }
 
@@ -147,7 +148,8 @@ pub struct LoggingConfig {
     /// Port of the Prometheus `/metrics` endpoint of each trainer process; 0 disables it.
     #[schemars(range(min = 0, max = 65535))]
     pub metrics_port: u32,
-    /// Log line format.
+    /// Format of the trainer's log lines on stderr: `text`, or `json` (one JSON object per
+    /// line, the final error of a failed run included).
     pub format: LogFormat,
 }
 

@@ -82,8 +82,17 @@ pub struct ModelConfig {
     /// Same drop-path rate in every block instead of a linear ramp (official
     /// `student.drop_path_uniform`).
     pub drop_path_uniform: bool,
-    /// Weights to initialise the student from (official `student.pretrained_weights`); empty
-    /// means random initialisation.
+    /// Backbone weights a run from scratch starts from (official `student.pretrained_weights`):
+    /// the student backbone is loaded, the teacher starts as its copy, the heads keep their
+    /// random init. An official hub name (`dinov2_vits14` ... `dinov2_vitg14`, `_reg` variants)
+    /// is read from `$TORCH_HOME/hub/checkpoints/<name>_pretrain.pth`; otherwise a path to a
+    /// release `.pth` (backbone keys), an official training checkpoint (`model_*.pth`,
+    /// `teacher_checkpoint.pth`: its teacher backbone), a Dinoflow export (`.safetensors`) or
+    /// checkpoint directory (its EMA teacher backbone). Strict: any missing, unexpected or
+    /// mis-shaped key fails the start (exit 78) listing them all; only a position embedding of
+    /// another grid is resized, with the model's own interpolation, to `crops.globalCropsSize`.
+    /// A resumed run continues from its checkpoint and does not read it. Exclusive with
+    /// `weights`; empty means random initialisation.
     pub pretrained_weights: String,
     /// Feed-forward block type (official `student.ffn_layer`).
     pub ffn_layer: FfnLayer,
@@ -105,8 +114,13 @@ pub struct ModelConfig {
     /// `student.interpolate_offset`).
     #[schemars(range(min = 0.0))]
     pub interpolate_offset: f64,
-    /// Checkpoint to load for evaluation-only runs (official top-level `MODEL.WEIGHTS`); empty
-    /// means none.
+    /// Whole training checkpoint a run from scratch starts from (official top-level
+    /// `MODEL.WEIGHTS` without a checkpoint to resume): student and teacher, backbones and
+    /// heads, from an official `model_*.pth`, a Dinoflow checkpoint directory, or an official
+    /// `teacher_checkpoint.pth` (teacher only: the student starts from it too). Optimiser state
+    /// and iteration are not taken: the schedules start at 0. Strict like `pretrainedWeights`
+    /// (position embeddings of another grid are resized). A resumed run does not read it.
+    /// Exclusive with `pretrainedWeights`; empty means none.
     pub weights: String,
 }
 

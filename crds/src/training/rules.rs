@@ -9,7 +9,7 @@
 use schemars::Schema;
 
 use super::schema::{eff, has};
-use super::{Arch, Dtype, ShardingStrategy, TrainingConfig};
+use super::{Arch, DatasetKind, DatasetSplit, Dtype, ShardingStrategy, TrainingConfig};
 
 /// The six modules of `precision` and `sharding`, as YAML paths below them.
 const MODULES: [&str; 6] = [
@@ -623,6 +623,61 @@ pub fn rules() -> Vec<Rule> {
                     .then(|| "an empty path".into())
             },
         },
+        Rule {
+            field: "data.extraPath",
+            constraint: "is only read with data.kind imagenet (the official entries-<SPLIT>.npy files)",
+            fix: "remove it, or set data.kind: imagenet for the official ImageNet-1k layout",
+            cel: || {
+                format!(
+                    "!({}) || {} == 'imagenet'",
+                    has("data.extraPath"),
+                    eff("data.kind")
+                )
+            },
+            check: |c| {
+                (c.data.extra_path.is_some() && c.data.kind != DatasetKind::Imagenet)
+                    .then(|| format!("kind {:?}", c.data.kind))
+            },
+        },
+        Rule {
+            field: "data.split",
+            constraint: "only data.kind imagenet has splits",
+            fix: "remove it (other kinds read data.path as it is), or set data.kind: imagenet",
+            cel: || {
+                format!(
+                    "{} == 'TRAIN' || {} == 'imagenet'",
+                    eff("data.split"),
+                    eff("data.kind")
+                )
+            },
+            check: |c| {
+                (c.data.split != DatasetSplit::Train && c.data.kind != DatasetKind::Imagenet)
+                    .then(|| format!("{:?} with kind {:?}", c.data.split, c.data.kind))
+            },
+        },
+        Rule {
+            field: "data.cacheDataset",
+            constraint: "must be true: the dataset index (file list, tar member offsets, ImageNet entries) is always held in memory, and the official trainer never reads this key either",
+            fix: "remove it or set it to true",
+            cel: || eff("data.cacheDataset"),
+            check: |c| (!c.data.cache_dataset).then(|| "false".into()),
+        },
+        Rule {
+            field: "model.weights",
+            constraint: "model.weights and model.pretrainedWeights are exclusive",
+            fix: "keep model.weights to start from a whole training checkpoint (backbones and heads), or model.pretrainedWeights to start the backbones only",
+            cel: || {
+                format!(
+                    "{} == '' || {} == ''",
+                    eff("model.weights"),
+                    eff("model.pretrainedWeights")
+                )
+            },
+            check: |c| {
+                (!c.model.weights.is_empty() && !c.model.pretrained_weights.is_empty())
+                    .then(|| "both set".into())
+            },
+        },
         // ---- precision
         Rule {
             field: "precision.gradScaler",
@@ -908,6 +963,15 @@ pub fn rules() -> Vec<Rule> {
             fix: "keep at least the latest checkpoint, or resuming is impossible",
             cel: || format!("{} >= 1", eff("checkpoint.keepLast")),
             check: |c| (c.checkpoint.keep_last < 1).then(|| "0".into()),
+        },
+        Rule {
+            field: "checkpoint.saveckpFreq",
+            constraint: "must stay at the official 20: the official trainer ignores this key and so does Dinoflow",
+            fix: "remove it; set the checkpoint cadence with training.checkpoint.periodIterations",
+            cel: || format!("{} == 20", eff("checkpoint.saveckpFreq")),
+            check: |c| {
+                (c.checkpoint.saveckp_freq != 20).then(|| c.checkpoint.saveckp_freq.to_string())
+            },
         },
         Rule {
             field: "logging.metricsPort",

@@ -60,7 +60,8 @@ pub struct LossConfig {
     /// EMA momentum of the centre in `centering` mode (official `center_momentum`), in [0, 1].
     #[schemars(range(min = 0.0, max = 1.0))]
     pub center_momentum: f64,
-    /// Sinkhorn-Knopp iterations in `sinkhorn_knopp` mode (official `n_iterations`).
+    /// Sinkhorn-Knopp iterations of the DINO and iBOT targets in `sinkhorn_knopp` mode
+    /// (official `n_iterations`, fixed to 3 in the official losses).
     #[schemars(range(min = 1))]
     pub sinkhorn_knopp_iterations: u32,
 }

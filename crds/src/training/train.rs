@@ -39,10 +39,13 @@ impl TrainConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetKind {
-    /// The official ImageNet-1k layout (`path` is the root, `extraPath` the metadata directory;
-    /// official `dataset_path: ImageNet:split=...`).
+    /// The official ImageNet-1k layout (official `dataset_path: ImageNet:split=...`): `path` is
+    /// the root holding `train/`, `val/`, `test/`; `extraPath` the directory of the official
+    /// `entries-<SPLIT>.npy` files, which list the samples of `split` with their labels.
     Imagenet,
-    /// The official ImageNet-22k layout (official `dataset_path: ImageNet22k`).
+    /// ImageNet-22k read as an image folder (one sub-folder of images per class) under `path`.
+    /// The official ImageNet-22k tarball layout and its extra files are not read (so
+    /// `extraPath` is refused with this kind).
     Imagenet22k,
     /// A directory with one sub-directory of images per class (torchvision `ImageFolder`).
     Imagefolder,
@@ -73,17 +76,23 @@ pub struct DataConfig {
     pub kind: DatasetKind,
     /// Where the training images are (root directory or file, depending on `kind`). Required.
     pub path: String,
-    /// Metadata directory of the official ImageNet datasets (official `:extra=`).
+    /// With `kind: imagenet`, the directory of the official extra files (official `:extra=`):
+    /// `entries-<SPLIT>.npy` as the official `ImageNet.dump_extra` writes them gives the
+    /// samples, their order and labels. Unset: the samples are what `dump_extra` would list,
+    /// an image folder of `<path>/<split>` (classes sorted). Refused with other kinds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra_path: Option<String>,
-    /// Split of the official ImageNet datasets (official `:split=`).
+    /// With `kind: imagenet`, the split trained on (official `:split=`); `valPath` is read as
+    /// the `VAL` split. Other kinds have no splits: only the default `TRAIN` is accepted.
     pub split: DatasetSplit,
     /// Labelled validation images for evaluation, same `kind`; without it evaluation is skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_path: Option<String>,
     /// Data-loading worker threads per process (official `train.num_workers`).
     pub num_workers: u32,
-    /// Cache the dataset index in memory (official `train.cache_dataset`).
+    /// Official `train.cache_dataset`, which the official trainer never reads. Dinoflow always
+    /// holds the dataset index (file list, tar member offsets, ImageNet entries) in memory, so
+    /// only `true` is accepted.
     pub cache_dataset: bool,
 }
 

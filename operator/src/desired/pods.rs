@@ -637,6 +637,112 @@ mod tests {
         );
     }
 
+    /// Evidence for `crds/fields.txt`: each placement and pod-template field of the cluster
+    /// spec lands where the kubelet and the scheduler read it.
+    #[test]
+    fn placement_and_pod_template_fields_reach_the_pod() {
+        use dinoflow_api::cluster::ImagePullPolicy;
+        use k8s_openapi::api::core::v1::{
+            Affinity, CSIVolumeSource, ConfigMapEnvSource, EmptyDirVolumeSource, EnvFromSource,
+            HostPathVolumeSource, LocalObjectReference, NFSVolumeSource, NodeAffinity, Toleration,
+        };
+        let cluster = ClusterSpec {
+            gpus_per_node: 0,
+            image: Some("registry.example/trainer:1".into()),
+            image_pull_policy: Some(ImagePullPolicy::Always),
+            resources: Some(ResourceRequirements {
+                requests: Some([("cpu".to_string(), Quantity("4".into()))].into()),
+                ..Default::default()
+            }),
+            node_selector: [("pool".to_string(), "gpu".to_string())].into(),
+            tolerations: vec![Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }],
+            affinity: Some(Affinity {
+                node_affinity: Some(NodeAffinity::default()),
+                ..Default::default()
+            }),
+            priority_class_name: Some("high".into()),
+            master_port: 29777,
+            termination_grace_period_seconds: 120,
+            volumes: ["host", "scratch", "nfs", "csi"]
+                .into_iter()
+                .map(|name| JobVolume {
+                    name: name.into(),
+                    mount_path: format!("/{name}"),
+                    read_only: false,
+                    persistent_volume_claim: None,
+                    host_path: (name == "host").then(|| HostPathVolumeSource {
+                        path: "/mnt/data".into(),
+                        type_: None,
+                    }),
+                    empty_dir: (name == "scratch").then(EmptyDirVolumeSource::default),
+                    nfs: (name == "nfs").then(|| NFSVolumeSource {
+                        server: "nas".into(),
+                        path: "/export".into(),
+                        read_only: None,
+                    }),
+                    csi: (name == "csi").then(|| CSIVolumeSource {
+                        driver: "lustre.csi".into(),
+                        ..Default::default()
+                    }),
+                })
+                .collect(),
+            pod_template: Some(PodTemplateOverrides {
+                env_from: vec![EnvFromSource {
+                    config_map_ref: Some(ConfigMapEnvSource {
+                        name: "s3".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                image_pull_secrets: vec![LocalObjectReference {
+                    name: "pull".into(),
+                }],
+                runtime_class_name: Some("nvidia".into()),
+                init_containers: vec![Container {
+                    name: "stage".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = &gang(&cluster, 0)[0];
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "gpu");
+        let tolerations = spec.tolerations.as_ref().unwrap();
+        assert_eq!(tolerations[0].key.as_deref(), Some("nvidia.com/gpu"));
+        assert!(spec.affinity.as_ref().unwrap().node_affinity.is_some());
+        assert_eq!(spec.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(spec.termination_grace_period_seconds, Some(120));
+        assert_eq!(env_of(pod)["MASTER_PORT"], "29777");
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(spec.image_pull_secrets.as_ref().unwrap()[0].name, "pull");
+        assert_eq!(spec.init_containers.as_ref().unwrap()[0].name, "stage");
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example/trainer:1"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+        let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["cpu"], Quantity("4".into()));
+        let env_from = c.env_from.as_ref().unwrap();
+        assert_eq!(env_from[0].config_map_ref.as_ref().unwrap().name, "s3");
+        let vols = spec.volumes.as_ref().unwrap();
+        let vol = |n: &str| vols.iter().find(|v| v.name == n).unwrap();
+        assert_eq!(vol("host").host_path.as_ref().unwrap().path, "/mnt/data");
+        assert!(vol("scratch").empty_dir.is_some());
+        assert_eq!(vol("nfs").nfs.as_ref().unwrap().server, "nas");
+        assert_eq!(vol("csi").csi.as_ref().unwrap().driver, "lustre.csi");
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == "nfs" && m.mount_path == "/nfs")
+        );
+    }
+
     #[test]
     fn overrides_merge_without_breaking_the_contract() {
         let cluster = ClusterSpec {

@@ -111,7 +111,8 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
         | JobError::PeakFlops { .. }
         | JobError::Env(_)
         | JobError::World(WorldError::Env(_))
-        | JobError::RanksDisagree { .. } => PERMANENT_FAILURE,
+        | JobError::RanksDisagree { .. }
+        | JobError::Init(_) => PERMANENT_FAILURE,
         JobError::World(WorldError::Rendezvous(_))
         | JobError::Signals(_)
         | JobError::Progress(_)

@@ -38,6 +38,10 @@ pub fn run(cli: Cli) -> i32 {
     };
     match result {
         Ok(code) => code,
+        Err(e) if crate::logging::is_json() => {
+            tracing::error!(exit_code = e.exit_code(), "{e}");
+            e.exit_code()
+        }
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()

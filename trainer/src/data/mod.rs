@@ -10,7 +10,7 @@ pub mod sampler;
 mod skip;
 
 pub use augment::{MultiCrop, MultiCropConfig};
-pub use dataset::{Dataset, DatasetKind, Sample, open_dataset};
+pub use dataset::{Dataset, DatasetKind, ImageNetSplit, Sample, open_dataset};
 pub use error::DataError;
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use sampler::ShardedInfiniteSampler;

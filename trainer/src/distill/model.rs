@@ -70,6 +70,12 @@ impl Trainable for DistillModel {
         self.base.arch.last_step_phases
     }
 
+    /// The student (and its EMA) start like a pretraining student: `model.pretrainedWeights`
+    /// or `model.weights` of the job's `training`.
+    fn start_fresh(&mut self) -> Result<(), StepError> {
+        self.base.start_fresh()
+    }
+
     /// Student, student EMA (when kept), optimiser and centers; the frozen teacher is not
     /// stored (it is re-read from its source, whose checksum the guarded fields carry).
     fn state(&self) -> BTreeMap<String, Vec<(String, Tensor)>> {
@@ -195,6 +201,7 @@ mod tests {
                 rank: 0,
                 collective: Box::new(Single),
                 eval: None,
+                init: None,
             },
             teacher,
             settings,

@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::centering::{CenteringMode, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp};
+use super::centering::{CenteringMode, TeacherCenter, sinkhorn_knopp};
 use super::{LossError, PrototypeLossConfig, expect_2d, expect_positive};
 use crate::dist::Collective;
 
@@ -34,6 +34,7 @@ pub struct DinoCropLosses {
 pub struct DinoLoss {
     out_dim: i64,
     student_temp: f64,
+    sinkhorn_iterations: usize,
     center: TeacherCenter,
 }
 
@@ -44,6 +45,7 @@ impl DinoLoss {
         Ok(Self {
             out_dim: cfg.out_dim,
             student_temp: cfg.student_temp,
+            sinkhorn_iterations: cfg.sinkhorn_iterations,
             center: TeacherCenter::zeros(&[1, cfg.out_dim], cfg.center_momentum, device)?,
         })
     }
@@ -95,7 +97,7 @@ impl DinoLoss {
             teacher_logits,
             teacher_temp,
             b,
-            SINKHORN_ITERATIONS,
+            self.sinkhorn_iterations,
             collective,
         )
     }
@@ -313,6 +315,37 @@ mod tests {
             .teacher_targets(CenteringMode::Centering, &t, 0.04, &Single)
             .unwrap();
         assert!(l.center().has_pending());
+    }
+
+    #[test]
+    fn the_sinkhorn_iteration_count_sets_how_far_the_targets_are_balanced() {
+        let t = Tensor::randn([8, 6], (Kind::Float, Device::Cpu));
+        let targets = |n: usize| {
+            let mut l = DinoLoss::new(
+                &DinoLossConfig {
+                    out_dim: 6,
+                    sinkhorn_iterations: n,
+                    ..Default::default()
+                },
+                Device::Cpu,
+            )
+            .unwrap();
+            l.teacher_targets(CenteringMode::SinkhornKnopp, &t, 0.5, &Single)
+                .unwrap()
+        };
+        // More iterations balance the prototype marginals better (each column sums to B/K).
+        let imbalance = |q: &Tensor| {
+            let cols = q.sum_dim_intlist(&[0i64][..], false, None::<Kind>);
+            (cols - 8.0 / 6.0).abs().max().double_value(&[])
+        };
+        let (one, three, ten) = (targets(1), targets(3), targets(10));
+        assert!(!one.allclose(&three, 1e-6, 1e-6, false));
+        assert!(
+            imbalance(&ten) < imbalance(&one),
+            "{} vs {}",
+            imbalance(&ten),
+            imbalance(&one)
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::centering::{CenteringMode, SINKHORN_ITERATIONS, TeacherCenter, sinkhorn_knopp};
+use super::centering::{CenteringMode, TeacherCenter, sinkhorn_knopp};
 use super::{LossError, PrototypeLossConfig, expect_2d, expect_positive};
 use crate::dist::Collective;
 
@@ -17,6 +17,7 @@ pub type IbotLossConfig = PrototypeLossConfig;
 pub struct IbotLoss {
     out_dim: i64,
     student_temp: f64,
+    sinkhorn_iterations: usize,
     center: TeacherCenter,
 }
 
@@ -27,6 +28,7 @@ impl IbotLoss {
         Ok(Self {
             out_dim: cfg.out_dim,
             student_temp: cfg.student_temp,
+            sinkhorn_iterations: cfg.sinkhorn_iterations,
             center: TeacherCenter::zeros(&[1, 1, cfg.out_dim], cfg.center_momentum, device)?,
         })
     }
@@ -111,7 +113,7 @@ impl IbotLoss {
             teacher_masked,
             teacher_temp,
             total,
-            SINKHORN_ITERATIONS,
+            self.sinkhorn_iterations,
             collective,
         )
     }

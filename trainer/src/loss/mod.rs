@@ -27,6 +27,8 @@ pub struct PrototypeLossConfig {
     pub student_temp: f64,
     /// EMA momentum of the teacher center (0.9).
     pub center_momentum: f64,
+    /// Sinkhorn-Knopp iterations in `sinkhorn_knopp` centering (official `n_iterations=3`).
+    pub sinkhorn_iterations: usize,
 }
 
 impl Default for PrototypeLossConfig {
@@ -35,6 +37,7 @@ impl Default for PrototypeLossConfig {
             out_dim: 65536,
             student_temp: DEFAULT_STUDENT_TEMP,
             center_momentum: centering::DEFAULT_CENTER_MOMENTUM,
+            sinkhorn_iterations: centering::SINKHORN_ITERATIONS,
         }
     }
 }

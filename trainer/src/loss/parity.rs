@@ -68,6 +68,7 @@ fn dino_loss(s: &Setup) -> DinoLoss {
             out_dim: k,
             student_temp: s.student_temp,
             center_momentum: s.momentum,
+            sinkhorn_iterations: super::centering::SINKHORN_ITERATIONS,
         },
         tch::Device::Cpu,
     )
@@ -90,6 +91,7 @@ fn ibot_loss(s: &Setup) -> IbotLoss {
             out_dim: k,
             student_temp: s.student_temp,
             center_momentum: s.momentum,
+            sinkhorn_iterations: super::centering::SINKHORN_ITERATIONS,
         },
         tch::Device::Cpu,
     )

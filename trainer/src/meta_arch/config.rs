@@ -32,6 +32,8 @@ pub struct MetaArchConfig {
     /// Student softmax temperature (0.1) and center momentum (0.9) of both losses.
     pub student_temp: f64,
     pub center_momentum: f64,
+    /// `loss.sinkhornKnoppIterations` (official `n_iterations=3`), in `sinkhorn_knopp` mode.
+    pub sinkhorn_iterations: usize,
     pub param_groups: ParamGroupConfig,
     pub adamw: AdamWConfig,
     /// `precision.lossScale`: the fp16 loss scaler's settings (used only in fp16).
@@ -60,6 +62,7 @@ impl MetaArchConfig {
             n_local_crops: 8,
             clip_grad: 3.0,
             student_temp: 0.1,
+            sinkhorn_iterations: crate::loss::centering::SINKHORN_ITERATIONS,
             center_momentum: 0.9,
             param_groups: ParamGroupConfig::default(),
             adamw: AdamWConfig::default(),

@@ -98,6 +98,7 @@ impl MetaArch {
                 out_dim: config.dino_head.out_dim,
                 student_temp: config.student_temp,
                 center_momentum: config.center_momentum,
+                sinkhorn_iterations: config.sinkhorn_iterations,
             },
             device,
         )?;
@@ -109,6 +110,7 @@ impl MetaArch {
                         out_dim: student.patch_head().config.out_dim,
                         student_temp: config.student_temp,
                         center_momentum: config.center_momentum,
+                        sinkhorn_iterations: config.sinkhorn_iterations,
                     },
                     device,
                 )

@@ -328,49 +328,7 @@ impl DinoVisionTransformer {
     /// `interpolate_offset == 0` the target size is passed; otherwise the scale factor
     /// `(h0 + offset) / grid` is, which moves the sampling positions (official behaviour).
     pub fn interpolate_pos_encoding(&self, h: i64, w: i64) -> Result<Tensor, ModelError> {
-        let cfg = &self.config;
-        let (h0, w0) = (h / cfg.patch_size, w / cfg.patch_size);
-        let n = self.pos_embed.size()[1] - 1;
-        let pos = self.pos_embed.to_kind(Kind::Float);
-        // Same skip condition as the official code (square input with the base patch count).
-        if h0 * w0 == n && h == w {
-            return Ok(pos);
-        }
-        let m = cfg.base_grid();
-        let d = cfg.embed_dim;
-        let class_pos = pos.narrow(1, 0, 1);
-        let grid = pos
-            .narrow(1, 1, n)
-            .reshape([1, m, m, d])
-            .permute([0, 3, 1, 2]);
-        let (size, scale_h, scale_w) = if cfg.interpolate_offset != 0.0 {
-            let sh = (h0 as f64 + cfg.interpolate_offset) / m as f64;
-            let sw = (w0 as f64 + cfg.interpolate_offset) / m as f64;
-            // F.interpolate's output size for a scale factor: floor(input · scale) in double.
-            (
-                [
-                    (m as f64 * sh).floor() as i64,
-                    (m as f64 * sw).floor() as i64,
-                ],
-                Some(sh),
-                Some(sw),
-            )
-        } else {
-            ([h0, w0], None, None)
-        };
-        if size != [h0, w0] {
-            return Err(ModelError::BadInput(format!(
-                "positional-embedding interpolation to a {h0}x{w0} grid gave {}x{}",
-                size[0], size[1]
-            )));
-        }
-        let resized = if cfg.interpolate_antialias {
-            grid.internal_upsample_bicubic2d_aa(size, false, scale_h, scale_w)
-        } else {
-            grid.upsample_bicubic2d(size, false, scale_h, scale_w)
-        };
-        let patch_pos = resized.permute([0, 2, 3, 1]).reshape([1, h0 * w0, d]);
-        Ok(Tensor::cat(&[class_pos, patch_pos], 1))
+        interpolate_pos_embed(&self.pos_embed, &self.config, h, w)
     }
 
     fn check_input(
@@ -522,6 +480,64 @@ impl DinoVisionTransformer {
         }
         Ok(out)
     }
+}
+
+/// The positional embedding `pos` (`[1, 1+m², D]`, any square grid `m`) for an input of
+/// `h × w` pixels with `config`'s patch size and interpolation settings: what the model's
+/// forward uses, and how pretrained weights of another resolution are resized on load.
+pub fn interpolate_pos_embed(
+    pos: &Tensor,
+    cfg: &VitConfig,
+    h: i64,
+    w: i64,
+) -> Result<Tensor, ModelError> {
+    let (h0, w0) = (h / cfg.patch_size, w / cfg.patch_size);
+    let n = pos.size()[1] - 1;
+    let pos = pos.to_kind(Kind::Float);
+    // Same skip condition as the official code (square input with the base patch count).
+    if h0 * w0 == n && h == w {
+        return Ok(pos);
+    }
+    let m = (n as f64).sqrt().round() as i64;
+    if m * m != n {
+        return Err(ModelError::BadInput(format!(
+            "positional embedding of {n} patches is not a square grid"
+        )));
+    }
+    let d = cfg.embed_dim;
+    let class_pos = pos.narrow(1, 0, 1);
+    let grid = pos
+        .narrow(1, 1, n)
+        .reshape([1, m, m, d])
+        .permute([0, 3, 1, 2]);
+    let (size, scale_h, scale_w) = if cfg.interpolate_offset != 0.0 {
+        let sh = (h0 as f64 + cfg.interpolate_offset) / m as f64;
+        let sw = (w0 as f64 + cfg.interpolate_offset) / m as f64;
+        // F.interpolate's output size for a scale factor: floor(input · scale) in double.
+        (
+            [
+                (m as f64 * sh).floor() as i64,
+                (m as f64 * sw).floor() as i64,
+            ],
+            Some(sh),
+            Some(sw),
+        )
+    } else {
+        ([h0, w0], None, None)
+    };
+    if size != [h0, w0] {
+        return Err(ModelError::BadInput(format!(
+            "positional-embedding interpolation to a {h0}x{w0} grid gave {}x{}",
+            size[0], size[1]
+        )));
+    }
+    let resized = if cfg.interpolate_antialias {
+        grid.internal_upsample_bicubic2d_aa(size, false, scale_h, scale_w)
+    } else {
+        grid.upsample_bicubic2d(size, false, scale_h, scale_w)
+    };
+    let patch_pos = resized.permute([0, 2, 3, 1]).reshape([1, h0 * w0, d]);
+    Ok(Tensor::cat(&[class_pos, patch_pos], 1))
 }
 
 #[cfg(test)]

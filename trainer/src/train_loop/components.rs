@@ -35,6 +35,8 @@ pub struct Model {
     pub collective: Box<dyn Collective>,
     /// Labelled splits for the evaluation hooks; None skips evaluation.
     pub eval: Option<EvalInputs>,
+    /// Initial weights of a run started from scratch (`model.pretrainedWeights`/`weights`).
+    pub init: Option<crate::pretrained::Init>,
 }
 
 impl std::fmt::Debug for Model {
@@ -216,6 +218,20 @@ impl Trainable for Model {
 
     fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
         Some(self.arch.memory_bytes())
+    }
+
+    fn start_fresh(&mut self) -> Result<(), StepError> {
+        let Some(init) = &self.init else {
+            return Ok(());
+        };
+        let applied = init.apply(&self.arch).map_err(step_err)?;
+        tracing::info!(
+            source = ?init,
+            tensors = applied.tensors,
+            resized_pos_embed = ?applied.resized_pos_embed,
+            "initial weights loaded"
+        );
+        Ok(())
     }
 
     /// The teacher backbone, as the official evaluation uses.

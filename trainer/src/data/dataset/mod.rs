@@ -2,6 +2,7 @@
 
 mod folder;
 mod idx;
+mod imagenet;
 mod tar_shards;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use image::RgbImage;
 
 pub use folder::ImageFolder;
 pub use idx::IdxDataset;
+pub use imagenet::{ImageNet, ImageNetSplit};
 pub use tar_shards::TarShards;
 
 use super::DataError;
@@ -50,6 +52,13 @@ pub enum DatasetKind {
     Idx {
         split: String,
     },
+    /// The official ImageNet layout: the samples of `split` listed in
+    /// `<extra>/entries-<SPLIT>.npy`; without `extra`, the entries the official `dump_extra`
+    /// derives from the tree: an image folder of `<path>/<split>` (classes sorted by id).
+    ImageNet {
+        extra: Option<PathBuf>,
+        split: ImageNetSplit,
+    },
 }
 
 /// Opens the dataset at `path`. A missing path or a dataset without images is an error for
@@ -64,6 +73,13 @@ pub fn open_dataset(kind: &DatasetKind, path: &Path) -> Result<Arc<dyn Dataset>,
         DatasetKind::Auto | DatasetKind::ImageFolder => Arc::new(ImageFolder::open(path)?),
         DatasetKind::Tar => Arc::new(TarShards::open(path)?),
         DatasetKind::Idx { split } => Arc::new(IdxDataset::open_split(path, &split)?),
+        DatasetKind::ImageNet {
+            extra: Some(extra),
+            split,
+        } => Arc::new(ImageNet::open(path, &extra, split)?),
+        DatasetKind::ImageNet { extra: None, split } => {
+            Arc::new(ImageFolder::open(&path.join(split.dir()))?)
+        }
     })
 }
 

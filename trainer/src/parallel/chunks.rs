@@ -85,7 +85,7 @@ impl ShardedStudent {
                 }
                 let full = source.read(&key, 0, var.numel() as i64)?;
                 tch::no_grad(|| {
-                    let _ = var.detach().copy_(
+                    var.detach().copy_(
                         &full
                             .to_kind(var.kind())
                             .to_device(var.device())

@@ -113,7 +113,7 @@ pub fn average_gradients_by_kind(
         crate::dist::sum_gradients(collective, &mut low);
         tch::no_grad(|| {
             for (g, l) in grads.iter_mut().zip(&low) {
-                let _ = g.copy_(l);
+                g.copy_(l);
             }
         });
     }

@@ -313,7 +313,7 @@ impl ShardedStudent {
                 for ((_, v), &off) in u.params.iter().zip(&u.offsets) {
                     let n = v.numel() as i64;
                     let mut dst = v.detach();
-                    let _ = dst.copy_(&full.narrow(0, off, n).view_as(v));
+                    dst.copy_(&full.narrow(0, off, n).view_as(v));
                 }
             }
         });

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use dinoflow_node_agent::terminated_state;
 use kube::ResourceExt;
+use serde_yaml_ng::Value;
 use support::{World, pod_log, tiny_job, tiny_job_on};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,14 +349,28 @@ mod tests {
         let p: Vec<_> = tiny
             .phases()
             .iter()
-            .map(|p| (p.name.as_str(), p.start, p.global_crops_size(), p.batch_size_per_gpu()))
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.start,
+                    p.global_crops_size(),
+                    p.batch_size_per_gpu(),
+                )
+            })
             .collect();
         assert_eq!(p, [("base", 0, 28, 64), ("high-res", 250, 42, 32)]);
         let vitl = load("vitl14-12x8");
         let p: Vec<_> = vitl
             .phases()
             .iter()
-            .map(|p| (p.name.as_str(), p.start, p.global_crops_size(), p.batch_size_per_gpu()))
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.start,
+                    p.global_crops_size(),
+                    p.batch_size_per_gpu(),
+                )
+            })
             .collect();
         assert_eq!(p, [("base", 0, 224, 32), ("high-res-518", 612_500, 518, 8)]);
         assert_eq!(vitl.phases()[0].training.total_iterations(), 625_000);

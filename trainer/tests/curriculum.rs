@@ -103,8 +103,7 @@ fn a_run_killed_before_at_or_after_a_phase_switch_resumes_bitwise() {
         );
     }
     // The checkpoint at the switch resumes in the new phase, 3 × 4 images in.
-    let text = std::fs::read_to_string(ckpt(&straight, SWITCH).join("data_position.json"))
-        .unwrap();
+    let text = std::fs::read_to_string(ckpt(&straight, SWITCH).join("data_position.json")).unwrap();
     let pos: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(pos["phase"], "high-res", "{pos}");
     assert_eq!(pos["samples"], 12, "{pos}");
@@ -124,7 +123,10 @@ fn a_run_killed_before_at_or_after_a_phase_switch_resumes_bitwise() {
         ] {
             let x = std::fs::read(ckpt(&straight, 6).join(file)).unwrap();
             let y = std::fs::read(ckpt(&split, 6).join(file)).unwrap();
-            assert!(x == y, "killed at {k}: {file} differs from the uninterrupted run");
+            assert!(
+                x == y,
+                "killed at {k}: {file} differs from the uninterrupted run"
+            );
         }
     }
 }

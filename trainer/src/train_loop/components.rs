@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::{BatchSource, LossTerms, ScheduleValues, Schedules, StepError, Trainable};
+use crate::checkpoint::{CheckpointReader, Chunk, split_replicated};
 use crate::data::sampler::sample_rng;
 use crate::data::{DataError, Dataset, Loader, LoaderConfig, MultiCropConfig};
 use crate::dist::Collective;
@@ -218,6 +219,41 @@ impl Trainable for Model {
 
     fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
         Some(self.arch.memory_bytes())
+    }
+
+    /// Sharded AdamW state (SHARD_GRAD_OP on several ranks) is saved as each rank's pieces;
+    /// everything else (parameters, teacher, centers) is replicated and split evenly.
+    fn state_chunks(&self, rank: usize, world_size: usize) -> BTreeMap<String, Vec<Chunk>> {
+        let mut state = self.state();
+        let Some(sharded) = &self.arch.sharded else {
+            return split_replicated(state, rank, world_size);
+        };
+        state.remove("optimizer");
+        let mut out = split_replicated(state, rank, world_size);
+        let optimizer = out.entry("optimizer".to_string()).or_default();
+        for c in sharded.chunks() {
+            if let Some(name) = c.name.strip_prefix("optimizer/") {
+                optimizer.push(Chunk {
+                    name: name.to_string(),
+                    ..c
+                });
+            }
+        }
+        out
+    }
+
+    /// Whole tensors for the replicated state; then, when this run shards its student, the
+    /// AdamW pieces its new layout needs, whatever world size or sharding wrote them.
+    fn load_chunks(&mut self, source: &CheckpointReader) -> Result<(), StepError> {
+        self.arch
+            .prepare_parallel(self.rank, self.collective.world_size())
+            .map_err(step_err)?;
+        let groups = source.groups().map_err(step_err)?;
+        self.load_state(groups)?;
+        if let Some(sharded) = &mut self.arch.sharded {
+            sharded.load_chunks(source).map_err(step_err)?;
+        }
+        Ok(())
     }
 
     fn start_fresh(&mut self) -> Result<(), StepError> {

@@ -7,7 +7,8 @@
 //! `training`/`cluster`, `[]` marks list items, a trailing `/**` covers a whole embedded
 //! Kubernetes object (passed to the pod as it is). Status:
 //! - `consumed <file>::<test fn>`: the test (its `fn` must exist in that file) shows the effect;
-//! - `refused rule`: a `training` rule ([`crate::training::rules`]) names the field, so the
+//! - `refused rule`: a `training` rule ([`crate::training::rules`]) names the field or its
+//!   section (`precision`), so the
 //!   API server (CEL) and the trainer (exit 78) both refuse what the trainer cannot honour;
 //! - `pending <who>`: owned by work in progress elsewhere; listed by name, not yet a failure.
 
@@ -166,7 +167,11 @@ pub fn check(
             }
             Status::Refused => {
                 let field = e.path.strip_prefix("training.").unwrap_or(&e.path);
-                if !rule_fields.contains(&field) {
+                // A rule on a section (e.g. `precision`) may refuse values of its leaves.
+                let named = rule_fields
+                    .iter()
+                    .any(|r| field == *r || field.starts_with(&format!("{r}.")));
+                if !named {
                     report.bad_evidence.push(format!(
                         "{}: refused, but no training rule names {field}",
                         e.path

@@ -519,6 +519,37 @@ mod tests {
     }
 
     #[test]
+    fn the_param_dtypes_set_the_compute_precision_and_must_agree() {
+        let mut t = TrainingConfig::default();
+        assert_eq!(meta_arch_config(&t).unwrap().precision, Precision::Fp16);
+        for m in [
+            &mut t.precision.student.backbone.param_dtype,
+            &mut t.precision.student.dino_head.param_dtype,
+            &mut t.precision.student.ibot_head.param_dtype,
+            &mut t.precision.teacher.backbone.param_dtype,
+            &mut t.precision.teacher.dino_head.param_dtype,
+            &mut t.precision.teacher.ibot_head.param_dtype,
+        ] {
+            *m = Dtype::Bf16;
+        }
+        assert_eq!(meta_arch_config(&t).unwrap().precision, Precision::Bf16);
+        let agree = dinoflow_api::training::rules::check(&t);
+        assert!(
+            !agree.iter().any(|v| v.message.contains("paramDtype")),
+            "{agree:?}"
+        );
+        // One module in another dtype: refused, naming precision.
+        t.precision.teacher.ibot_head.param_dtype = Dtype::Fp32;
+        let violations = dinoflow_api::training::rules::check(&t);
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.field == "precision" && v.message.contains("paramDtype")),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
     fn equal_configs_hash_equal_and_a_changed_lr_changes_the_hash() {
         let a = TrainingConfig::default();
         let mut b = TrainingConfig::default();

@@ -16,13 +16,10 @@ const GLOBAL_BATCH: i64 = 4;
 const ITERATIONS: usize = 6;
 /// Largest |difference| allowed between W=1 and W>1 (fp32): the objective at every iteration,
 /// and every final student and teacher weight. Measured (6 iterations, W=2 and 4, every
-/// layout below): losses within 5.6e-7, weights within 1.2e-7 (one fp32 ulp near 1; sums
-/// over ranks and the sharded global norm round differently). The bounds leave ~4x margin.
+/// layout below): losses within 7.2e-7, weights within 6.4e-7 (a few fp32 ulps: sums over
+/// ranks and the sharded global norm round differently). The bounds leave ~3x margin.
 const LOSS_TOL: f64 = 2e-6;
-const WEIGHT_TOL: f64 = 5e-7;
-
-/// Serialises model construction: the initial weights come from torch's global generator.
-static INIT: Mutex<()> = Mutex::new(());
+const WEIGHT_TOL: f64 = 2e-6;
 
 fn config(parallel: ParallelConfig) -> MetaArchConfig {
     let mut cfg = tiny_config();
@@ -48,25 +45,60 @@ fn layout(sharding: Sharding, block_chunks: u32) -> ParallelConfig {
     }
 }
 
+/// A small deterministic generator, independent of torch's global one.
+struct Lcg(u64);
+
+impl Lcg {
+    /// Uniform values in `[-scale, scale)`.
+    fn tensor(&mut self, shape: &[i64], scale: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((self.0 >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) * scale) as f32
+            })
+            .collect();
+        Tensor::from_slice(&v).reshape(shape)
+    }
+}
+
+/// A model whose initial weights do not depend on torch's global generator: every variable
+/// the init draws at random is redrawn from a local generator (constants such as LayerNorm
+/// weights and zero biases stay), and the teacher copies the student.
+fn new_arch(cfg: MetaArchConfig) -> MetaArch {
+    let arch = MetaArch::new(cfg, Device::Cpu).unwrap();
+    let mut rng = Lcg(7);
+    let mut vars: Vec<(String, Tensor)> = arch.student.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (_, v) in &vars {
+            let constant = v.numel() < 2 || (v.max() - v.min()).double_value(&[]) == 0.0;
+            if !constant {
+                v.detach().copy_(&rng.tensor(&v.size(), 0.1));
+            }
+        }
+    });
+    super::copy_weights(&arch.teacher.vs, &arch.student.vs);
+    arch
+}
+
 /// Images `[lo, lo + n)` of the fixed global batch of iteration `it`, collated.
 fn batch(it: usize, lo: i64, n: i64) -> SslBatch {
-    let opts = (Kind::Float, Device::Cpu);
-    let data = {
-        let _g = INIT.lock().unwrap();
-        tch::manual_seed(1000 + it as i64);
-        (
-            Tensor::randn([2, GLOBAL_BATCH, 3, 56, 56], opts),
-            Tensor::randn([2, GLOBAL_BATCH, 3, 28, 28], opts),
-            // Exactly 4 masked patches per crop: the iBOT patch center divides the all-reduced
-            // sum by (this rank's count × W), as the reference does, which is the global mean
-            // only when every rank masks as many patches.
-            Tensor::rand([2, GLOBAL_BATCH, 16], opts)
-                .argsort(-1, false)
-                .argsort(-1, false)
-                .lt(4),
-        )
-    };
-    let (g, l, m) = data;
+    // From a local generator, not torch's global one, which tests on other threads share.
+    let mut rng = Lcg(1000 + it as u64);
+    let g = rng.tensor(&[2, GLOBAL_BATCH, 3, 56, 56], 1.0);
+    let l = rng.tensor(&[2, GLOBAL_BATCH, 3, 28, 28], 1.0);
+    // Exactly 4 masked patches per crop: the iBOT patch center divides the all-reduced sum
+    // by (this rank's count × W), as the reference does, which is the global mean only when
+    // every rank masks as many patches.
+    let m = rng
+        .tensor(&[2, GLOBAL_BATCH, 16], 1.0)
+        .argsort(-1, false)
+        .argsort(-1, false)
+        .lt(4);
     let masks = m.narrow(1, lo, n).reshape([2 * n, 16]);
     let indices = masks.flatten(0, -1).nonzero().squeeze_dim(1);
     let count = masks.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
@@ -94,11 +126,7 @@ struct Run {
 
 fn train(cfg: MetaArchConfig, collective: &dyn Collective) -> Run {
     let (rank, world) = (collective.rank(), collective.world_size() as i64);
-    let mut arch = {
-        let _g = INIT.lock().unwrap();
-        tch::manual_seed(0);
-        MetaArch::new(cfg, Device::Cpu).unwrap()
-    };
+    let mut arch = new_arch(cfg);
     let per_rank = GLOBAL_BATCH / world;
     let mut losses = Vec::new();
     for it in 0..ITERATIONS {
@@ -342,11 +370,7 @@ fn sharded_state_round_trips_through_chunks_into_any_world_size() {
     let group = local_group(2);
     let cfg2 = cfg.clone();
     let saved = on_every_rank(&group, move |_, c| {
-        let mut arch = {
-            let _g = INIT.lock().unwrap();
-            tch::manual_seed(0);
-            MetaArch::new(cfg2.clone(), Device::Cpu).unwrap()
-        };
+        let mut arch = new_arch(cfg2.clone());
         for it in 0..2 {
             let b = batch(it, c.rank() as i64 * 2, 2);
             arch.train_step(&b, &values(), c, TargetSource::Ema)

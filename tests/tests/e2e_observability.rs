@@ -167,12 +167,13 @@ fn pod_targets(pod: &Pod) -> Option<Value> {
     Some(serde_json::json!({"targets": targets, "labels": labels}))
 }
 
-/// The tiny job of the e2e tests made observable: 60 iterations in one pod of two trainer
+/// The tiny job of the e2e tests made observable: 240 iterations (long enough that the run
+/// is still going when the test hangs a rank, on an idle machine too) in one pod of two trainer
 /// processes, k-NN evaluation at the start and the end (500 reference images), a
 /// checkpoint every 6 iterations, metrics on a free port, a peak FLOP/s for the MFU estimate.
 fn observed_job(world: &World, out: &Path) -> String {
     let mut job: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&tiny_job(world, JOB, 1, 10, 6, out)).unwrap();
+        serde_yaml_ng::from_str(&tiny_job(world, JOB, 1, 40, 6, out)).unwrap();
     let yaml = |s: &str| -> serde_yaml_ng::Value { serde_yaml_ng::from_str(s).unwrap() };
     let training = &mut job["spec"]["training"];
     training["evaluation"] = yaml(
@@ -385,7 +386,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
         .lines()
         .find(|l| l.starts_with("Progress:"))
         .unwrap_or_else(|| panic!("no progress line:\n{text}"));
-    // `[####------] 7/60 iterations (11.7%)  ETA 1m02s`
+    // `[####------] 7/240 iterations (2.9%)  ETA 1m02s`
     let bar = progress
         .split_once('[')
         .and_then(|(_, r)| r.split_once(']'))
@@ -395,7 +396,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
         bar.len() == 30 && bar.chars().all(|c| c == '#' || c == '-'),
         "{progress}"
     );
-    assert!(progress.contains("/60 iterations ("), "{progress}");
+    assert!(progress.contains("/240 iterations ("), "{progress}");
     assert!(
         progress.contains("ETA ") && !progress.contains("ETA -"),
         "{progress}"
@@ -423,7 +424,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
         &["status", JOB, "-o", "json"],
     ))
     .unwrap();
-    assert_eq!(json["totalIterations"], 60, "{json}");
+    assert_eq!(json["totalIterations"], 240, "{json}");
     assert!(json["mfu"].as_f64().is_some_and(|m| m > 0.0), "{json}");
     assert!(
         json["progress"]
@@ -464,7 +465,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
     }
     let iteration = world.status(JOB).await.iteration.unwrap();
     assert!(
-        iteration < 60,
+        iteration < 240,
         "the run ended before the hang (iteration {iteration})"
     );
     let stopped_at = unix_now();
@@ -504,7 +505,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
         .await;
     let checkpoints = kubectl_dinoflow(&plugin, &world, &["checkpoints", JOB]);
     assert!(
-        checkpoints.contains("Last:        iteration 60 ("),
+        checkpoints.contains("Last:        iteration 240 ("),
         "{checkpoints}"
     );
     // Two more scrapes of the operator after the end.

@@ -83,9 +83,9 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verif
 }
 
 /// A two-phase curriculum (`training.curriculum`): 6 iterations at 28px global crops, then 6
-/// at 42px with 8 instead of 16 images. `status.curriculumPhase` goes from `base` to
-/// `high-res` (polled faster than the operator's one write a second, so the first phase's
-/// status is seen), and metrics.jsonl shows the crop size change after iteration 6.
+/// at 42px with 8 instead of 16 images. `status.curriculumPhase` ends at `high-res` after
+/// `base` (when a status write fell into the base phase), and metrics.jsonl shows the crop
+/// size change after iteration 6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_phase_curriculum_switches_crops_and_the_status_shows_the_phase() {
     let started = std::time::Instant::now();
@@ -118,10 +118,12 @@ async fn a_two_phase_curriculum_switches_crops_and_the_status_shows_the_phase() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(status.iteration, Some(12), "{status:?}");
-    assert_eq!(
-        seen,
-        ["base", "high-res"],
-        "status.curriculumPhase over time"
+    // The operator writes status at most once a second, and on an idle machine the six base
+    // iterations can all fall between two writes; the switch itself is checked exactly in
+    // metrics.jsonl below. What the status may never show is another order or phase.
+    assert!(
+        seen == ["base", "high-res"] || seen == ["high-res"],
+        "status.curriculumPhase over time: {seen:?}"
     );
     assert_eq!(status.curriculum_phase.as_deref(), Some("high-res"));
 

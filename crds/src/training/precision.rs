@@ -133,46 +133,28 @@ impl Default for PrecisionConfig {
 }
 
 impl PrecisionConfig {
+    /// (param, reduce, buffer) dtype of the six modules: student then teacher, each backbone,
+    /// DINO head, iBOT head.
+    pub fn module_dtypes(&self) -> [(Dtype, Dtype, Dtype); 6] {
+        let (s, t) = (&self.student, &self.teacher);
+        let h = |m: &HeadMixedPrecision| (m.param_dtype, m.reduce_dtype, m.buffer_dtype);
+        let f = |m: &MixedPrecision| (m.param_dtype, m.reduce_dtype, m.buffer_dtype);
+        [
+            f(&s.backbone),
+            h(&s.dino_head),
+            h(&s.ibot_head),
+            f(&t.backbone),
+            f(&t.dino_head),
+            f(&t.ibot_head),
+        ]
+    }
+
     /// Every dtype of every module, to decide e.g. whether fp16 appears anywhere.
     pub fn all_dtypes(&self) -> Vec<Dtype> {
-        let s = &self.student;
-        let t = &self.teacher;
-        let mut out = Vec::with_capacity(18);
-        for (p, r, b) in [
-            (
-                s.backbone.param_dtype,
-                s.backbone.reduce_dtype,
-                s.backbone.buffer_dtype,
-            ),
-            (
-                s.dino_head.param_dtype,
-                s.dino_head.reduce_dtype,
-                s.dino_head.buffer_dtype,
-            ),
-            (
-                s.ibot_head.param_dtype,
-                s.ibot_head.reduce_dtype,
-                s.ibot_head.buffer_dtype,
-            ),
-            (
-                t.backbone.param_dtype,
-                t.backbone.reduce_dtype,
-                t.backbone.buffer_dtype,
-            ),
-            (
-                t.dino_head.param_dtype,
-                t.dino_head.reduce_dtype,
-                t.dino_head.buffer_dtype,
-            ),
-            (
-                t.ibot_head.param_dtype,
-                t.ibot_head.reduce_dtype,
-                t.ibot_head.buffer_dtype,
-            ),
-        ] {
-            out.extend([p, r, b]);
-        }
-        out
+        self.module_dtypes()
+            .into_iter()
+            .flat_map(|(p, r, b)| [p, r, b])
+            .collect()
     }
 }
 

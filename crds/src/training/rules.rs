@@ -26,42 +26,7 @@ pub const FULL_SHARD_REFUSAL: &str = "FULL_SHARD is not supported: it frees each
 
 /// (param, reduce, buffer) dtype of the six modules, in [`MODULES`] order.
 fn module_dtypes(c: &TrainingConfig, pick: fn((Dtype, Dtype, Dtype)) -> Dtype) -> Vec<Dtype> {
-    let (s, t) = (&c.precision.student, &c.precision.teacher);
-    [
-        (
-            s.backbone.param_dtype,
-            s.backbone.reduce_dtype,
-            s.backbone.buffer_dtype,
-        ),
-        (
-            s.dino_head.param_dtype,
-            s.dino_head.reduce_dtype,
-            s.dino_head.buffer_dtype,
-        ),
-        (
-            s.ibot_head.param_dtype,
-            s.ibot_head.reduce_dtype,
-            s.ibot_head.buffer_dtype,
-        ),
-        (
-            t.backbone.param_dtype,
-            t.backbone.reduce_dtype,
-            t.backbone.buffer_dtype,
-        ),
-        (
-            t.dino_head.param_dtype,
-            t.dino_head.reduce_dtype,
-            t.dino_head.buffer_dtype,
-        ),
-        (
-            t.ibot_head.param_dtype,
-            t.ibot_head.reduce_dtype,
-            t.ibot_head.buffer_dtype,
-        ),
-    ]
-    .into_iter()
-    .map(pick)
-    .collect()
+    c.precision.module_dtypes().into_iter().map(pick).collect()
 }
 
 /// One rule.

@@ -165,28 +165,8 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
         .await;
     // Kill the container's processes the hard way (no checkpoint on the way out).
     let pods = world.pods("resume").await;
-    let pod = &pods[0];
-    assert_eq!(pod.name_any(), "resume-a0-0");
-    let container_id = pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap();
-    let pid: i32 = container_id
-        .strip_prefix("local://")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success(), "kill the pod's process group {pid}");
+    assert_eq!(pods[0].name_any(), "resume-a0-0");
+    kill_pod_processes(&world, "resume-a0-0").await;
 
     let status = world
         .wait_status(

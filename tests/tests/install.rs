@@ -400,14 +400,17 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
             .unwrap();
         assert_eq!(ctx.run_as_non_root, Some(true), "secure by default");
     }
-    Api::<Service>::namespaced(admin.clone(), &ns)
-        .get("lp")
-        .await
-        .unwrap();
-    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
-        .get("lp-config")
-        .await
-        .unwrap();
+    // The gang's Service and ConfigMap go out beside its pods, not necessarily before them.
+    let services = Api::<Service>::namespaced(admin.clone(), &ns);
+    wait("the gang's Service", || async {
+        services.get("lp").await.ok()
+    })
+    .await;
+    let config_maps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+    wait("the gang's ConfigMap", || async {
+        config_maps.get("lp-config").await.ok()
+    })
+    .await;
     Api::<Secret>::namespaced(admin.clone(), &ns)
         .get("lp-progress")
         .await

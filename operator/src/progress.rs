@@ -25,7 +25,9 @@ use crate::{Error, Result};
 /// Field manager of the progress half of the status.
 pub const FIELD_MANAGER: &str = "dinoflow-operator-progress";
 
-/// Iteration reports are written at most this often per stream (the last one always is).
+/// Iteration reports are written at most this often per stream (the last one always is, and so
+/// is the first report of a new curriculum phase: a phase shorter than this interval would
+/// otherwise never appear in `status.curriculumPhase`).
 const ITERATION_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 /// Heartbeats are written at most this often per stream.
 const HEARTBEAT_WRITE_INTERVAL: Duration = Duration::from_secs(10);
@@ -216,6 +218,8 @@ impl<S: JobStore> Progress for ProgressService<S> {
         let mut accepted = 0u64;
         let mut dirty = false;
         let mut last_write: Option<Instant> = None;
+        // The phase the status shows now; a report that changes it is written at once.
+        let mut written_phase: Option<String> = None;
 
         while let Some(report) = stream.next().await {
             let report = report?;
@@ -263,6 +267,7 @@ impl<S: JobStore> Progress for ProgressService<S> {
                     }
                     attempt = report.run_attempt;
                     progress = progress_fields(&snapshot.status);
+                    written_phase = progress.curriculum_phase.clone();
                     job = Some(this.clone());
                 }
             }
@@ -284,11 +289,12 @@ impl<S: JobStore> Progress for ProgressService<S> {
             let due = match (interval, last_write) {
                 (Some(i), Some(t)) => t.elapsed() >= i,
                 _ => true,
-            };
+            } || progress.curriculum_phase != written_phase;
             if due {
                 self.write(&this, &progress).await?;
                 dirty = false;
                 last_write = Some(Instant::now());
+                written_phase = progress.curriculum_phase.clone();
             }
         }
         if let (true, Some(j)) = (dirty, &job) {

@@ -2,7 +2,8 @@
 //! losses, learning rate and images/s, checkpoints written, evaluations done.
 //!
 //! Training never waits for the operator. The loop's calls only touch a small shared buffer:
-//! iteration reports coalesce into the latest one (sent at most once a second), checkpoint and
+//! iteration reports coalesce into the latest one (sent at most once a second; the last report
+//! of a curriculum phase is queued instead, so no phase is coalesced away), checkpoint and
 //! evaluation events queue up to [`MAX_QUEUED`] and the oldest are dropped beyond that. A
 //! background thread with its own tokio runtime owns the gRPC stream, reconnects with
 //! exponential backoff and warns once per outage.
@@ -222,8 +223,18 @@ impl ProgressHook for ProgressReporter {
             images_per_second: self.images_per_second,
             mfu: self.mfu,
         };
-        self.shared.lock().latest_iteration = Some(report);
-        self.shared.wake.notify_one();
+        let mut b = self.shared.lock();
+        // Coalescing never hides a curriculum phase: a pending report of the phase that just
+        // ended is queued (sent before the new phase's), so the operator sees every phase.
+        let ended = b
+            .latest_iteration
+            .take_if(|pending| pending.curriculum_phase != report.curriculum_phase);
+        b.latest_iteration = Some(report);
+        drop(b);
+        match ended {
+            Some(pending) => self.push(Event::Iteration(pending)),
+            None => self.shared.wake.notify_one(),
+        }
     }
 
     fn checkpoint(&mut self, iteration: u64, path: &Path) {
@@ -605,6 +616,42 @@ mod tests {
             .collect();
         assert_eq!(evals["knn"].metrics["top1_k20"], 0.7);
         assert_eq!(evals["linear"].metrics["top1"], 0.8);
+    }
+
+    /// Two curriculum phases reported far faster than the coalescing interval: both reach the
+    /// operator, in order, the first phase's last iteration before the second phase's.
+    #[test]
+    fn a_curriculum_phase_is_never_coalesced_away() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve(recorder.clone(), 0);
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        let l = losses(1);
+        for i in 1..=40 {
+            r.iteration(&IterationReport {
+                iteration: i,
+                total_iterations: 40,
+                losses: &l,
+                lr: 1e-3,
+                images_per_second: None,
+                phase: Some(if i <= 20 { "base" } else { "high-res" }),
+                mfu: None,
+            });
+        }
+        assert!(r.finish(Duration::from_secs(20)), "not delivered");
+        let reports = recorder.reports.lock().unwrap().clone();
+        let its: Vec<(u64, &str)> = iterations(&reports)
+            .iter()
+            .map(|it| (it.iteration, it.curriculum_phase.as_str()))
+            .collect();
+        assert!(its.len() < 10, "still coalesced: {its:?}");
+        assert!(its.contains(&(20, "base")), "{its:?}");
+        assert_eq!(its.last(), Some(&(40, "high-res")));
+        let first_high = its.iter().position(|(_, p)| *p == "high-res").unwrap();
+        assert!(
+            its[..first_high].iter().all(|(_, p)| *p == "base")
+                && its[first_high..].iter().all(|(_, p)| *p == "high-res"),
+            "{its:?}"
+        );
     }
 
     #[test]

@@ -613,6 +613,8 @@ fn unix_now() -> f64 {
 
 pub mod components;
 #[cfg(test)]
+mod model_chunks_tests;
+#[cfg(test)]
 mod reshard_tests;
 #[cfg(test)]
 mod tests;

@@ -30,7 +30,8 @@ macro_rules! mixed_precision {
             pub param_dtype: Dtype,
             /// Dtype gradients are communicated in across ranks (official `reduce_dtype`),
             /// accumulated back into fp32. The teacher has no gradients, so on a teacher
-            /// module it has no effect (as in the official FSDP wrapping).
+            /// module it has no effect (as in the official FSDP wrapping) and only fp16 or the
+            /// module's paramDtype is accepted there.
             pub reduce_dtype: Dtype,
             /// Dtype of buffers (official `buffer_dtype`); must be fp32.
             pub buffer_dtype: Dtype,

@@ -96,6 +96,30 @@ macro_rules! probability_rules {
     };
 }
 
+/// Refuses a teacher module's `reduceDtype` other than fp16 (the official value) or the
+/// module's own `paramDtype`: the teacher has no gradients, so nothing is ever reduced in this
+/// dtype (in the official FSDP wrapping neither), and any other value would read as a setting
+/// that took effect. One rule per module, so the message names the leaf.
+macro_rules! teacher_reduce_dtype_rule {
+    ($module:literal, $field:ident) => {
+        Rule {
+            field: concat!("precision.teacher.", $module, ".reduceDtype"),
+            constraint: "must be fp16 (the official value) or this module's paramDtype: the teacher has no gradients, so nothing is reduced in this dtype (the official code ignores it too)",
+            fix: "leave it unset, or set it to fp16 or to the module's paramDtype",
+            cel: || {
+                let r = eff(concat!("precision.teacher.", $module, ".reduceDtype"));
+                let p = eff(concat!("precision.teacher.", $module, ".paramDtype"));
+                format!("{r} == 'fp16' || {r} == {p}")
+            },
+            check: |c| {
+                let m = &c.precision.teacher.$field;
+                (m.reduce_dtype != Dtype::Fp16 && m.reduce_dtype != m.param_dtype)
+                    .then(|| format!("{:?}", m.reduce_dtype).to_lowercase())
+            },
+        }
+    };
+}
+
 /// Every rule of `training`.
 pub fn rules() -> Vec<Rule> {
     let mut r = vec![
@@ -753,6 +777,9 @@ pub fn rules() -> Vec<Rule> {
                     .then(|| format!("{dtypes:?}").to_lowercase())
             },
         },
+        teacher_reduce_dtype_rule!("backbone", backbone),
+        teacher_reduce_dtype_rule!("dinoHead", dino_head),
+        teacher_reduce_dtype_rule!("ibotHead", ibot_head),
         // ---- sharding
         Rule {
             field: "sharding",

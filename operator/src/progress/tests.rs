@@ -229,6 +229,51 @@ async fn a_run_resumed_on_another_world_size_reports_the_reshard_in_the_status()
     }
 }
 
+/// Reports faster than the write interval: a curriculum phase shorter than the interval still
+/// reaches the status, written at its first iteration (issue 12: `curriculumPhase` changing).
+#[tokio::test]
+async fn a_new_curriculum_phase_is_written_at_once_despite_the_write_interval() {
+    let store = store_with_job(0);
+    let endpoint = serve(store.clone()).await;
+    let token = progress_token(KEY, "uid-1");
+    let phased = |i: u64, phase: &str| {
+        let Event::Iteration(mut it) = iteration(i, 1.0) else {
+            unreachable!()
+        };
+        it.curriculum_phase = phase.into();
+        report(0, Event::Iteration(it))
+    };
+    // As the trainer streams: started (written at once), then iterations in quick succession.
+    let mut reports = vec![report(
+        0,
+        Event::Started(RunStarted {
+            world_size: 1,
+            ..Default::default()
+        }),
+    )];
+    reports.extend((1..=5).map(|i| phased(i, "base")));
+    reports.extend((6..=8).map(|i| phased(i, "high-res")));
+    send(&endpoint, Some(token), reports).await.unwrap();
+
+    let writes = store.writes.lock().unwrap();
+    // The first write showing each phase, in order (a slow machine may add throttled writes
+    // in between; none may come late or out of order).
+    let mut firsts: Vec<(Option<i64>, String)> = Vec::new();
+    for w in writes.iter() {
+        if let Some(p) = &w.curriculum_phase
+            && firsts.last().map(|(_, q)| q) != Some(p)
+        {
+            firsts.push((w.iteration, p.clone()));
+        }
+    }
+    assert_eq!(
+        firsts,
+        [(Some(1), "base".to_string()), (Some(6), "high-res".into())],
+        "{writes:?}"
+    );
+    assert_eq!(writes.last().unwrap().iteration, Some(8));
+}
+
 #[tokio::test]
 async fn wrong_or_missing_token_is_refused() {
     let store = store_with_job(0);

@@ -385,12 +385,20 @@ fn shards_that_disagree_on_the_iteration_are_refused() {
             "optimizer.rank-00001.safetensors",
         ],
     );
-    let msg = verify(&newer).unwrap_err().to_string();
+    let before = names(&newer);
+    let err = verify(&newer).unwrap_err();
+    assert!(err.is_bad_input(), "{err}");
+    let msg = err.to_string();
     assert!(
         msg.contains("shard-00001.json (rank 1) has iteration 3, the manifest 6"),
         "{msg}"
     );
     assert!(msg.contains("disagree"), "{msg}");
+    // Refused, not skipped for the older checkpoint, and nothing is overwritten or removed.
+    let mgr = CheckpointManager::open(dir.path(), 5).unwrap();
+    assert!(mgr.scan().unwrap_err().is_bad_input());
+    assert_eq!(names(dir.path()), ["ckpt-000000003", "ckpt-000000006"]);
+    assert_eq!(names(&newer), before);
 }
 
 #[test]

@@ -193,7 +193,7 @@ impl MetaArch {
 }
 
 #[cfg(test)]
-mod parallel_tests;
+pub(crate) mod parallel_tests;
 #[cfg(test)]
 mod parity_tests;
 #[cfg(test)]

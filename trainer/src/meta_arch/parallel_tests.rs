@@ -12,16 +12,16 @@ use crate::dist::tcp::tests::{local_group, on_every_rank};
 use crate::dist::{Collective, Single};
 use crate::parallel::{MemoryBytes, ModuleParallel, ParallelConfig, Sharding};
 
-const GLOBAL_BATCH: i64 = 4;
+pub(crate) const GLOBAL_BATCH: i64 = 4;
 const ITERATIONS: usize = 6;
 /// Largest |difference| allowed between W=1 and W>1 (fp32): the objective at every iteration,
 /// and every final student and teacher weight. Measured (6 iterations, W=2 and 4, every
 /// layout below): losses within 7.2e-7, weights within 6.4e-7 (a few fp32 ulps: sums over
 /// ranks and the sharded global norm round differently). The bounds leave ~3x margin.
-const LOSS_TOL: f64 = 2e-6;
-const WEIGHT_TOL: f64 = 2e-6;
+pub(crate) const LOSS_TOL: f64 = 2e-6;
+pub(crate) const WEIGHT_TOL: f64 = 2e-6;
 
-fn config(parallel: ParallelConfig) -> MetaArchConfig {
+pub(crate) fn config(parallel: ParallelConfig) -> MetaArchConfig {
     let mut cfg = tiny_config();
     // Stochastic depth draws per sample from the global generator, and KoLeo is a per-rank
     // quantity by definition (nearest neighbours within the rank's own batch, as in the
@@ -32,7 +32,7 @@ fn config(parallel: ParallelConfig) -> MetaArchConfig {
     cfg
 }
 
-fn layout(sharding: Sharding, block_chunks: u32) -> ParallelConfig {
+pub(crate) fn layout(sharding: Sharding, block_chunks: u32) -> ParallelConfig {
     let m = ModuleParallel {
         sharding,
         reduce_kind: Kind::Float,
@@ -68,7 +68,7 @@ impl Lcg {
 /// A model whose initial weights do not depend on torch's global generator: every variable
 /// the init draws at random is redrawn from a local generator (constants such as LayerNorm
 /// weights and zero biases stay), and the teacher copies the student.
-fn new_arch(cfg: MetaArchConfig) -> MetaArch {
+pub(crate) fn new_arch(cfg: MetaArchConfig) -> MetaArch {
     let arch = MetaArch::new(cfg, Device::Cpu).unwrap();
     let mut rng = Lcg(7);
     let mut vars: Vec<(String, Tensor)> = arch.student.vs.variables().into_iter().collect();
@@ -86,7 +86,7 @@ fn new_arch(cfg: MetaArchConfig) -> MetaArch {
 }
 
 /// Images `[lo, lo + n)` of the fixed global batch of iteration `it`, collated.
-fn batch(it: usize, lo: i64, n: i64) -> SslBatch {
+pub(crate) fn batch(it: usize, lo: i64, n: i64) -> SslBatch {
     // From a local generator, not torch's global one, which tests on other threads share.
     let mut rng = Lcg(1000 + it as u64);
     let g = rng.tensor(&[2, GLOBAL_BATCH, 3, 56, 56], 1.0);
@@ -156,7 +156,7 @@ fn train_on(world: usize, cfg: MetaArchConfig) -> Vec<Run> {
     on_every_rank(&group, move |_, c| train((*cfg).clone(), c))
 }
 
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+pub(crate) fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)

@@ -108,6 +108,61 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Student, teacher and loss centers from whole tensors (every layout holds them whole).
+    fn load_replicated(
+        &mut self,
+        mut state: BTreeMap<String, Vec<(String, Tensor)>>,
+    ) -> Result<(), StepError> {
+        let mut group = |name: &str| {
+            state
+                .remove(name)
+                .map(|v| v.into_iter().collect::<BTreeMap<_, _>>())
+                .ok_or_else(|| StepError(format!("the checkpoint has no {name} tensors")))
+        };
+        let (student, teacher, mut loss) =
+            (group("student")?, group("teacher")?, group("loss_state")?);
+        load_vars(&self.arch.student.vs, &student, "student")?;
+        load_vars(&self.arch.teacher.vs, &teacher, "teacher")?;
+        let momentum = self.arch.config.center_momentum;
+        let device = self.arch.student.vs.device();
+        *self.arch.dino_loss.center_mut() = take_center(&mut loss, "dino_loss", momentum, device)?;
+        if let Some(ibot) = &mut self.arch.ibot_loss {
+            *ibot.center_mut() = take_center(&mut loss, "ibot_loss", momentum, device)?;
+        }
+        Ok(())
+    }
+
+    /// The whole AdamW state into the replicated optimizer.
+    fn load_optimizer(&mut self, mut opt: BTreeMap<String, Tensor>) -> Result<(), StepError> {
+        let names: Vec<String> = self.arch.optimizer.names().map(str::to_string).collect();
+        let mut states = Vec::new();
+        for name in names {
+            let (Some(m), Some(v), Some(step)) = (
+                opt.remove(&format!("{name}.exp_avg")),
+                opt.remove(&format!("{name}.exp_avg_sq")),
+                opt.remove(&format!("{name}.step")),
+            ) else {
+                continue; // never stepped (e.g. a frozen last layer before its first update)
+            };
+            states.push((
+                name,
+                AdamWParamState {
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    step: step.int64_value(&[0]) as u64,
+                },
+            ));
+        }
+        self.arch
+            .optimizer
+            .load_state_dict(states)
+            .map_err(step_err)?;
+
+        Ok(())
+    }
+}
+
 impl Trainable for Model {
     type Batch = TrainBatch;
     type Losses = StepLosses;
@@ -169,52 +224,11 @@ impl Trainable for Model {
         &mut self,
         mut state: BTreeMap<String, Vec<(String, Tensor)>>,
     ) -> Result<(), StepError> {
-        let mut group = |name: &str| {
-            state
-                .remove(name)
-                .map(|v| v.into_iter().collect::<BTreeMap<_, _>>())
-                .ok_or_else(|| StepError(format!("the checkpoint has no {name} tensors")))
-        };
-        let (student, teacher, mut opt, mut loss) = (
-            group("student")?,
-            group("teacher")?,
-            group("optimizer")?,
-            group("loss_state")?,
-        );
-        load_vars(&self.arch.student.vs, &student, "student")?;
-        load_vars(&self.arch.teacher.vs, &teacher, "teacher")?;
-
-        let names: Vec<String> = self.arch.optimizer.names().map(str::to_string).collect();
-        let mut states = Vec::new();
-        for name in names {
-            let (Some(m), Some(v), Some(step)) = (
-                opt.remove(&format!("{name}.exp_avg")),
-                opt.remove(&format!("{name}.exp_avg_sq")),
-                opt.remove(&format!("{name}.step")),
-            ) else {
-                continue; // never stepped (e.g. a frozen last layer before its first update)
-            };
-            states.push((
-                name,
-                AdamWParamState {
-                    exp_avg: m,
-                    exp_avg_sq: v,
-                    step: step.int64_value(&[0]) as u64,
-                },
-            ));
-        }
-        self.arch
-            .optimizer
-            .load_state_dict(states)
-            .map_err(step_err)?;
-
-        let momentum = self.arch.config.center_momentum;
-        let device = self.arch.student.vs.device();
-        *self.arch.dino_loss.center_mut() = take_center(&mut loss, "dino_loss", momentum, device)?;
-        if let Some(ibot) = &mut self.arch.ibot_loss {
-            *ibot.center_mut() = take_center(&mut loss, "ibot_loss", momentum, device)?;
-        }
-        Ok(())
+        let opt = state
+            .remove("optimizer")
+            .ok_or_else(|| StepError("the checkpoint has no optimizer tensors".into()))?;
+        self.load_replicated(state)?;
+        self.load_optimizer(opt.into_iter().collect())
     }
 
     fn state_bytes(&self) -> Option<crate::parallel::MemoryBytes> {
@@ -242,14 +256,24 @@ impl Trainable for Model {
         out
     }
 
-    /// Whole tensors for the replicated state; then, when this run shards its student, the
-    /// AdamW pieces its new layout needs, whatever world size or sharding wrote them.
+    /// Whole tensors for the replicated state; then, when this run shards its student, only
+    /// the AdamW pieces its new layout needs (never the whole moments), whatever world size or
+    /// sharding wrote them.
     fn load_chunks(&mut self, source: &CheckpointReader) -> Result<(), StepError> {
         self.arch
             .prepare_parallel(self.rank, self.collective.world_size())
             .map_err(step_err)?;
-        let groups = source.groups().map_err(step_err)?;
-        self.load_state(groups)?;
+        if self.arch.sharded.is_none() {
+            return self.load_state(source.groups().map_err(step_err)?);
+        }
+        let mut groups = BTreeMap::new();
+        for name in ["student", "teacher", "loss_state"] {
+            let group = source.group(name).map_err(step_err)?;
+            if !group.is_empty() {
+                groups.insert(name.to_string(), group);
+            }
+        }
+        self.load_replicated(groups)?;
         if let Some(sharded) = &mut self.arch.sharded {
             sharded.load_chunks(source).map_err(step_err)?;
         }

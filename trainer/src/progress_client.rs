@@ -226,10 +226,12 @@ impl ProgressHook for ProgressReporter {
         self.shared.wake.notify_one();
     }
 
-    fn checkpoint(&mut self, iteration: u64, path: &Path) {
+    fn checkpoint(&mut self, iteration: u64, path: &Path, best: Option<(&str, f64)>) {
         self.push(Event::Checkpoint(CheckpointWritten {
             iteration,
             path: path.display().to_string(),
+            best_metric: best.map(|(m, _)| m.to_string()),
+            best_value: best.map(|(_, v)| v),
         }));
     }
 

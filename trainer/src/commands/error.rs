@@ -112,6 +112,7 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
         | JobError::Env(_)
         | JobError::World(WorldError::Env(_))
         | JobError::RanksDisagree { .. }
+        | JobError::Mapping(_)
         | JobError::Init(_) => PERMANENT_FAILURE,
         JobError::World(WorldError::Rendezvous(_))
         | JobError::Signals(_)

@@ -567,7 +567,7 @@ mod tests {
         let (port, _server) = serve(recorder.clone(), 0);
         let mut r = ProgressReporter::start(target(port)).unwrap();
         iterate(&mut r, 1..=300);
-        r.checkpoint(300, Path::new("/ckpt/ckpt-000000300"));
+        r.checkpoint(300, Path::new("/ckpt/ckpt-000000300"), None);
         r.evaluation(
             300,
             &[
@@ -655,7 +655,7 @@ mod tests {
         let started = Instant::now();
         iterate(&mut r, 1..=20_000);
         for i in 0..1000 {
-            r.checkpoint(i, Path::new("/ckpt"));
+            r.checkpoint(i, Path::new("/ckpt"), None);
         }
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -676,7 +676,7 @@ mod tests {
             .unwrap()
             .port();
         let mut r = ProgressReporter::start(target(port)).unwrap();
-        r.checkpoint(10, Path::new("/ckpt/ckpt-000000010"));
+        r.checkpoint(10, Path::new("/ckpt/ckpt-000000010"), None);
         iterate(&mut r, 1..=10);
         // The operator starts late (a restart, a slow rollout).
         std::thread::sleep(Duration::from_millis(1500));

@@ -155,7 +155,9 @@ pub enum LoopError {
     Metrics(#[from] MetricsError),
     #[error("evaluation: {0}")]
     Eval(#[from] EvalError),
-    #[error("divergence records: {0}")]
+    #[error(
+        "divergence records: {0}; remove the file to resume without skipping its data window"
+    )]
     Divergence(String),
     #[error("checkpoint {path} does not fit this run: {source}")]
     Restore {

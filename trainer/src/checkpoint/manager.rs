@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest, ShardRef};
 use super::shard::{self, ShardHeader, ShardSnapshot, split_replicated};
+use super::best::{self, BestCheckpoint};
 use super::{CheckpointError, CheckpointReader};
 use crate::dist::{self, Collective, Single};
 

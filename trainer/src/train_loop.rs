@@ -155,9 +155,7 @@ pub enum LoopError {
     Metrics(#[from] MetricsError),
     #[error("evaluation: {0}")]
     Eval(#[from] EvalError),
-    #[error(
-        "divergence records: {0}; remove the file to resume without skipping its data window"
-    )]
+    #[error("divergence records: {0}; remove the file to resume without skipping its data window")]
     Divergence(String),
     #[error("checkpoint {path} does not fit this run: {source}")]
     Restore {

@@ -7,9 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tch::Tensor;
 
+use super::best::{self, BestCheckpoint};
 use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest, ShardRef};
 use super::shard::{self, ShardHeader, ShardSnapshot, split_replicated};
-use super::best::{self, BestCheckpoint};
 use super::{CheckpointError, CheckpointReader};
 use crate::dist::{self, Collective, Single};
 

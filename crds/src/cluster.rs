@@ -347,6 +347,15 @@ pub struct RunPolicy {
     #[x_kube(validation = Rule::new("self >= 0").message("cluster.runPolicy.disruptionLimit must be >= 0"))]
     pub disruption_limit: i32,
 
+    /// Divergence rollbacks allowed: when a rank's loss goes non-finite (exit 79), the gang
+    /// restarts from the last verified checkpoint and the trainer skips the data the ranks
+    /// consumed from that checkpoint through the diverged iteration. 0 (the default, as the
+    /// reference trainer, which stops on a non-finite loss) fails the job on exit 79; past the
+    /// limit, or with no verified checkpoint to go back to, the job fails too.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("cluster.runPolicy.divergenceRollbackLimit must be >= 0 (0: a non-finite loss fails the job)"))]
+    pub divergence_rollback_limit: i32,
+
     /// Exit codes that fail the job at once, in addition to the trainer's permanent codes
     /// 78 (bad config, missing data) and 79 (non-finite loss).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -413,6 +422,7 @@ impl Default for RunPolicy {
             backoff_limit: default_backoff_limit(),
             progress_restart_limit: default_progress_restart_limit(),
             disruption_limit: default_disruption_limit(),
+            divergence_rollback_limit: 0,
             permanent_exit_codes: Vec::new(),
             active_deadline_seconds: None,
             ttl_seconds_after_finished: None,

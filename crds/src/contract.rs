@@ -23,6 +23,9 @@ pub const JOB: &str = "DINOFLOW_JOB";
 pub const NAMESPACE: &str = "DINOFLOW_NAMESPACE";
 /// Kind of the job ([`JobKind::as_str`]).
 pub const JOB_KIND: &str = "DINOFLOW_JOB_KIND";
+/// `true` when `cluster.runPolicy.divergenceRollbackLimit` > 0: a restore skips the data
+/// windows that diverged after its checkpoint (set only then).
+pub const DIVERGENCE_ROLLBACK: &str = "DINOFLOW_DIVERGENCE_ROLLBACK";
 /// Run attempt of the gang (0 first, +1 per gang restart).
 pub const RUN_ATTEMPT: &str = "DINOFLOW_RUN_ATTEMPT";
 /// The operator's progress endpoint rank 0 streams to.

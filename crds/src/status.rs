@@ -125,6 +125,12 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruptions: Option<i32>,
 
+    /// Gang restarts after a non-finite loss (exit 79), each from the last verified
+    /// checkpoint with the diverged data window skipped; they count against
+    /// `runPolicy.divergenceRollbackLimit` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergence_rollbacks: Option<i32>,
+
     /// Iteration of the newest verified checkpoint (`lastCheckpoint`) when the current
     /// attempt started; a failure after a newer checkpoint is a failure with progress.
     /// Unset: the attempt started with no checkpoint.
@@ -191,6 +197,11 @@ pub struct JobStatus {
     /// Latest checkpoint the trainer wrote and verified; a restart resumes from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,
+
+    /// The checkpoint with the best value of `training.checkpoint.bestMetric` so far; the
+    /// trainer keeps it on disk however old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_checkpoint: Option<BestCheckpointRef>,
 
     /// Latest result of each evaluation, by evaluation name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -306,6 +317,22 @@ pub struct ReshardRef {
     pub from_world_size: i32,
     /// Ranks that resumed it.
     pub to_world_size: i32,
+    /// When the operator received the report.
+    pub time: Time,
+}
+
+/// The best checkpoint by an evaluation metric.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BestCheckpointRef {
+    /// Iteration of the checkpoint (and of the evaluation that scored it).
+    pub iteration: i64,
+    /// Checkpoint directory.
+    pub path: String,
+    /// `training.checkpoint.bestMetric`.
+    pub metric: String,
+    /// Its value at that iteration.
+    pub value: f64,
     /// When the operator received the report.
     pub time: Time,
 }

@@ -106,6 +106,8 @@ pub mod reason {
     pub const PERMANENT_FAILURE: &str = "PermanentFailure";
     pub const BACKOFF_LIMIT_EXCEEDED: &str = "BackoffLimitExceeded";
     pub const DISRUPTION_LIMIT_EXCEEDED: &str = "DisruptionLimitExceeded";
+    pub const DIVERGED: &str = "DivergenceRollback";
+    pub const DIVERGENCE_ROLLBACK_LIMIT_EXCEEDED: &str = "DivergenceRollbackLimitExceeded";
     pub const POD_VANISHED: &str = "PodVanished";
     pub const FORCE_DELETING: &str = "ForceDeletingStuckPods";
     pub const INVALID_JOB: &str = "InvalidJob";
@@ -393,7 +395,10 @@ fn failed_by_itself<'a>(
     facts: &JobFacts<'_>,
 ) -> Option<(&'a PodObservation, i32)> {
     let code = p.state.exit_code()?;
-    if !facts.cluster.run_policy.is_permanent_exit_code(code) {
+    let policy = &facts.cluster.run_policy;
+    if !policy.is_permanent_exit_code(code)
+        || divergence::rolled_back(code, policy.divergence_rollback_limit)
+    {
         return None;
     }
     let stopped_at = p
@@ -438,6 +443,8 @@ enum Budget {
     Progress,
     /// Not the trainer's fault: `disruptionLimit`, in `disruptions`.
     Disruption,
+    /// A non-finite loss rolled back: `divergenceRollbackLimit`, in `divergenceRollbacks`.
+    Divergence,
 }
 
 /// The decision being built.
@@ -703,6 +710,7 @@ impl<'f> Step<'f> {
         let policy = &facts.cluster.run_policy;
         let all: Vec<PodObservation> = current.iter().map(|p| (*p).clone()).collect();
         match failure {
+            Failure::Permanent(p, code) if self.roll_back(p, code, current, &all) => {}
             Failure::Permanent(p, code) => {
                 let why = match &p.state {
                     PodState::Failed {
@@ -834,6 +842,14 @@ impl<'f> Step<'f> {
                 let d = self.status.disruptions.unwrap_or(0) + 1;
                 self.status.disruptions = Some(d);
                 format!("disruption {d}/{}, not counted", policy.disruption_limit)
+            }
+            Budget::Divergence => {
+                let d = self.status.divergence_rollbacks.unwrap_or(0) + 1;
+                self.status.divergence_rollbacks = Some(d);
+                format!(
+                    "divergence rollback {d}/{}, not counted against backoffLimit",
+                    policy.divergence_rollback_limit
+                )
             }
         };
         self.begin_attempt(attempt);
@@ -969,5 +985,6 @@ impl<'f> Step<'f> {
     }
 }
 
+mod divergence;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,8 @@
 //! `/healthz`, `/readyz` and `/metrics` over HTTP.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -10,20 +10,42 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 
-/// Readiness shared between the controllers and the probe server.
+/// Readiness shared between the controllers and the probe server: ready means this replica
+/// leads and its caches have synced. A standby is not ready, so the Service in front of the
+/// progress endpoint sends trainers only to the leader, the one replica that serves them.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    synced: Arc<AtomicBool>,
+    // Unset: no leader election (a single replica always leads).
+    leadership: Arc<OnceLock<Leadership>>,
+}
 
 impl Readiness {
-    /// Marks the operator ready (its caches have synced).
+    /// Marks the operator's caches synced (or not).
     pub fn set_ready(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.synced.store(ready, Ordering::Release);
+    }
+
+    /// Makes readiness follow `leadership` from now on (set once, at start-up).
+    pub fn follow(&self, leadership: Leadership) {
+        let _ = self.leadership.set(leadership);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.not_ready_reason().is_none()
+    }
+
+    fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.leadership.get().is_some_and(|l| !l.is_leader()) {
+            Some("not the leader")
+        } else if !self.synced.load(Ordering::Acquire) {
+            Some("caches not synced")
+        } else {
+            None
+        }
     }
 }
 
@@ -43,10 +65,9 @@ pub fn router(metrics: Metrics, ready: Readiness) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.ready.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    match s.ready.not_ready_reason() {
+        None => (StatusCode::OK, "ready"),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -100,5 +121,25 @@ mod tests {
                 .await
                 .contains("dinoflow_operator_reconciles_total")
         );
+    }
+
+    #[tokio::test]
+    async fn a_standby_is_not_ready_even_with_synced_caches() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ready = Readiness::default();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        ready.follow(Leadership::from_receiver(rx));
+        ready.set_ready(true);
+        let app = router(Metrics::default(), ready.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let standby = get_path(addr, "/readyz").await;
+        assert!(standby.starts_with("HTTP/1.1 503"), "{standby}");
+        assert!(standby.contains("not the leader"), "{standby}");
+        tx.send(true).unwrap();
+        assert!(get_path(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        // Deposed: not ready at once, before the process has shut its controllers down.
+        tx.send(false).unwrap();
+        assert!(get_path(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
     }
 }

@@ -59,10 +59,8 @@ async fn main() -> Result<()> {
 
     let (mut leadership, election) = if args.leader_elect {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
-        let timing = LeaseTiming {
-            duration: std::time::Duration::from_secs(args.lease_duration_seconds),
-            grace: std::time::Duration::from_secs((args.lease_duration_seconds / 3).max(1)),
-        };
+        let timing =
+            LeaseTiming::for_duration(std::time::Duration::from_secs(args.lease_duration_seconds));
         let (leadership, election) = leader::elect(
             client.clone(),
             &args.lease_namespace,
@@ -71,6 +69,7 @@ async fn main() -> Result<()> {
             timing,
         )
         .await?;
+        readiness.follow(leadership.clone());
         tracing::info!(%identity, lease = %args.lease_name, "waiting to become leader");
         (leadership, Some(election))
     } else {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use dinoflow_api::progress::progress_server::{Progress, ProgressServer};
 use dinoflow_api::progress::{ProgressReport, ReportAck, progress_report::Event};
-use dinoflow_api::status::{CheckpointRef, EvaluationResult, JobStatus, ReshardRef};
+use dinoflow_api::status::{
+    BestCheckpointRef, CheckpointRef, EvaluationResult, JobStatus, ReshardRef,
+};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -67,6 +69,7 @@ pub fn progress_fields(status: &JobStatus) -> JobStatus {
         images_per_second: status.images_per_second,
         mfu: status.mfu,
         last_checkpoint: status.last_checkpoint.clone(),
+        best_checkpoint: status.best_checkpoint.clone(),
         evaluations: status.evaluations.clone(),
         world_size: status.world_size,
         last_reshard: status.last_reshard.clone(),
@@ -105,6 +108,15 @@ pub fn apply_report(progress: &mut JobStatus, report: &ProgressReport, now: Time
             progress.mfu = it.mfu.filter(|m| m.is_finite());
         }
         Some(Event::Checkpoint(c)) => {
+            if let (Some(metric), Some(value)) = (&c.best_metric, c.best_value) {
+                progress.best_checkpoint = Some(BestCheckpointRef {
+                    iteration: as_i64(c.iteration),
+                    path: c.path.clone(),
+                    metric: metric.clone(),
+                    value,
+                    time: now.clone(),
+                });
+            }
             progress.last_checkpoint = Some(CheckpointRef {
                 iteration: as_i64(c.iteration),
                 path: c.path.clone(),

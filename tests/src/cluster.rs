@@ -107,16 +107,19 @@ impl TestCluster {
 
     /// A kube client authenticated as the cluster admin.
     pub async fn client(&self) -> Result<Client, HarnessError> {
+        Ok(Client::try_from(self.config().await?)?)
+    }
+
+    /// The cluster admin's client configuration (e.g. to point a client at a proxy).
+    pub async fn config(&self) -> Result<kube::Config, HarnessError> {
         let to_err = |source| HarnessError::Kubeconfig {
             kubeconfig: self.kubeconfig.clone(),
             source,
         };
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(to_err)?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(to_err)?;
-        Ok(Client::try_from(config)?)
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(to_err)
     }
 
     /// Creates a namespace named `<prefix>-<pid>-<n>` (unique even when several test

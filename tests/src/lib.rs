@@ -9,6 +9,7 @@ mod apply;
 mod binaries;
 mod cluster;
 mod error;
+mod fault_proxy;
 mod invalid;
 mod kubectl;
 mod paths;
@@ -18,6 +19,7 @@ pub use apply::{apply_object, parse_manifests};
 pub use binaries::build_workspace_binary;
 pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};
 pub use error::HarnessError;
+pub use fault_proxy::FaultProxy;
 pub use invalid::{InvalidCase, load_invalid_cases};
 pub use kubectl::KubectlOutput;
 pub use paths::{

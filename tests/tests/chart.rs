@@ -257,6 +257,19 @@ fn operator_container(objects: &[DynamicObject]) -> serde_json::Value {
 }
 
 #[test]
+fn only_the_leader_is_ready_and_updates_replace_the_replicas_at_once() {
+    let objects = render(&["--set", "replicaCount=2"]);
+    let container = operator_container(&objects);
+    // /readyz is 503 on a standby (operator/src/health.rs); /healthz would admit it to the
+    // progress Service although only the leader serves progress reports.
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let deployment = object(&objects, "Deployment", "dinoflow-operator");
+    // A rolling update would wait forever for a new replica that cannot lead.
+    assert_eq!(deployment.data["spec"]["strategy"]["type"], "Recreate");
+}
+
+#[test]
 fn the_deployment_sets_only_env_vars_the_operator_reads() {
     let known = dinoflow_operator::settings::env_names();
     for extra in [

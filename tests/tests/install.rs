@@ -335,10 +335,7 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
     let as_operator = operator_client().await;
 
     // Leader election in the release namespace, through the lease Role only.
-    let timing = LeaseTiming {
-        duration: Duration::from_secs(6),
-        grace: Duration::from_secs(2),
-    };
+    let timing = LeaseTiming::for_duration(Duration::from_secs(6));
     let (mut leadership, election) = leader::elect(
         as_operator.clone(),
         NAMESPACE,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dinoflow_api::contract::{LABEL_JOB, LABEL_RUN_ATTEMPT};
 use dinoflow_api::status::JobStatus;
 use dinoflow_api::{DistillJob, PretrainJob};
-use dinoflow_e2e::TestCluster;
+use dinoflow_e2e::{FaultProxy, TestCluster};
 use dinoflow_operator::controller::{self, Scope};
 use dinoflow_operator::health::Readiness;
 use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
@@ -529,10 +529,7 @@ async fn operator_restarted_mid_run_creates_no_duplicates_and_keeps_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     let mut env = Env::without_operator("op-leader").await;
-    let timing = LeaseTiming {
-        duration: Duration::from_secs(4),
-        grace: Duration::from_secs(1),
-    };
+    let timing = LeaseTiming::for_duration(Duration::from_secs(4));
     let lease = "dinoflow-test-leader";
     let (mut a, a_election) =
         leader::elect(env.client.clone(), &env.ns, lease, "replica-a", timing)
@@ -574,6 +571,59 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     env.wait_gang("m", 0, 1).await;
     follower.stop().await;
     b_election.release().await;
+    env.stop().await;
+}
+
+/// A leader cut off from the API server (here: a proxy that stops forwarding, as a hung API
+/// server or a partition does) stops acting within its renew deadline, before its Lease
+/// expires for the others; while it can renew, it keeps leading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_steps_down_within_the_renew_deadline() {
+    let env = Env::without_operator("op-renew").await;
+    let mut config = TestCluster::shared().config().await.unwrap();
+    let upstream = config.cluster_url.authority().unwrap().as_str().to_string();
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = FaultProxy::start(upstream).await.unwrap();
+    config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
+    let client = Client::try_from(config).unwrap();
+    // Renews every 3 s, steps down after 6 s without a renewal, expires after 9 s.
+    let timing = LeaseTiming::for_duration(Duration::from_secs(9));
+    let (mut leadership, election) =
+        leader::elect(client, &env.ns, "dinoflow-test-renew", "replica-a", timing)
+            .await
+            .unwrap();
+    tokio::time::timeout(TIMEOUT, leadership.acquired())
+        .await
+        .expect("leads");
+    // Several renew deadlines pass while renewals succeed: no false step-down.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(leadership.is_leader(), "a leader that renews keeps leading");
+
+    proxy.stall(true);
+    let stalled = std::time::Instant::now();
+    // At most the deadline (6 s) after the last renewal, plus one check period and one
+    // bounded read-back (2 s each).
+    tokio::time::timeout(Duration::from_secs(14), leadership.lost())
+        .await
+        .expect("the leader steps down within its renew deadline");
+    assert!(
+        leadership.ensure().is_err(),
+        "and its write fence is closed"
+    );
+    let took = stalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before a renewal was due: {took:?}"
+    );
+    // Release cannot reach the API server either; it gives up instead of hanging.
+    tokio::time::timeout(Duration::from_secs(15), election.release())
+        .await
+        .expect("release is bounded");
+    proxy.stall(false);
     env.stop().await;
 }
 

@@ -256,6 +256,41 @@ pub struct Cadences {
     pub eval_every: u64,
 }
 
+/// `checkpoint.bestMetric`, checked against the metrics the configured evaluations report
+/// (`crate::eval::EvalReport::flat`).
+pub fn best_metric(t: &TrainingConfig) -> Result<Option<String>, MappingError> {
+    let Some(metric) = &t.checkpoint.best_metric else {
+        return Ok(None);
+    };
+    let e = &t.evaluation;
+    let mut reported = Vec::new();
+    if e.knn.enabled {
+        for k in &e.knn.k {
+            reported.push(format!("knn_top1_k{k}"));
+            reported.push(format!("knn_top5_k{k}"));
+        }
+    }
+    if e.linear_probe.enabled {
+        reported.extend(["linear_top1".to_string(), "linear_val_top1".to_string()]);
+    }
+    if reported.contains(metric) {
+        return Ok(Some(metric.clone()));
+    }
+    Err(MappingError {
+        field: "checkpoint.bestMetric",
+        message: if reported.is_empty() {
+            format!(
+                "{metric:?} needs an evaluation: enable evaluation.knn or evaluation.linearProbe"
+            )
+        } else {
+            format!(
+                "{metric:?} is not reported by the configured evaluations; use one of {}",
+                reported.join(", ")
+            )
+        },
+    })
+}
+
 /// `logging.everyIterations`, `checkpoint.periodIterations` (3 official epochs when unset) and
 /// `evaluation.periodIterations`.
 pub fn cadences(t: &TrainingConfig) -> Cadences {
@@ -436,6 +471,28 @@ fn dataset_kind_for_split(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_metric_must_be_one_the_evaluations_report() {
+        let mut t = TrainingConfig::default();
+        assert_eq!(best_metric(&t).unwrap(), None);
+        t.checkpoint.best_metric = Some("knn_top1_k20".into());
+        assert_eq!(best_metric(&t).unwrap().as_deref(), Some("knn_top1_k20"));
+        t.checkpoint.best_metric = Some("knn_top1_k7".into());
+        let e = best_metric(&t).unwrap_err().to_string();
+        assert!(
+            e.starts_with("training.checkpoint.bestMetric:") && e.contains("knn_top1_k20"),
+            "{e}"
+        );
+        t.checkpoint.best_metric = Some("linear_top1".into());
+        assert!(best_metric(&t).is_err());
+        t.evaluation.linear_probe.enabled = true;
+        assert!(best_metric(&t).is_ok());
+        t.evaluation.knn.enabled = false;
+        t.evaluation.linear_probe.enabled = false;
+        let e = best_metric(&t).unwrap_err().to_string();
+        assert!(e.contains("needs an evaluation"), "{e}");
+    }
 
     #[test]
     fn adamw_betas_and_loss_scale_of_the_config_reach_the_meta_arch() {

@@ -70,6 +70,9 @@ pub enum JobError<B: std::error::Error + 'static> {
     /// `model.pretrainedWeights` / `model.weights` could not be loaded.
     #[error("initial weights: {0}")]
     Init(#[source] crate::train_loop::StepError),
+    /// A config value the loop cannot take (`checkpoint.bestMetric`).
+    #[error(transparent)]
+    Mapping(#[from] crate::config::MappingError),
     #[error(transparent)]
     Loop(#[from] LoopError),
     #[error(transparent)]
@@ -101,6 +104,9 @@ where
     }
     // DINOFLOW_PROGRESS_ENDPOINT and its token: where rank 0 reports to the operator.
     let (identity, progress_target) = env::job_and_progress(&process_env, kind)?;
+    let skip_diverged_data = process_env
+        .parsed::<bool>(c::DIVERGENCE_ROLLBACK, "true or false")?
+        .unwrap_or(false);
     // RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from `launch`; unset: one process.
     let world = World::from_env(&process_env)?;
     let collective = world.collective().as_ref();
@@ -189,6 +195,8 @@ where
         flops_per_image,
         peak_flops,
         phases,
+        skip_diverged_data,
+        best_metric: config::best_metric(&training)?,
     };
     let resume_from = match &args.resume {
         ResumeMode::Never => None,

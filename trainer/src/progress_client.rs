@@ -237,10 +237,12 @@ impl ProgressHook for ProgressReporter {
         }
     }
 
-    fn checkpoint(&mut self, iteration: u64, path: &Path) {
+    fn checkpoint(&mut self, iteration: u64, path: &Path, best: Option<(&str, f64)>) {
         self.push(Event::Checkpoint(CheckpointWritten {
             iteration,
             path: path.display().to_string(),
+            best_metric: best.map(|(m, _)| m.to_string()),
+            best_value: best.map(|(_, v)| v),
         }));
     }
 
@@ -576,7 +578,7 @@ mod tests {
         let (port, _server) = serve(recorder.clone(), 0);
         let mut r = ProgressReporter::start(target(port)).unwrap();
         iterate(&mut r, 1..=300);
-        r.checkpoint(300, Path::new("/ckpt/ckpt-000000300"));
+        r.checkpoint(300, Path::new("/ckpt/ckpt-000000300"), None);
         r.evaluation(
             300,
             &[
@@ -700,7 +702,7 @@ mod tests {
         let started = Instant::now();
         iterate(&mut r, 1..=20_000);
         for i in 0..1000 {
-            r.checkpoint(i, Path::new("/ckpt"));
+            r.checkpoint(i, Path::new("/ckpt"), None);
         }
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -721,7 +723,7 @@ mod tests {
             .unwrap()
             .port();
         let mut r = ProgressReporter::start(target(port)).unwrap();
-        r.checkpoint(10, Path::new("/ckpt/ckpt-000000010"));
+        r.checkpoint(10, Path::new("/ckpt/ckpt-000000010"), None);
         iterate(&mut r, 1..=10);
         // The operator starts late (a restart, a slow rollout).
         std::thread::sleep(Duration::from_millis(1500));

@@ -11,8 +11,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{
-    CheckpointError, CheckpointManager, CheckpointReader, Chunk, ShardSnapshot, VerifiedCheckpoint,
-    split_replicated,
+    BestCheckpoint, CheckpointError, CheckpointManager, CheckpointReader, Chunk, ShardSnapshot,
+    VerifiedCheckpoint, split_replicated,
 };
 use crate::dist::{self, World};
 use crate::eval::{EvalConfig, EvalError, EvalInputs, Evaluator};
@@ -155,6 +155,8 @@ pub enum LoopError {
     Metrics(#[from] MetricsError),
     #[error("evaluation: {0}")]
     Eval(#[from] EvalError),
+    #[error("divergence records: {0}; remove the file to resume without skipping its data window")]
+    Divergence(String),
     #[error("checkpoint {path} does not fit this run: {source}")]
     Restore {
         path: std::path::PathBuf,
@@ -199,6 +201,12 @@ pub struct LoopSettings {
     /// The curriculum phases in order, the first from iteration 0; empty without a
     /// curriculum (no phase is reported then).
     pub phases: Vec<LoopPhase>,
+    /// Divergence rollback is on (`DINOFLOW_DIVERGENCE_ROLLBACK`): a restore skips the data
+    /// windows that diverged after its checkpoint ([`divergence`]).
+    pub skip_diverged_data: bool,
+    /// `checkpoint.bestMetric`: a checkpoint written at an evaluation's iteration with the
+    /// highest value so far becomes the best, kept on disk and reported.
+    pub best_metric: Option<String>,
 }
 
 /// A curriculum phase as the loop reports it.
@@ -250,7 +258,9 @@ pub trait ProgressHook {
     /// The run starts: fresh, or resumed from a checkpoint (possibly of another world size).
     fn run_started(&mut self, _start: &RunStart<'_>) {}
     fn iteration(&mut self, _report: &IterationReport<'_>) {}
-    fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path) {}
+    /// A verified checkpoint; `best` is (metric, value) when it is the new best checkpoint.
+    fn checkpoint(&mut self, _iteration: u64, _path: &std::path::Path, _best: Option<(&str, f64)>) {
+    }
     fn evaluation(&mut self, _iteration: u64, _metrics: &[(String, f64)]) {}
     /// The loop enters (`true`) or leaves (`false`) a phase without iterations (evaluation,
     /// checkpoint write), during which a reporter may heartbeat.
@@ -331,8 +341,68 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         ) {
             position["samples"] = (it * self.data.images_per_batch() * writers as u64).into();
         }
+        if self.settings.skip_diverged_data {
+            self.skip_diverged(checkpoint.manifest.iteration, &mut position)?;
+        }
         self.data.seek(&position).map_err(restore_err)?;
         Ok(checkpoint.manifest.iteration)
+    }
+
+    /// Moves `position` past the data windows that diverged after the checkpoint at
+    /// `iteration` (see [`divergence`]).
+    fn skip_diverged(
+        &mut self,
+        iteration: u64,
+        position: &mut serde_json::Value,
+    ) -> Result<(), LoopError> {
+        let root = self.checkpoints.root();
+        let records = divergence::load(root).map_err(|e| LoopError::Divergence(e.to_string()))?;
+        let Some(samples) = position.get("samples").and_then(serde_json::Value::as_u64) else {
+            if !records.is_empty() {
+                tracing::warn!(
+                    "divergence records found, but the checkpoint's data position has no sample count; not skipping"
+                );
+            }
+            return Ok(());
+        };
+        if let Some(skip) = divergence::skip_for(&records, iteration, samples) {
+            tracing::warn!(
+                checkpoint_iteration = iteration,
+                diverged_at = skip.diverged_at,
+                from_sample = skip.from_sample,
+                to_sample = skip.to_sample,
+                "divergence rollback: resuming from the checkpoint of iteration {iteration} and skipping global samples {}..{} (the data of iterations {iteration}..={})",
+                skip.from_sample,
+                skip.to_sample,
+                skip.diverged_at
+            );
+            position["samples"] = skip.to_sample.into();
+            self.write_line(&serde_json::json!({
+                "type": "divergence_skip",
+                "checkpoint_iteration": iteration,
+                "diverged_at": skip.diverged_at,
+                "from_sample": skip.from_sample,
+                "to_sample": skip.to_sample,
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Records where the data stood at a non-finite loss, for a rollback that skips it. The
+    /// run fails with exit 79 either way, so a failed record is only logged.
+    fn record_divergence(&self, iteration: u64) {
+        let Some(samples_end) = self.data.position()["samples"].as_u64() else {
+            tracing::warn!("the data position has no sample count; divergence not recorded");
+            return;
+        };
+        let d = divergence::Divergence {
+            iteration,
+            samples_end,
+        };
+        match divergence::record(self.checkpoints.root(), self.world.rank(), d) {
+            Ok(()) => tracing::info!(iteration, samples_end, "divergence recorded"),
+            Err(e) => tracing::warn!(error = %e, "could not record the divergence"),
+        }
     }
 
     /// Runs from `start` (the number of iterations already done) to the total.
@@ -351,7 +421,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         while iteration < total {
             // Agreed across ranks: a signal may reach one rank an iteration before another.
             if dist::any_rank(self.collective(), self.stop.load(Ordering::SeqCst)) {
-                self.checkpoint(iteration)?;
+                self.checkpoint(iteration, None)?;
                 tracing::warn!(
                     iteration,
                     "stop signal received: checkpoint written, exiting"
@@ -402,6 +472,7 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
                     last_finite: fmt_terms(&last),
                 };
                 tracing::error!("{err}");
+                self.record_divergence(iteration);
                 return Err(err);
             }
             // Compute time includes the read above, which waits for the queued step.
@@ -416,14 +487,20 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
             // Evaluation.
             let eval_due =
                 self.settings.eval_every > 0 && iteration.is_multiple_of(self.settings.eval_every);
+            let mut score = None;
             if eval_due || (iteration == total && self.settings.eval_at_end) {
-                self.evaluate(iteration)?;
+                let flat = self.evaluate(iteration)?;
+                score = self
+                    .settings
+                    .best_metric
+                    .as_ref()
+                    .and_then(|m| flat.iter().find(|(k, _)| k == m).map(|(_, v)| *v));
             }
             // Checkpoint.
             let ckpt_due = self.settings.checkpoint_every > 0
                 && iteration.is_multiple_of(self.settings.checkpoint_every);
             if ckpt_due || iteration == total {
-                self.checkpoint(iteration)?;
+                self.checkpoint(iteration, score)?;
                 last_checkpoint = Instant::now();
             }
         }
@@ -515,14 +592,15 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         Ok(())
     }
 
-    fn evaluate(&mut self, iteration: u64) -> Result<(), LoopError> {
+    /// Evaluates the teacher (rank 0; the others get nothing) and returns the flat metrics.
+    fn evaluate(&mut self, iteration: u64) -> Result<Vec<(String, f64)>, LoopError> {
         let Some(config) = self.settings.eval.clone() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let (Some(backbone), Some((inputs, kind))) =
             (self.model.final_backbone(), self.model.eval_inputs())
         else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let evaluator = Evaluator {
             inputs,
@@ -549,12 +627,13 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.write_line(&serde_json::json!({
             "type": "eval", "iteration": iteration, "time": unix_now(), "report": report,
         }))?;
-        Ok(())
+        Ok(flat)
     }
 
     /// Every rank writes its shard of the checkpoint at the same time; rank 0 also writes
     /// the replicated JSON documents, seals the manifest and reports it.
-    fn checkpoint(&mut self, iteration: u64) -> Result<(), LoopError> {
+    /// `score`: the best metric's value from the evaluation at this iteration (rank 0).
+    fn checkpoint(&mut self, iteration: u64, score: Option<f64>) -> Result<(), LoopError> {
         let started = Instant::now();
         let main = self.world.is_main();
         let mut json = BTreeMap::new();
@@ -582,10 +661,32 @@ impl<M: Trainable, D: BatchSource<Batch = M::Batch>, S: Schedules> TrainLoop<'_,
         self.metrics
             .checkpoint_written(iteration, Some((started.elapsed(), saved.path.as_path())));
         tracing::info!(iteration, path = %saved.path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written");
-        self.progress.checkpoint(iteration, &saved.path);
-        self.write_line(&serde_json::json!({
+        let best = match (&self.settings.best_metric, score) {
+            (Some(metric), Some(value)) => {
+                let candidate = BestCheckpoint {
+                    iteration,
+                    metric: metric.clone(),
+                    value,
+                };
+                self.checkpoints
+                    .offer_best(&candidate)?
+                    .then_some(candidate)
+            }
+            _ => None,
+        };
+        self.progress.checkpoint(
+            iteration,
+            &saved.path,
+            best.as_ref().map(|b| (b.metric.as_str(), b.value)),
+        );
+        let mut line = serde_json::json!({
             "type": "checkpoint", "iteration": iteration, "time": unix_now(), "path": saved.path,
-        }))?;
+        });
+        if let Some(b) = &best {
+            tracing::info!(iteration, metric = %b.metric, value = b.value, "new best checkpoint");
+            line["best"] = serde_json::json!({ "metric": b.metric, "value": b.value });
+        }
+        self.write_line(&line)?;
         Ok(())
     }
 
@@ -612,6 +713,7 @@ fn unix_now() -> f64 {
 }
 
 pub mod components;
+pub mod divergence;
 #[cfg(test)]
 mod model_chunks_tests;
 #[cfg(test)]

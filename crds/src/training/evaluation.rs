@@ -106,6 +106,14 @@ pub struct CheckpointConfig {
     /// Dinoflow: only the official value 20 is accepted (official configs copy over as they
     /// are); set the cadence with `periodIterations`.
     pub saveckp_freq: u32,
+    /// Evaluation metric that picks the best checkpoint, higher is better: `knn_top1_k<K>` or
+    /// `knn_top5_k<K>` (K one of `evaluation.knn.k`), `linear_top1` or `linear_val_top1` (with
+    /// `evaluation.linearProbe.enabled`). Checkpoints written at an evaluation's iteration
+    /// compete; the best so far is recorded in `status.bestCheckpoint` and kept on disk however
+    /// old, on top of `keepLast`. Unset (the default, as the reference): no best is tracked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(knn_top[15]_k[1-9][0-9]*|linear_(val_)?top1)$"))]
+    pub best_metric: Option<String>,
 }
 
 impl Default for CheckpointConfig {
@@ -114,6 +122,7 @@ impl Default for CheckpointConfig {
             period_iterations: None,
             keep_last: 3,
             saveckp_freq: 20,
+            best_metric: None,
         }
     }
 }

@@ -227,6 +227,7 @@ pub fn controller_fields(status: &JobStatus) -> JobStatus {
         images_per_second: None,
         mfu: None,
         last_checkpoint: None,
+        best_checkpoint: None,
         evaluations: Vec::new(),
         world_size: None,
         last_reshard: None,

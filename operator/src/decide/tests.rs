@@ -810,3 +810,59 @@ fn transient_exit_codes_restart_the_gang() {
         assert_eq!(d.status.restarts, Some(1));
     }
 }
+
+#[test]
+fn a_non_finite_loss_rolls_back_to_the_last_checkpoint_up_to_the_limit() {
+    let mut w = World::new(2).policy(|p| p.divergence_rollback_limit = 1);
+    w.step(&[]);
+    w.status.last_checkpoint = checkpoint(40);
+    let d = w.step(&[exited(pod(0, 0, "Running"), 79), pod(1, 0, "Running")]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(reasons(&d), [reason::DIVERGED, reason::RESTARTING]);
+    assert!(
+        d.events[0].note.contains("iteration 40"),
+        "{}",
+        d.events[0].note
+    );
+    assert!(
+        d.events[1].note.contains("divergence rollback 1/1"),
+        "{}",
+        d.events[1].note
+    );
+    assert_eq!(d.status.divergence_rollbacks, Some(1));
+    assert_eq!(
+        (d.status.restarts, d.status.progress_restarts),
+        (Some(0), None)
+    );
+    assert_eq!(d.status.run_attempt, Some(1));
+    assert_eq!(d.delete_pods, ["j-a0-0", "j-a0-1"]);
+    // The peer's own 79, seen after the rollback began, is the same divergence.
+    let d = w.step(&[exited(pod(1, 0, "Running"), 79)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    // The rolled-back attempt diverges again: the limit is reached.
+    w.step(&[]);
+    let d = w.step(&[exited(pod(0, 1, "Running"), 79), pod(1, 1, "Running")]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    let failed = d.status.condition(condition::FAILED).unwrap();
+    assert_eq!(failed.reason, reason::DIVERGENCE_ROLLBACK_LIMIT_EXCEEDED);
+    assert!(
+        failed.message.contains("divergenceRollbackLimit 1"),
+        "{}",
+        failed.message
+    );
+}
+
+#[test]
+fn a_non_finite_loss_before_any_checkpoint_fails_even_with_rollback_on() {
+    let mut w = World::new(1).policy(|p| p.divergence_rollback_limit = 3);
+    w.step(&[]);
+    let d = w.step(&[exited(pod(0, 0, "Running"), 79)]);
+    assert_eq!(d.status.phase, Some(JobPhase::Failed));
+    let failed = d.status.condition(condition::FAILED).unwrap();
+    assert!(
+        failed.message.contains("nothing to roll back to"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(d.status.divergence_rollbacks, None);
+}

@@ -205,6 +205,10 @@ pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
     if let Some(path) = teacher_checkpoint {
         vars.push(env(contract::TEACHER_CHECKPOINT, path));
     }
+    if cluster.run_policy.divergence_rollback_limit > 0 {
+        // The restore then skips the data windows that diverged after its checkpoint.
+        vars.push(env(contract::DIVERGENCE_ROLLBACK, "true"));
+    }
     if cluster.gpus_per_node == 0 {
         // No GPUs: keep CUDA from grabbing a device the pod was not given.
         vars.push(env("CUDA_VISIBLE_DEVICES", ""));
@@ -474,6 +478,20 @@ mod tests {
             attempt,
             teacher_checkpoint: None,
         })
+    }
+
+    #[test]
+    fn divergence_rollback_tells_the_trainer_to_skip_diverged_data_only_when_on() {
+        let mut cluster = ClusterSpec {
+            nodes: 1,
+            ..Default::default()
+        };
+        assert!(!env_of(&gang(&cluster, 0)[0]).contains_key("DINOFLOW_DIVERGENCE_ROLLBACK"));
+        cluster.run_policy.divergence_rollback_limit = 2;
+        assert_eq!(
+            env_of(&gang(&cluster, 0)[0])["DINOFLOW_DIVERGENCE_ROLLBACK"],
+            "true"
+        );
     }
 
     #[test]

@@ -137,6 +137,7 @@ async fn reports_with_the_jobs_token_update_its_progress() {
             Event::Checkpoint(CheckpointWritten {
                 iteration: 20,
                 path: "/ckpt/iter-20".into(),
+                ..Default::default()
             }),
         ),
         report(
@@ -172,6 +173,42 @@ async fn reports_with_the_jobs_token_update_its_progress() {
             JobStatus::default()
         );
     }
+}
+
+#[test]
+fn a_checkpoint_reported_as_the_best_is_recorded_and_a_later_plain_one_keeps_it() {
+    let mut s = JobStatus::default();
+    let checkpoint = |iteration, best: Option<f64>| ProgressReport {
+        event: Some(Event::Checkpoint(CheckpointWritten {
+            iteration,
+            path: format!("/ckpt/{iteration}"),
+            best_metric: best.map(|_| "knn_top1_k20".to_string()),
+            best_value: best,
+        })),
+        ..Default::default()
+    };
+    let now = Timestamp::from_second(1_700_000_000).unwrap();
+    apply_report(&mut s, &checkpoint(10, None), now);
+    assert_eq!(s.best_checkpoint, None);
+    apply_report(&mut s, &checkpoint(20, Some(61.5)), now);
+    apply_report(&mut s, &checkpoint(30, None), now);
+    let best = s.best_checkpoint.clone().unwrap();
+    assert_eq!(
+        (
+            best.iteration,
+            best.path.as_str(),
+            best.metric.as_str(),
+            best.value
+        ),
+        (20, "/ckpt/20", "knn_top1_k20", 61.5)
+    );
+    assert_eq!(s.last_checkpoint.as_ref().unwrap().iteration, 30);
+    // The progress writer owns it; the controller's writes leave it alone.
+    assert_eq!(progress_fields(&s).best_checkpoint, Some(best));
+    assert_eq!(
+        crate::controller::apply::controller_fields(&s).best_checkpoint,
+        None
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tch::Tensor;
 
+use super::best::{self, BestCheckpoint};
 use super::manifest::{self, FORMAT, FileEntry, MANIFEST_FILE, Manifest, ShardRef};
 use super::shard::{self, ShardHeader, ShardSnapshot, split_replicated};
 use super::{CheckpointError, CheckpointReader};
@@ -77,6 +78,21 @@ impl CheckpointManager {
             }
         }
         Ok(manager)
+    }
+
+    /// The best checkpoint recorded so far.
+    pub fn best(&self) -> Result<Option<BestCheckpoint>, CheckpointError> {
+        best::read(&self.root)
+    }
+
+    /// Records `candidate` as the best checkpoint when it beats the current one (rank 0, after
+    /// the checkpoint is sealed); true when it did.
+    pub fn offer_best(&self, candidate: &BestCheckpoint) -> Result<bool, CheckpointError> {
+        if !candidate.beats(self.best()?.as_ref()) {
+            return Ok(false);
+        }
+        best::write(&self.root, candidate)?;
+        Ok(true)
     }
 
     pub fn root(&self) -> &Path {
@@ -327,11 +343,13 @@ impl CheckpointManager {
 
     /// Keeps the `keep_last` newest checkpoints up to and including `newest`; newer
     /// directories (left from an earlier attempt) are not this prune's business.
+    /// The best checkpoint (`best.json`) is kept on top of them, however old.
     fn prune(&self, newest: u64) -> Result<(), CheckpointError> {
+        let best = best::read(&self.root)?.map(|b| b.iteration);
         let older: Vec<PathBuf> = self
             .listed()?
             .into_iter()
-            .filter(|(it, _)| *it <= newest)
+            .filter(|(it, _)| *it <= newest && Some(*it) != best)
             .map(|(_, p)| p)
             .collect();
         let excess = older.len().saturating_sub(self.keep_last);
@@ -581,6 +599,46 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["ckpt-000000003", "ckpt-000000004"]);
+    }
+
+    #[test]
+    fn the_best_checkpoint_is_kept_past_keep_last_until_beaten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = CheckpointManager::open(dir.path(), 2).unwrap();
+        let best = |iteration, value| BestCheckpoint {
+            iteration,
+            metric: "knn_top1_k20".into(),
+            value,
+        };
+        let names = || {
+            let mut n: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ckpt-"))
+                .collect();
+            n.sort();
+            n
+        };
+        mgr.save(&snapshot(1)).unwrap();
+        assert!(mgr.offer_best(&best(1, 60.0)).unwrap());
+        for it in [2, 3, 4] {
+            mgr.save(&snapshot(it)).unwrap();
+            assert!(!mgr.offer_best(&best(it, 50.0)).unwrap());
+        }
+        assert_eq!(
+            names(),
+            ["ckpt-000000001", "ckpt-000000003", "ckpt-000000004"]
+        );
+        mgr.save(&snapshot(5)).unwrap();
+        assert!(mgr.offer_best(&best(5, 61.0)).unwrap());
+        assert_eq!(mgr.best().unwrap().unwrap().iteration, 5);
+        // 1 is no longer the best: pruned at the next save like any other (the best, 5, is
+        // kept on top of the two newest others).
+        mgr.save(&snapshot(6)).unwrap();
+        assert_eq!(
+            names(),
+            ["ckpt-000000004", "ckpt-000000005", "ckpt-000000006"]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! time; after all ranks are done, rank 0 seals the manifest over every shard. A reader
 //! ([`CheckpointReader`]) serves any range of any tensor from whichever shards cover it, so
 //! a run resumes under another world size or sharding (`reader`).
+mod best;
 pub mod chunk;
 mod manager;
 pub mod manifest;
@@ -16,6 +17,7 @@ mod tensor_file;
 
 use std::path::{Path, PathBuf};
 
+pub use best::BestCheckpoint;
 pub use chunk::{Chunk, ChunkSource};
 pub use manager::{CheckpointManager, Rejected, Scan, Snapshot, VerifiedCheckpoint, verify};
 pub use manifest::Manifest;

@@ -112,6 +112,7 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
         | JobError::Env(_)
         | JobError::World(WorldError::Env(_))
         | JobError::RanksDisagree { .. }
+        | JobError::Mapping(_)
         | JobError::Init(_) => PERMANENT_FAILURE,
         JobError::World(WorldError::Rendezvous(_))
         | JobError::Signals(_)
@@ -134,7 +135,7 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
         }
         JobError::Resume(_) => RETRYABLE,
         JobError::Loop(LoopError::NonFiniteLoss { .. }) => NON_FINITE_LOSS,
-        JobError::Loop(LoopError::Restore { .. }) => PERMANENT_FAILURE,
+        JobError::Loop(LoopError::Restore { .. } | LoopError::Divergence(_)) => PERMANENT_FAILURE,
         JobError::Loop(_) => RETRYABLE,
     }
 }

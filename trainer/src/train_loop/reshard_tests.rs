@@ -310,6 +310,8 @@ fn rank_leg(
             flops_per_image: None,
             peak_flops: None,
             phases: Vec::new(),
+            skip_diverged_data: false,
+            best_metric: None,
         },
         checkpoints: ckpts,
         metrics: &metrics,

@@ -103,12 +103,16 @@ impl BatchSource for Data {
         8
     }
     fn position(&self) -> serde_json::Value {
-        serde_json::json!({ "next": self.next })
+        serde_json::json!({ "next": self.next, "samples": self.next * 8 })
     }
     fn seek(&mut self, p: &serde_json::Value) -> Result<(), StepError> {
-        self.next = p["next"]
-            .as_u64()
-            .ok_or_else(|| StepError("bad position".into()))?;
+        // The sample count wins, as in the real loader (a divergence skip moves only it).
+        self.next = match p["samples"].as_u64() {
+            Some(samples) => samples / 8,
+            None => p["next"]
+                .as_u64()
+                .ok_or_else(|| StepError("bad position".into()))?,
+        };
         Ok(())
     }
 }
@@ -143,6 +147,8 @@ fn settings(total: u64) -> LoopSettings {
         flops_per_image: Some(1e3),
         peak_flops: Some(1e9),
         phases: Vec::new(),
+        skip_diverged_data: false,
+        best_metric: None,
     }
 }
 
@@ -153,6 +159,17 @@ struct Run {
 }
 
 fn run(dir: &std::path::Path, total: u64, model: Toy, resume: bool, stop: bool) -> Run {
+    run_with(dir, total, model, resume, stop, false)
+}
+
+fn run_with(
+    dir: &std::path::Path,
+    total: u64,
+    model: Toy,
+    resume: bool,
+    stop: bool,
+    skip_diverged_data: bool,
+) -> Run {
     let mut model = model;
     let mut data = Data { seed: 3, next: 0 };
     let ckpts = CheckpointManager::open(dir.join("checkpoints"), 10).unwrap();
@@ -163,7 +180,10 @@ fn run(dir: &std::path::Path, total: u64, model: Toy, resume: bool, stop: bool) 
         model: &mut model,
         data: &mut data,
         schedules: &schedules,
-        settings: settings(total),
+        settings: LoopSettings {
+            skip_diverged_data,
+            ..settings(total)
+        },
         checkpoints: &ckpts,
         metrics: &metrics,
         jsonl: &mut jsonl,
@@ -254,6 +274,78 @@ fn a_non_finite_loss_stops_with_the_last_finite_values() {
         }
         other => panic!("expected NonFiniteLoss, got {other}"),
     }
+}
+
+/// The samples the newest checkpoint in `dir` resumes from.
+fn checkpoint_samples(dir: &std::path::Path) -> (u64, u64) {
+    let ckpts = CheckpointManager::open(dir.join("checkpoints"), 10).unwrap();
+    let c = ckpts.latest_verified().unwrap().unwrap();
+    let p = CheckpointReader::open(&c)
+        .unwrap()
+        .json("data_position")
+        .unwrap()
+        .unwrap();
+    (c.manifest.iteration, p["samples"].as_u64().unwrap())
+}
+
+#[test]
+fn a_divergence_rollback_resumes_before_it_and_skips_its_data_window() {
+    let diverged = tempfile::tempdir().unwrap();
+    let mut model = Toy::new();
+    model.poison_at = Some(6); // iteration 5 (0-based); the checkpoint before it is at 4
+    let r = run(diverged.path(), 10, model, false, false);
+    assert!(matches!(
+        r.outcome,
+        Err(LoopError::NonFiniteLoss { iteration: 5, .. })
+    ));
+    let records = divergence::load(&diverged.path().join("checkpoints")).unwrap();
+    assert_eq!(
+        records,
+        [divergence::Divergence {
+            iteration: 5,
+            samples_end: 6 * 8
+        }]
+    );
+    let copy = tempfile::tempdir().unwrap();
+    let cp = |to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(diverged.path().join("checkpoints"))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    cp(copy.path());
+    let plain = tempfile::tempdir().unwrap();
+    cp(plain.path());
+
+    // Rollback on: iterations 4..10 train on batches 6..12, skipping batches 4 and 5.
+    let a = run_with(diverged.path(), 10, Toy::new(), true, false, true);
+    assert_eq!(a.outcome.unwrap(), Outcome::Finished { iteration: 10 });
+    assert_eq!(checkpoint_samples(diverged.path()), (10, 12 * 8));
+    let skip: Vec<_> = a
+        .jsonl
+        .iter()
+        .filter(|l| l["type"] == "divergence_skip")
+        .collect();
+    assert_eq!(skip.len(), 1);
+    assert_eq!(
+        (
+            &skip[0]["checkpoint_iteration"],
+            &skip[0]["diverged_at"],
+            &skip[0]["from_sample"],
+            &skip[0]["to_sample"]
+        ),
+        (&4.into(), &5.into(), &32.into(), &48.into())
+    );
+    // Deterministic: the same records and checkpoint give the same weights, bit for bit.
+    let b = run_with(copy.path(), 10, Toy::new(), true, false, true);
+    assert!(a.model.student.equal(&b.model.student));
+    // Off (the default): the records are ignored and the window is trained again.
+    let c = run_with(plain.path(), 10, Toy::new(), true, false, false);
+    assert_eq!(checkpoint_samples(plain.path()), (10, 10 * 8));
+    assert!(!a.model.student.equal(&c.model.student));
 }
 
 #[test]

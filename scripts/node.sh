@@ -62,7 +62,8 @@ bin() {
   printf '%s\n' "$BIN/$1"
 }
 kubectl_admin() { "$(bin kubectl)" --kubeconfig "$DIR/kubeconfig" --request-timeout=10s "$@"; }
-ctr_node() { "$(bin ctr)" -a "unix://$SOCK" -n k8s.io "$@"; }
+# ctr 2.4 takes the socket as a plain absolute path ("unix://PATH" fails its stat check).
+ctr_node() { "$(bin ctr)" -a "$SOCK" -n k8s.io "$@"; }
 
 # --- processes (as in cluster.sh: a pid is ours only while its command line names our dir) ---
 
@@ -253,7 +254,7 @@ cmd_import() {
   local f
   for f in "${FILES[@]}"; do
     [[ -f "$f" ]] || die "no such image archive: $f"
-    # ctr needs the socket as an absolute unix:// address (a relative one fails).
+    # ctr 2.4 wants the absolute socket path itself (see ctr_node).
     ctr_node images import --snapshotter overlayfs "$f" >&2
   done
 }
@@ -359,6 +360,8 @@ disabled_plugins = [
       runtime_type = "io.containerd.runc.v2"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         BinaryName = "$RUNC"
+        # runc's state per node, not in the host-wide /run/containerd/runc.
+        Root = "$N/runc"
         SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["$BIN/cni"]
@@ -508,8 +511,10 @@ cmd_up() {
     return 0
   fi
   cmd_down 2>/dev/null || true
+  # Any failure from here on (set -e included) leaves nothing behind.
+  trap 'rc=$?; if [[ $rc -ne 0 ]]; then cmd_down >&2 || true; fi' EXIT
   local start=$SECONDS
-  mkdir -p "$N/pki" "$LOGS" "$PIDS"
+  mkdir -p "$N/pki" "$LOGS" "$PIDS" "$N/kubelet" "$N/coredns"
   chmod 700 "$N/pki"
   pause_image
 
@@ -623,6 +628,8 @@ cmd_down() {
     fi
   done
   unmount_all
+  # The shims' socket dir is fixed (/run/containerd/s); remove it only when no other node uses it.
+  rmdir /run/containerd/s /run/containerd 2>/dev/null || true
   if [[ -n "$BRIDGE" ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then
     # Deleting the bridge leaves the veths of pods whose sandbox was never stopped: remove them.
     local veth

@@ -92,21 +92,16 @@ impl RealNode {
     /// Stops the node and removes what it left on the host, reporting failure.
     pub fn stop(mut self) -> Result<(), HarnessError> {
         self.running = false;
-        run_node_script(
-            "down",
-            [OsStr::new("--dir"), self.cluster_dir.as_os_str()],
-        )
-        .map(|out| eprint!("{out}"))
+        run_node_script("down", [OsStr::new("--dir"), self.cluster_dir.as_os_str()])
+            .map(|out| eprint!("{out}"))
     }
 }
 
 impl Drop for RealNode {
     fn drop(&mut self) {
         if self.running
-            && let Err(err) = run_node_script(
-                "down",
-                [OsStr::new("--dir"), self.cluster_dir.as_os_str()],
-            )
+            && let Err(err) =
+                run_node_script("down", [OsStr::new("--dir"), self.cluster_dir.as_os_str()])
         {
             eprintln!("stopping the real node failed: {err}");
         }

@@ -4,6 +4,7 @@
 //! talk TCP, and `kubectl logs`/`exec` reach them through the kubelet's authenticated API;
 //! `down` leaves no bridge, cgroup, mount or process.
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dinoflow_e2e::{REAL_NODE_NAME, RealNode, TestCluster, processes_mentioning, wait_for};
@@ -119,7 +120,10 @@ fn two_gang_pods_on_a_real_node_resolve_each_other_by_dns_and_talk_tcp() {
     eprintln!("both pods Running after {:.1?}: {ips:?}", applied.elapsed());
     assert_ne!(ips[0], ips[1], "each pod has its own IP");
     for ip in &ips {
-        assert!(ip.starts_with(&prefix), "{ip} is not in the node's {subnet}");
+        assert!(
+            ip.starts_with(&prefix),
+            "{ip} is not in the node's {subnet}"
+        );
     }
 
     // The client found gang-0 through CoreDNS and sent; the server printed it: `kubectl logs`
@@ -143,10 +147,18 @@ fn two_gang_pods_on_a_real_node_resolve_each_other_by_dns_and_talk_tcp() {
 
     // `kubectl exec`: the Service's name resolves to both pods, the short name through the
     // pod's search path, and the resolver is the node's CoreDNS.
-    let exec = |cmd: &str| kubectl(&cluster, &["exec", "-n", &ns, "gang-1", "--", "sh", "-c", cmd]);
+    let exec = |cmd: &str| {
+        kubectl(
+            &cluster,
+            &["exec", "-n", &ns, "gang-1", "--", "sh", "-c", cmd],
+        )
+    };
     let service = exec(&format!("nslookup {SERVICE}.{ns}.svc.cluster.local"));
     for ip in &ips {
-        assert!(service.contains(ip.as_str()), "{SERVICE} resolves to {service}");
+        assert!(
+            service.contains(ip.as_str()),
+            "{SERVICE} resolves to {service}"
+        );
     }
     let resolv = exec("cat /etc/resolv.conf");
     assert!(
@@ -160,6 +172,16 @@ fn two_gang_pods_on_a_real_node_resolve_each_other_by_dns_and_talk_tcp() {
     let routes = exec("ip route");
     assert!(!routes.contains("default"), "pod routes: {routes}");
 
+    // logs and exec went through the kubelet's API with the API server's certificate; an
+    // anonymous caller is refused.
+    let port = node.env("KUBELET_PORT").expect("KUBELET_PORT");
+    let anonymous = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("https://127.0.0.1:{port}/pods"))
+        .output()
+        .expect("curl runs");
+    assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "401");
+
     kubectl(&cluster, &["delete", "namespace", &ns, "--wait=false"]);
     node.stop().expect("node down");
     assert!(
@@ -167,7 +189,9 @@ fn two_gang_pods_on_a_real_node_resolve_each_other_by_dns_and_talk_tcp() {
         "bridge {bridge} left behind"
     );
     assert!(
-        !Path::new("/sys/fs/cgroup/memory").join(cgroup_root.trim_start_matches('/')).exists(),
+        !Path::new("/sys/fs/cgroup/memory")
+            .join(cgroup_root.trim_start_matches('/'))
+            .exists(),
         "cgroup {cgroup_root} left behind"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -177,6 +201,10 @@ fn two_gang_pods_on_a_real_node_resolve_each_other_by_dns_and_talk_tcp() {
         node_dir.display()
     );
     assert!(!node_dir.exists(), "{} left behind", node_dir.display());
-    assert_eq!(processes_mentioning(&node_dir), Vec::<u32>::new(), "node processes left");
+    assert_eq!(
+        processes_mentioning(&node_dir),
+        Vec::<u32>::new(),
+        "node processes left"
+    );
     eprintln!("test took {:.1?}", test_start.elapsed());
 }

@@ -208,6 +208,14 @@ make_pki() {
   touch "$PKI/.complete"
 }
 
+# The API server's client certificate for kubelets (logs, exec, port-forward): a real node
+# (scripts/node.sh) then authenticates it by certificate and authorizes it by webhook instead of
+# allowing anonymous access. Made apart from make_pki so that clusters created before it get it.
+make_kubelet_client_cert() {
+  [[ -f "$PKI/apiserver-kubelet-client.crt" ]] && return 0
+  sign_cert apiserver-kubelet-client "/O=dinoflow:kubelet-api/CN=kube-apiserver-kubelet-client" clientAuth
+}
+
 # write_kubeconfig FILE USER CERT_NAME SERVER
 write_kubeconfig() {
   local file=$1 user=$2 cert=$3 server=$4
@@ -292,6 +300,7 @@ cmd_up() {
   chmod 700 "$DIR/etcd"
   if [[ "$EPHEMERAL" == true ]]; then touch "$DIR/.ephemeral"; fi
   make_pki
+  make_kubelet_client_cert
 
   exec 9>"$PORT_LOCK"
   flock -w 300 9 || die "could not take the port lock $PORT_LOCK within 300 s"
@@ -335,7 +344,9 @@ EOF
     --requestheader-extra-headers-prefix X-Remote-Extra- \
     --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --profiling=false \
-    --endpoint-reconciler-type none
+    --endpoint-reconciler-type none \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" --kubelet-certificate-authority "$PKI/ca.crt"
   if [[ -n "$OWNER_PID" ]]; then start_watchdog; fi
 
   wait_listening etcd "$etcd_port"
@@ -399,6 +410,8 @@ cmd_down() {
   mkdir -p "$PIDS"
   # Watchdog first so it does not race us; then the reverse of the start order.
   stop_component watchdog
+  # A real node beside the cluster (scripts/node.sh) goes first: its pods, mounts, bridge, cgroups.
+  if [[ -d "$DIR/node" ]]; then bash "$ROOT/scripts/node.sh" down --dir "$DIR" || log "node down failed (see above)"; fi
   for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_component "$c"; done
   if [[ -f "$DIR/.ephemeral" ]]; then
     rm -rf -- "$DIR"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything Dinoflow needs on this machine, from nothing or from a previous run:
 #   Debian packages, the Python venv with torch (libtorch for tch), the Rust toolchain pieces,
-#   and the control-plane binaries (etcd, kube-apiserver, ...) plus helm built from source.
+#   and the control-plane binaries (etcd, kube-apiserver, ...) plus helm built from source, and
+#   the real node's (kubelet, containerd, CNI plugins, CoreDNS: scripts/build-node.sh).
 # Idempotent: each step checks a stamp or the installed state first, so a second run takes
 # seconds. Prints what it does; exits non-zero with the failing step named.
 #   scripts/setup.sh
@@ -29,6 +30,9 @@ step() {
 # and health checks, shellcheck for the script lint in scripts/test.sh, prometheus for
 # promtool (the alert rules' checks and tests in tests/tests/observability.rs).
 APT_PACKAGES=(protobuf-compiler dataset-fashion-mnist openssl curl shellcheck prometheus)
+# The real node (scripts/node.sh): runc runs its containers, buildah builds the pause and test
+# images, busybox-static is the test image's shell, iproute2 makes the CNI bridge.
+APT_PACKAGES+=(runc buildah busybox-static iproute2)
 # Node.js and npm install and run the dashboard schema check (npm_packages below); a Node.js
 # already on the PATH (e.g. from NodeSource) is used as it is.
 if ! command -v npm >/dev/null; then
@@ -137,4 +141,5 @@ step "Python venv" python_venv
 step "Rust toolchain" rust_toolchain
 step "npm packages" npm_packages
 step "control plane" control_plane
+step "real node" bash "$ROOT/scripts/build-node.sh"
 log "done in $((SECONDS - start)) s; now: source scripts/env.sh"

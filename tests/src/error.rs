@@ -16,6 +16,9 @@ pub enum HarnessError {
         output: String,
     },
 
+    #[error("scripts/node.sh {command} failed:\n{output}")]
+    NodeScript { command: String, output: String },
+
     #[error("kubectl {args} failed ({status}):\n{stderr}")]
     Kubectl {
         args: String,

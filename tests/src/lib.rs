@@ -14,6 +14,7 @@ mod invalid;
 mod kubectl;
 mod paths;
 mod prometheus;
+mod real_node;
 
 pub use apply::{apply_object, parse_manifests};
 pub use binaries::build_workspace_binary;
@@ -26,3 +27,4 @@ pub use paths::{
     CACHE_ENV, cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
 };
 pub use prometheus::{Prometheus, url_encode};
+pub use real_node::{REAL_NODE_NAME, RealNode, node_script};

@@ -1,0 +1,3 @@
+module dinoflow.dev/pause
+
+go 1.26.0

@@ -29,7 +29,7 @@ BIN="${CARGO_TARGET_DIR:-target}/debug/examples/step_bench"
 OFFICIAL_OPTS=(student.arch=vit_small crops.global_crops_size=98 crops.local_crops_size=42
   dino.head_n_prototypes=16384 ibot.head_n_prototypes=16384 compute_precision.grad_scaler=false)
 machine() {
-  echo "machine: $(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+  echo "machine: $(getconf _NPROCESSORS_ONLN) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
 }
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 for ((r = 1; r <= ROUNDS; r++)); do

@@ -257,7 +257,7 @@ fn main() -> Result<(), String> {
         "backbone_params_M": round(backbone_params as f64 / 1e6, 1),
         "step_s_median": round(med, 4),
         "step_s_min": round(times[0], 4),
-        "images_per_s": round(images_per_s, 1),
+        "images_per_s": round(images_per_s, 3),
         "peak_mem_GiB": peak.map(|b| round(b as f64 / f64::from(1u32 << 30), 2)),
         "peak_mem_kind": if device.is_cuda() { "cuda used (cuMemGetInfo)" } else { "peak RSS" },
         "flops_per_image_G": round(flops / 1e9, 2),

@@ -216,7 +216,9 @@ fn main() -> Result<(), String> {
         if it >= a.warmup {
             times.push(dt);
             if let Some(p) = arch.last_step_phases {
-                phases.push([p.forward, p.backward, p.communication, p.optimizer].map(|d| d.as_secs_f64()));
+                phases.push(
+                    [p.forward, p.backward, p.communication, p.optimizer].map(|d| d.as_secs_f64()),
+                );
             }
         }
     }

@@ -38,7 +38,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     --warmup "$WARMUP" --threads 1 --clock "$CLOCK")"
   echo "$d"
   machine
-  o="$(CUDA_VISIBLE_DEVICES= OFFICIAL_CLOCK="$CLOCK" python3 bench/cpu_step/official_cpu.py "$TIMER" \
+  o="$(CUDA_VISIBLE_DEVICES='' OFFICIAL_CLOCK="$CLOCK" python3 bench/cpu_step/official_cpu.py "$TIMER" \
     --ref "$REF" --config vitl14 --batch 8 --steps "$STEPS" --warmup "$WARMUP" \
     --opts "${OFFICIAL_OPTS[@]}" 2>/dev/null | tail -1)"
   echo "$o"

@@ -113,7 +113,7 @@ for r in $RECIPES; do
   [[ -n "$d" ]] && echo "$d"
   # shellcheck disable=SC2046
   if [[ -n "$DRY" ]]; then
-    o="$(CUDA_VISIBLE_DEVICES= "$PY" bench/cpu_step/official_cpu.py "$TIMER" --ref .ref --steps "$STEPS" \
+    o="$(CUDA_VISIBLE_DEVICES='' "$PY" bench/cpu_step/official_cpu.py "$TIMER" --ref .ref --steps "$STEPS" \
       --warmup "$WARMUP" $(official_args "$preset" "$batch") 2>"$WORK/o.err" | tail -1)" || o=""
   else
     o="$("$PY" bench/official/official_gpu.py "$TIMER" --ref .ref --steps "$STEPS" --warmup "$WARMUP" \

@@ -35,8 +35,11 @@ if [[ "${1:-}" == "prepare" ]]; then
     exit 1
   fi
   mkdir -p .whl
-  python3 -m pip download -q --no-deps -d .whl omegaconf antlr4-python3-runtime==4.9.3 fvcore iopath \
-    yacs termcolor tabulate portalocker pyyaml
+  # The list of ../shared/bench/README.md (xformers left out: bench/official/xformers_stub.py);
+  # omegaconf 2.3 is the release that pairs with antlr 4.9.3; setuptools and wheel let pip build
+  # the sdists among them (fvcore, iopath, antlr) offline.
+  python3 -m pip download -q --no-deps -d .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 fvcore \
+    iopath yacs termcolor tabulate portalocker tqdm setuptools wheel packaging
   du -sh .gpu .ref .whl
   echo "carry: .gpu .ref .whl (64 MiB at most in all)"
   exit 0
@@ -61,8 +64,13 @@ else
   # CUDA (its CUDA hooks register when that library loads): load it first.
   export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+:$LD_PRELOAD}"
   # The official code's pure-Python dependencies, from the carried wheels (nothing outside).
+  # Not fatal: without them the official lines report the import error, Dinoflow's still run.
   if ! "$PY" -c 'import omegaconf, fvcore, iopath' 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --find-links .whl omegaconf fvcore iopath
+    # --no-deps: resolution would fail offline on anything the device has at another version;
+    # numpy and PyYAML are taken from the device (the official code needs them anyway).
+    "$PY" -m pip install -q --no-index --no-deps --find-links .whl omegaconf antlr4-python3-runtime \
+      fvcore iopath yacs termcolor tabulate portalocker tqdm ||
+      echo "step.sh: installing the official code's dependencies from .whl failed" >&2
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi

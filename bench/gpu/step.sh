@@ -111,9 +111,10 @@ status=0
 for r in $RECIPES; do
   preset="${r%%:*}" batch="${r##*:}"
   cfg="$(dinoflow_config "$preset" "$batch")"
-  dev=()
-  [[ -n "$DRY" ]] && dev=(env DINOFLOW_BENCH_DEVICE=cpu)
-  d="$("${dev[@]}" "$BIN" --config "$cfg" --steps "$STEPS" --warmup "$WARMUP" 2>"$WORK/d.err" | tail -1)" || {
+  dev=() threads=()
+  # Dry run: the CPU, one thread, as official_cpu.py runs the official side.
+  [[ -n "$DRY" ]] && dev=(env DINOFLOW_BENCH_DEVICE=cpu) threads=(--threads 1)
+  d="$("${dev[@]}" "$BIN" --config "$cfg" --steps "$STEPS" --warmup "$WARMUP" "${threads[@]}" 2>"$WORK/d.err" | tail -1)" || {
     echo "{\"impl\": \"dinoflow\", \"recipe\": \"$preset\", \"error\": $(tail -c 2000 "$WORK/d.err" | "$PY" -c 'import json,sys;print(json.dumps(sys.stdin.read()))')}"
     status=1
     d=""

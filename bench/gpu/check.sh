@@ -9,6 +9,7 @@
 #     64 MiB fp32 all-reduce (trainer/examples/gpu_check.rs);
 # (3) TODO(helper "shard", issue 10 item 2): one SHARD_GRAD_OP training step of ViT-S/14 on
 #     CUDA. Sharding is not merged on this branch; add the step here once it is.
+# The training-step benchmark against the official code is bench/gpu/step.sh (issue 11).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/env.sh
@@ -26,6 +27,10 @@ plan() {
 }
 if [[ -n "${DRY_RUN:-}" ]]; then plan; exit 0; fi
 [[ "${GPUS}" -ge 1 ]] || { echo "no GPU visible to nvidia-smi" >&2; exit 1; }
+# The --as-needed link drops libtorch_cuda.so (no symbol of it is referenced), and without it
+# libtorch sees no CUDA: preload it, as bench/gpu/step.sh (the step benchmark) does.
+TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+:$LD_PRELOAD}"
 plan
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 cargo build -q -p dinoflow-trainer --example gpu_check

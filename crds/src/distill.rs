@@ -89,7 +89,7 @@ pub mod teacher_rules {
         check: fn(&TeacherSource) -> bool,
     }
 
-    const RULES: [Rule; 5] = [
+    const RULES: [Rule; 6] = [
         Rule {
             field: "teacher",
             message: "set exactly one of teacher.pretrainJob or teacher.checkpoint",
@@ -125,6 +125,12 @@ pub mod teacher_rules {
                 t.model.is_none()
                     || matches!(&t.checkpoint, Some(c) if c.format == CheckpointFormat::OfficialPth)
             },
+        },
+        Rule {
+            field: "teacher.model.activationCheckpointing",
+            message: "must be false: the frozen teacher runs without gradients, and activation checkpointing is not supported (see training.model.activationCheckpointing); remove it",
+            cel: "!has(self.model) || !has(self.model.activationCheckpointing) || !self.model.activationCheckpointing",
+            check: |t| t.model.as_ref().is_none_or(|m| !m.activation_checkpointing),
         },
     ];
 

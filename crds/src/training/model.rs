@@ -100,6 +100,12 @@ pub struct ModelConfig {
     /// sharding unit (official `student.block_chunks`: one FSDP unit per `BlockChunk`); 0
     /// means no chunking: the whole backbone is one unit. At most the depth.
     pub block_chunks: u32,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (activation checkpointing, to trade compute for memory). Not supported: only `false` is
+    /// accepted (the default; the official DINOv2 training has no such option either).
+    /// Recomputing inside backward needs custom autograd functions or hooks, which libtorch's
+    /// Rust binding (tch) does not expose; memory is saved with `SHARD_GRAD_OP` and fp16/bf16.
+    pub activation_checkpointing: bool,
     /// Bias in the attention qkv projection (official `student.qkv_bias`).
     pub qkv_bias: bool,
     /// Bias in the attention output projection (official `student.proj_bias`).
@@ -138,6 +144,7 @@ impl Default for ModelConfig {
             pretrained_weights: String::new(),
             ffn_layer: FfnLayer::Mlp,
             block_chunks: 0,
+            activation_checkpointing: false,
             qkv_bias: true,
             proj_bias: true,
             ffn_bias: true,

@@ -24,6 +24,9 @@ const MODULES: [&str; 6] = [
 /// Why `FULL_SHARD` is refused (the trainer's own check says the same).
 pub const FULL_SHARD_REFUSAL: &str = "FULL_SHARD is not supported: it frees each unit's parameters between uses and re-gathers them inside backward, which needs autograd hooks libtorch's Rust binding does not have (SHARD_GRAD_OP shards the gradients and AdamW state, the bulk of the memory, and keeps parameters gathered)";
 
+/// Why `model.activationCheckpointing` is refused.
+pub const ACTIVATION_CHECKPOINTING_REFUSAL: &str = "must be false: activation checkpointing is not supported, because recomputing a block's activations inside the backward pass needs custom autograd functions or autograd hooks, which libtorch's Rust binding (tch) does not expose";
+
 /// (param, reduce, buffer) dtype of the six modules, in [`MODULES`] order.
 fn module_dtypes(c: &TrainingConfig, pick: fn((Dtype, Dtype, Dtype)) -> Dtype) -> Vec<Dtype> {
     c.precision.module_dtypes().into_iter().map(pick).collect()
@@ -643,6 +646,13 @@ pub fn rules() -> Vec<Rule> {
                 (c.data.split != DatasetSplit::Train && c.data.kind != DatasetKind::Imagenet)
                     .then(|| format!("{:?} with kind {:?}", c.data.split, c.data.kind))
             },
+        },
+        Rule {
+            field: "model.activationCheckpointing",
+            constraint: ACTIVATION_CHECKPOINTING_REFUSAL,
+            fix: "remove it or set it to false; to save memory use sharding.student.*: SHARD_GRAD_OP and fp16/bf16 param dtypes",
+            cel: || format!("!{}", eff("model.activationCheckpointing")),
+            check: |c| c.model.activation_checkpointing.then(|| "true".into()),
         },
         Rule {
             field: "data.cacheDataset",

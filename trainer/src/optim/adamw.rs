@@ -314,7 +314,11 @@ fn update_one(cfg: &AdamWConfig, s: &mut Slot, grad: &Tensor) {
     let bias_correction2 = 1.0 - cfg.beta2.powf(step);
     let step_size = -(s.lr / bias_correction1);
     let bias_correction2_sqrt = bias_correction2.powf(0.5);
-    let denom = st.exp_avg_sq.sqrt() / bias_correction2_sqrt + cfg.eps;
+    // In place on the one new tensor: the same kernels and roundings as
+    // `sqrt(v) / c + eps`, without two more parameter-sized allocations per update.
+    let mut denom = st.exp_avg_sq.sqrt();
+    let _ = denom.g_div_scalar_(bias_correction2_sqrt);
+    let _ = denom.g_add_scalar_(cfg.eps);
     // addcdiv(p, m, d, value=c) computes p + (c·m)/d; same trick as above.
     let _ = s.param.addcdiv_(&(&st.exp_avg * step_size), &denom);
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod cuda_backend;
 pub mod curriculum;
 pub mod data;
 pub mod dist;

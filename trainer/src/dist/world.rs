@@ -105,6 +105,14 @@ impl World {
 
 /// CUDA device `local_rank` (modulo the node's GPUs) when CUDA is there, else the CPU.
 fn device_for(local_rank: usize) -> Device {
+    match crate::cuda_backend::load() {
+        crate::cuda_backend::CudaBackend::Unavailable(why) => tracing::warn!(
+            "an NVIDIA driver is present but {} could not be loaded ({why}): training on the CPU; \
+             put the torch install's lib directory on LD_LIBRARY_PATH",
+            crate::cuda_backend::LIBRARY
+        ),
+        crate::cuda_backend::CudaBackend::Loaded | crate::cuda_backend::CudaBackend::NoDriver => {}
+    }
     if !tch::Cuda::is_available() {
         return Device::Cpu;
     }

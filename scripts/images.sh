@@ -56,7 +56,7 @@ REGISTRY=ghcr.io/dinoflow
 OUT="$DINOFLOW_CACHE/images"
 mkdir -p "$OUT"
 
-SITE="$(ls -d "$DINOFLOW_VENV"/lib/python3*/site-packages 2>/dev/null | head -1)"
+SITE="$(find "$DINOFLOW_VENV"/lib -maxdepth 2 -name site-packages -path '*/python3*' 2>/dev/null | head -1)"
 [[ -d "$SITE/torch/lib" ]] || die "no torch wheel in $DINOFLOW_VENV (run scripts/setup.sh)"
 SITE="$(realpath "$SITE")"
 # Where the wheel's site-packages tree lands in the trainer images (its $ORIGIN rpaths, e.g.
@@ -110,14 +110,15 @@ loaded_libs() {
 # The common part of every rootfs: the binary (stripped of debug info: the dev binaries are
 # 200-350 MB of DWARF), the libraries it loads, the user and a world-writable /tmp.
 stage_base() {
-  local rootfs="$1" binary="$2" lib
+  local rootfs="$1" binary="$2" lib libs
+  libs="$(loaded_libs "$binary")"
   rm -rf "$rootfs"
   mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc" "$rootfs/tmp"
   chmod 1777 "$rootfs/tmp"
   strip --strip-debug -o "$rootfs/usr/local/bin/$(basename "$binary")" "$binary"
   while read -r lib; do
     put "$rootfs" "$lib" "$(image_path "$lib")"
-  done < <(loaded_libs "$binary")
+  done <<<"$libs"
   # uid/gid 1000: the operator's default runAsUser for trainer pods and the chart's for the
   # operator. HOME=/tmp: the one writable place under a read-only root.
   printf 'root:x:0:0:root:/root:/sbin/nologin\ndinoflow:x:1000:1000:dinoflow:/tmp:/sbin/nologin\n' \
@@ -141,6 +142,7 @@ stage_trainer_cpu() {
 # The GPU variant: all of libtorch (but its Python bindings) and the nvidia-* wheels' shared
 # libraries (CUDA runtime, cuBLAS, cuDNN, NCCL, ...; libtorch_cuda and cuDNN open some at run
 # time, so ldd of the binary cannot name them), plus the system libraries all of those load.
+# shellcheck disable=SC2016 # the ldd wrapper's $0 and $1 are its own shell's.
 stage_trainer_gpu() {
   local rootfs="$1" lib
   stage_base "$rootfs" "$BIN_DIR/dinoflow-trainer"

@@ -34,6 +34,9 @@ APT_PACKAGES=(protobuf-compiler dataset-fashion-mnist openssl curl shellcheck pr
 if ! command -v npm >/dev/null; then
   APT_PACKAGES+=(nodejs npm)
 fi
+# buildah builds the container images daemonless (scripts/images.sh); podman runs them in
+# tests/tests/images.rs with runc (crun refuses this machine's hybrid cgroup layout).
+APT_PACKAGES+=(buildah podman runc)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then

@@ -38,6 +38,9 @@ APT_PACKAGES+=(runc buildah busybox-static iproute2)
 if ! command -v npm >/dev/null; then
   APT_PACKAGES+=(nodejs npm)
 fi
+# buildah builds the container images daemonless (scripts/images.sh); podman runs them in
+# tests/tests/images.rs with runc (crun refuses this machine's hybrid cgroup layout).
+APT_PACKAGES+=(buildah podman runc)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then

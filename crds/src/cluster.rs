@@ -245,8 +245,9 @@ pub enum NcclProfile {
         .message("each cluster.volumes entry needs exactly one source: persistentVolumeClaim, hostPath, emptyDir, nfs or csi")
 )]
 pub struct JobVolume {
-    /// Volume name, unique in the pod; `config` and `dshm` are taken by the operator.
-    #[x_kube(validation = Rule::new("self != 'config' && self != 'dshm'").message("cluster.volumes[].name 'config' and 'dshm' are reserved: pick another name"))]
+    /// Volume name, unique in the pod; `config`, `dshm` and `dinoflow-tmp` are taken by the
+    /// operator.
+    #[x_kube(validation = Rule::new("self != 'config' && self != 'dshm' && self != 'dinoflow-tmp'").message("cluster.volumes[].name 'config', 'dshm' and 'dinoflow-tmp' are reserved: pick another name"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
 
@@ -303,7 +304,10 @@ pub struct PodTemplateOverrides {
     /// Pod-level security context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<PodSecurityContext>,
-    /// Security context of the trainer container (e.g. IPC_LOCK for RDMA).
+    /// Security context of the trainer container (e.g. IPC_LOCK for RDMA). Each field set here
+    /// replaces the operator's default: no privilege escalation, all capabilities dropped, and
+    /// a read-only root filesystem with writable scratch at /tmp (an emptyDir, unless a volume
+    /// of the job is mounted there); `readOnlyRootFilesystem: false` drops that scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_security_context: Option<SecurityContext>,
     /// Run the pods in the host network namespace (some RDMA set-ups need it).

@@ -7,6 +7,14 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 
+/// The trainer image of this release (the GPU variant; `scripts/images.sh` builds it with
+/// `--gpu`, and `<this>-cpu` always): the chart's appVersion is the crate version
+/// (tests/tests/images.rs checks both).
+pub const DEFAULT_TRAINER_IMAGE: &str = concat!(
+    "ghcr.io/dinoflow/dinoflow-trainer:",
+    env!("CARGO_PKG_VERSION")
+);
+
 /// How the operator writes its log.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -22,11 +30,7 @@ pub struct Args {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Trainer image for jobs that set no cluster.image.
-    #[arg(
-        long,
-        env = "DINOFLOW_DEFAULT_IMAGE",
-        default_value = "ghcr.io/dinoflow/trainer:latest"
-    )]
+    #[arg(long, env = "DINOFLOW_DEFAULT_IMAGE", default_value = DEFAULT_TRAINER_IMAGE)]
     pub default_image: String,
     /// Address trainers reach the progress endpoint at (DINOFLOW_PROGRESS_ENDPOINT).
     #[arg(

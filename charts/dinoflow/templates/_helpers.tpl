@@ -55,6 +55,11 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* Trainer image of jobs without spec.cluster.image. */}}
+{{- define "dinoflow.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) -}}
+{{- end -}}
+
 {{/* Secret holding the progress key under `key`: the user's, or the one the chart generates. */}}
 {{- define "dinoflow.progressKeySecret" -}}
 {{- default (printf "%s-progress-key" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-") .Values.progressKey.existingSecret -}}

@@ -26,6 +26,13 @@ pub const TRAINER_CONTAINER: &str = "trainer";
 /// the trainer image's non-root user.
 pub const DEFAULT_RUN_AS_USER: i64 = 1000;
 
+/// Volume of the trainer's scratch at [`SCRATCH_DIR`] under a read-only root filesystem (an
+/// emptyDir; the CRD reserves the name).
+pub const SCRATCH_VOLUME: &str = "dinoflow-tmp";
+
+/// Where the trainer container gets writable scratch when its root filesystem is read-only.
+pub const SCRATCH_DIR: &str = "/tmp";
+
 /// Env names that make up the rendezvous contract; user overrides cannot replace them.
 pub const CONTRACT_ENV: [&str; 11] = [
     contract::MASTER_ADDR,
@@ -299,6 +306,15 @@ fn trainer_container(inputs: &PodInputs<'_>, rank: i32) -> Container {
         ..Default::default()
     }));
     let overrides = cluster.pod_template.as_ref();
+    let security_context =
+        trainer_security_context(overrides.and_then(|o| o.container_security_context.as_ref()));
+    if needs_scratch(cluster) {
+        mounts.push(VolumeMount {
+            name: SCRATCH_VOLUME.into(),
+            mount_path: SCRATCH_DIR.into(),
+            ..Default::default()
+        });
+    }
     Container {
         name: TRAINER_CONTAINER.into(),
         image: Some(
@@ -326,9 +342,7 @@ fn trainer_container(inputs: &PodInputs<'_>, rank: i32) -> Container {
             ..Default::default()
         }]),
         resources: (resources != ResourceRequirements::default()).then_some(resources),
-        security_context: Some(container_security_context(
-            overrides.and_then(|o| o.container_security_context.as_ref()),
-        )),
+        security_context: Some(security_context),
         volume_mounts: Some(mounts),
         // The trainer writes its failure reason here; `kubectl describe` and the operator's
         // events show it.
@@ -375,7 +389,33 @@ pub fn container_security_context(user: Option<&SecurityContext>) -> SecurityCon
     context
 }
 
-/// A user's init or sidecar container with the same secure defaults as the trainer.
+/// The trainer container's context: [`container_security_context`] plus a read-only root
+/// filesystem (the trainer writes only to its output directory and, on [`SCRATCH_DIR`], an
+/// emptyDir). `readOnlyRootFilesystem: false` in the user's context turns it off.
+pub fn trainer_security_context(user: Option<&SecurityContext>) -> SecurityContext {
+    let mut context = container_security_context(user);
+    if context.read_only_root_filesystem.is_none() {
+        context.read_only_root_filesystem = Some(true);
+    }
+    context
+}
+
+/// Whether the trainer gets the scratch emptyDir: its root is read-only and no volume of the
+/// job is mounted at [`SCRATCH_DIR`] already.
+fn needs_scratch(cluster: &ClusterSpec) -> bool {
+    let user = cluster
+        .pod_template
+        .as_ref()
+        .and_then(|o| o.container_security_context.as_ref());
+    trainer_security_context(user).read_only_root_filesystem == Some(true)
+        && !cluster
+            .volumes
+            .iter()
+            .any(|v| v.mount_path.trim_end_matches('/') == SCRATCH_DIR)
+}
+
+/// A user's init or sidecar container with the same secure defaults as the trainer (but its
+/// root filesystem: their images are the user's, and may need to write to it).
 fn secured(container: &Container) -> Container {
     Container {
         security_context: Some(container_security_context(
@@ -448,6 +488,13 @@ fn volumes(inputs: &PodInputs<'_>) -> Vec<Volume> {
         csi: v.csi.clone(),
         ..Default::default()
     }));
+    if needs_scratch(cluster) {
+        out.push(Volume {
+            name: SCRATCH_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+    }
     out
 }
 
@@ -634,7 +681,8 @@ mod tests {
             .iter()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(vols, ["config", "dshm", "data"]);
+        // The scratch of the read-only root comes last.
+        assert_eq!(vols, ["config", "dshm", "data", SCRATCH_VOLUME]);
         assert_eq!(
             spec.volumes.as_ref().unwrap()[0]
                 .config_map
@@ -888,6 +936,82 @@ mod tests {
             Some(&["ALL".to_string()][..])
         );
         assert_eq!(c.privileged, None);
+    }
+
+    fn scratch_mounts(pod: &Pod) -> Vec<String> {
+        let spec = pod.spec.as_ref().unwrap();
+        spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.name == SCRATCH_VOLUME)
+            .map(|m| m.mount_path.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_trainer_root_is_read_only_with_scratch_on_an_empty_dir() {
+        let pod = &gang(&ClusterSpec::default(), 0)[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let c = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(c.read_only_root_filesystem, Some(true));
+        assert_eq!(scratch_mounts(pod), [SCRATCH_DIR]);
+        let scratch = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == SCRATCH_VOLUME)
+            .unwrap();
+        assert!(scratch.empty_dir.is_some());
+    }
+
+    #[test]
+    fn a_writable_root_or_a_job_volume_at_tmp_drops_the_scratch() {
+        let writable = ClusterSpec {
+            pod_template: Some(PodTemplateOverrides {
+                container_security_context: Some(SecurityContext {
+                    read_only_root_filesystem: Some(false),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = &gang(&writable, 0)[0];
+        let c = pod.spec.as_ref().unwrap().containers[0]
+            .security_context
+            .as_ref()
+            .unwrap();
+        assert_eq!(c.read_only_root_filesystem, Some(false));
+        assert_eq!(
+            c.allow_privilege_escalation,
+            Some(false),
+            "other defaults stay"
+        );
+        assert!(scratch_mounts(pod).is_empty());
+        let vols = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(vols.iter().all(|v| v.name != SCRATCH_VOLUME));
+
+        let own_tmp = ClusterSpec {
+            volumes: vec![JobVolume {
+                name: "fast-tmp".into(),
+                mount_path: "/tmp/".into(),
+                read_only: false,
+                persistent_volume_claim: None,
+                host_path: None,
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                nfs: None,
+                csi: None,
+            }],
+            ..Default::default()
+        };
+        let pod = &gang(&own_tmp, 0)[0];
+        assert!(scratch_mounts(pod).is_empty(), "one mount at /tmp only");
+        let c = pod.spec.as_ref().unwrap().containers[0]
+            .security_context
+            .as_ref()
+            .unwrap();
+        assert_eq!(c.read_only_root_filesystem, Some(true));
     }
 
     #[test]

@@ -311,9 +311,19 @@ pub fn plan(pod: &Pod, refs: &References, host: &Host) -> Result<Plan, AgentErro
                 .iter()
                 .flatten()
                 .any(|m| m.name == v.name && m.mount_path == "/dev/shm");
+            let mounted_at_tmp = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == v.name && m.mount_path.trim_end_matches('/') == "/tmp");
             if e.medium.as_deref() == Some("Memory") && mounted_at_shm {
                 // Shared memory is what the pod asked for, and the host has it.
                 PathBuf::from("/dev/shm")
+            } else if mounted_at_tmp {
+                // Scratch at /tmp (the operator's, for a read-only root, which the agent does
+                // not apply): the host's own /tmp. Host processes share it, and moving it would
+                // move every path under it, the tests' and the demo's output dirs included.
+                PathBuf::from("/tmp")
             } else {
                 own
             }
@@ -727,6 +737,21 @@ mod tests {
                 .contains(&PathBuf::from("/agent/claims/ml/checkpoints"))
         );
         assert!(plan.dirs.contains(&dir.join("volumes/scratch")));
+    }
+
+    #[test]
+    fn an_empty_dir_at_tmp_is_the_hosts_tmp() {
+        // The operator's scratch for a read-only root: paths under /tmp (the demo's output
+        // dir) must stay the host's, as they were before the operator mounted it.
+        let mut pod = operator_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.containers[0].volume_mounts.as_mut().unwrap()[2].mount_path = "/tmp".into();
+        spec.containers[0].env.as_mut().unwrap()[6].value = Some("/tmp/demo/out".into());
+        let plan = plan(&pod, &refs(), &host()).unwrap();
+        assert_eq!(env_of(&plan)["OUT"], "/tmp/demo/out");
+        assert!(!plan.dirs.contains(&PathBuf::from(
+            "/agent/pods/ml/tiny-a0-0-01234567/volumes/scratch"
+        )));
     }
 
     #[test]

@@ -27,10 +27,6 @@ plan() {
 }
 if [[ -n "${DRY_RUN:-}" ]]; then plan; exit 0; fi
 [[ "${GPUS}" -ge 1 ]] || { echo "no GPU visible to nvidia-smi" >&2; exit 1; }
-# The --as-needed link drops libtorch_cuda.so (no symbol of it is referenced), and without it
-# libtorch sees no CUDA: preload it, as bench/gpu/step.sh (the step benchmark) does.
-TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
-export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+:$LD_PRELOAD}"
 plan
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 cargo build -q -p dinoflow-trainer --example gpu_check

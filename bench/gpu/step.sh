@@ -59,10 +59,7 @@ else
   PY="${PYTHON:-python3}"
   TORCH_LIB="$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
   export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  # The binary is linked with --as-needed and references no libtorch_cuda symbol, so
-  # libtorch_cuda.so is not among its NEEDED libraries (readelf -d) and libtorch would see no
-  # CUDA (its CUDA hooks register when that library loads): load it first.
-  export LD_PRELOAD="$TORCH_LIB/libtorch_cuda.so${LD_PRELOAD:+:$LD_PRELOAD}"
+  # libtorch_cuda.so is found here: the binary opens it at start-up (trainer/src/cuda_backend.rs).
   # The official code's pure-Python dependencies, from the carried wheels (nothing outside).
   # Not fatal: without them the official lines report the import error, Dinoflow's still run.
   if ! "$PY" -c 'import omegaconf, fvcore, iopath' 2>/dev/null; then

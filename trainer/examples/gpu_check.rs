@@ -16,6 +16,8 @@ fn var(name: &str) -> String {
 }
 
 fn main() {
+    // As the trainer does: libtorch sees CUDA only once libtorch_cuda.so is loaded.
+    dinoflow_trainer::cuda_backend::load();
     let rank: usize = var("RANK").parse().unwrap();
     let world: usize = var("WORLD_SIZE").parse().unwrap();
     assert!(

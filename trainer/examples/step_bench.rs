@@ -155,6 +155,8 @@ fn round(x: f64, digits: i32) -> f64 {
 }
 
 fn main() -> Result<(), String> {
+    // As the trainer does: libtorch sees CUDA only once libtorch_cuda.so is loaded.
+    dinoflow_trainer::cuda_backend::load();
     let a = args()?;
     if let Some(n) = a.threads {
         tch::set_num_threads(n);

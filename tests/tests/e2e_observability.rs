@@ -366,6 +366,30 @@ fn kubectl_dinoflow(plugin: &Path, world: &World, args: &[&str]) -> String {
     text
 }
 
+/// On a failed assertion, SIGKILLs the pod's trainer processes (every process whose command
+/// line names the world's directory, where their config lives): the run has hours to go and
+/// the in-process node agent does not outlive the test to end it.
+struct EndTheRunOnPanic(String);
+
+impl Drop for EndTheRunOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&self.0) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 /// Every query of `queries` has data over `[from, now]`, or the deadline passes: the queries
 /// still without data then.
 async fn wait_for_data(
@@ -389,6 +413,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
     let started = std::time::Instant::now();
     let plugin = tokio::task::spawn_blocking(plugin).await.unwrap();
     let world = World::start_with_gpus("e2e-observe", 2).await;
+    let _end_the_run = EndTheRunOnPanic(world.dir.display().to_string());
     // The operator binary sets it once it leads; Leadership::always() leads from the start.
     world.metrics.leader.set(1);
     let operator_port = free_port();

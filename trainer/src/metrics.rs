@@ -894,7 +894,12 @@ mod tests {
         let names: Vec<&str> = line
             .split_once('{')
             .and_then(|(_, r)| r.rsplit_once('}'))
-            .map(|(l, _)| l.split(',').filter_map(|p| p.split_once('=')).map(|(k, _)| k).collect())
+            .map(|(l, _)| {
+                l.split(',')
+                    .filter_map(|p| p.split_once('='))
+                    .map(|(k, _)| k)
+                    .collect()
+            })
             .unwrap();
         let unique: std::collections::BTreeSet<&&str> = names.iter().collect();
         assert_eq!(unique.len(), names.len(), "{line}");

@@ -93,7 +93,9 @@ fn chart_rules() -> String {
     assert_eq!(objects.len(), 1, "one PrometheusRule");
     let rules = serde_yaml_ng::to_string(&objects[0].data["spec"]).unwrap();
     assert!(
-        rules.contains(&format!("changes(dinoflow_trainer_iteration[{STALL_WINDOW}])")),
+        rules.contains(&format!(
+            "changes(dinoflow_trainer_iteration[{STALL_WINDOW}])"
+        )),
         "the chart did not apply prometheusRule.stalledRun.window:\n{rules}"
     );
     rules
@@ -542,6 +544,17 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
             targets.join("\n"),
             prometheus.log()
         );
+    }
+    // And every target is scraped whole now (a sample Prometheus refuses fails the whole
+    // scrape, and panels would then hold only what came before it).
+    let targets = prometheus.targets().unwrap();
+    assert_eq!(
+        targets.len(),
+        2,
+        "the trainer and the operator: {targets:?}"
+    );
+    for t in &targets {
+        assert_eq!(t["health"], "up", "{t}");
     }
     let to = unix_now();
     // The check can fail: a panel of a metric nobody exports, or of another job, has no data.

@@ -8,7 +8,7 @@
 //! binary: nothing else to build, no port to guess, and each test stops its own operator
 //! deterministically. scripts/demo.sh runs the binary. The trainer is built by
 //! `dinoflow_e2e::build_workspace_binary` (cargo, into this test's target directory). The
-//! world itself is in `support/` (shared by the e2e tests that run jobs).
+//! world itself is in `support/` (shared with e2e_observability.rs).
 mod support;
 
 use std::path::PathBuf;

@@ -552,6 +552,45 @@ fn the_prometheus_rule_is_the_plain_rules_file() {
 }
 
 #[test]
+fn the_stalled_run_window_and_delay_are_chart_values() {
+    let objects = render(&[
+        "prometheusRule.enabled=true",
+        "prometheusRule.stalledRun.window=30s",
+        "prometheusRule.stalledRun.for=5s",
+    ]);
+    let spec = &of_kind(&objects, "PrometheusRule")[0].data["spec"];
+    let mut plain: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
+    let stalled = plain["groups"][0]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["alert"] == "DinoflowRunStalled")
+        .unwrap();
+    let expr = stalled["expr"].as_str().unwrap().to_string();
+    assert!(expr.contains("[15m]"), "{expr}");
+    stalled["expr"] = expr.replace("[15m]", "[30s]").into();
+    assert_eq!(stalled["for"], "5m");
+    stalled["for"] = "5s".into();
+    // Only the stalled-run rule changes.
+    assert_eq!(spec, &plain);
+
+    let out = helm(&[
+        "template",
+        "dinoflow",
+        chart().to_str().unwrap(),
+        "--set",
+        "prometheusRule.stalledRun.window=15",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/prometheusRule/stalledRun/window"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn the_pod_monitor_selects_trainer_pods_on_their_metrics_port() {
     use dinoflow_operator::desired::{LABEL_MANAGED_BY, MANAGED_BY, scrape};
     let objects = render(&["trainerMetrics.podMonitor.enabled=true"]);

@@ -239,9 +239,11 @@ impl TrainerMetrics {
             training_state_bytes: GaugeVec::new(
                 opts(
                     "training_state_bytes",
-                    "Gradient and optimizer-state bytes this rank holds (sharded or replicated), by kind",
+                    "Gradient and optimizer-state bytes this rank holds (sharded or replicated), by part",
                 ),
-                &["kind"],
+                // Not `kind`: every series carries the run label `kind` (PretrainJob, ...), and
+                // Prometheus refuses a whole scrape with a label name twice in one sample.
+                &["part"],
             )?,
             device_memory_bytes: GaugeVec::new(
                 opts(
@@ -362,12 +364,12 @@ impl TrainerMetrics {
 
     /// Sets the gradient and optimizer-state gauges.
     pub fn set_training_state_bytes(&self, bytes: crate::parallel::MemoryBytes) {
-        for (kind, v) in [
+        for (part, v) in [
             ("gradients", bytes.gradients),
             ("optimizer_state", bytes.optimizer_state),
         ] {
             self.training_state_bytes
-                .with_label_values(&[kind])
+                .with_label_values(&[part])
                 .set(v as f64);
         }
     }
@@ -854,6 +856,54 @@ mod tests {
                 ("rank".to_string(), "0".to_string()),
             ])
         );
+    }
+
+    #[test]
+    fn no_metric_has_a_label_of_the_run_labels() {
+        // A sample with a label name twice fails the whole scrape ("label name \"kind\" is not
+        // unique: invalid sample"): every panel of the run goes empty.
+        let identity = JobIdentity {
+            namespace: "ml".into(),
+            name: "vitl".into(),
+            kind: JobKind::Pretrain,
+            run_attempt: 0,
+        };
+        let labels = RunLabels::new(Some(&identity), JobKind::Pretrain, 0).to_map();
+        let m = TrainerMetrics::with_labels(&RunLabels::new(Some(&identity), JobKind::Pretrain, 0))
+            .unwrap();
+        for c in m.collectors() {
+            for d in c.desc() {
+                let clash: Vec<&String> = d
+                    .variable_labels
+                    .iter()
+                    .filter(|l| labels.contains_key(*l))
+                    .collect();
+                assert!(clash.is_empty(), "{} has run labels {clash:?}", d.fq_name);
+            }
+        }
+        // And in the exposition: no sample line names a label twice.
+        m.set_training_state_bytes(crate::parallel::MemoryBytes {
+            gradients: 1,
+            optimizer_state: 2,
+        });
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("dinoflow_trainer_training_state_bytes{"))
+            .unwrap_or_else(|| panic!("no training_state_bytes in {text}"));
+        let names: Vec<&str> = line
+            .split_once('{')
+            .and_then(|(_, r)| r.rsplit_once('}'))
+            .map(|(l, _)| {
+                l.split(',')
+                    .filter_map(|p| p.split_once('='))
+                    .map(|(k, _)| k)
+                    .collect()
+            })
+            .unwrap();
+        let unique: std::collections::BTreeSet<&&str> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{line}");
+        assert!(line.contains(r#"part="gradients""#), "{line}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The world of the e2e tests that run jobs (e2e_training.rs): the
+//! The world of the e2e tests that run jobs (e2e_training.rs, e2e_observability.rs): the
 //! shared local control plane, the CRDs, an in-process operator with its progress endpoint,
 //! and the local node agent running the operator's pods as trainer processes.
 //! (A `tests/<dir>/mod.rs` module: Cargo builds no test binary of its own from it.)

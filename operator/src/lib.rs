@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod observe;
 pub mod progress;
 pub mod settings;
+pub mod tls;
 
 pub use error::{Error, Result};

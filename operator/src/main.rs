@@ -8,6 +8,7 @@ use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
 use dinoflow_operator::metrics::Metrics;
 use dinoflow_operator::progress::{KubeJobStore, ProgressService};
 use dinoflow_operator::settings::{Args, LogFormat, Settings};
+use dinoflow_operator::tls;
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +16,15 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
+    // Before anything else: a bad or missing certificate is a configuration error to show first.
+    let progress_tls = args.progress_tls()?;
+    if progress_tls.is_none() {
+        tracing::warn!(
+            endpoint = %args.progress_endpoint,
+            "--progress-plaintext: the progress endpoint serves WITHOUT TLS; job tokens and \
+             status cross the network in the clear (local runs and tests only)"
+        );
+    }
 
     let client = match &args.kubeconfig {
         Some(path) => {
@@ -44,6 +54,7 @@ async fn main() -> Result<()> {
         default_image: args.default_image.clone(),
         progress_endpoint: args.progress_endpoint.clone(),
         progress_key,
+        progress_ca: progress_tls.as_ref().map(|t| t.ca_pem.clone()),
     };
 
     let shutdown = CancellationToken::new();
@@ -92,9 +103,11 @@ async fn main() -> Result<()> {
     );
     let progress_addr = args.progress_addr;
     let progress_shutdown = shutdown.clone();
+    let mut progress_builder = tls::server(progress_tls.as_ref())?;
+    let tls_on = progress_tls.is_some();
     let progress_server = tokio::spawn(async move {
-        tracing::info!(addr = %progress_addr, "serving the progress endpoint");
-        tonic::transport::Server::builder()
+        tracing::info!(addr = %progress_addr, tls = tls_on, "serving the progress endpoint");
+        progress_builder
             .add_service(progress.into_server())
             .serve_with_shutdown(progress_addr, progress_shutdown.cancelled_owned())
             .await

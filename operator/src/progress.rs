@@ -1,7 +1,7 @@
 //! The gRPC endpoint trainers report progress to (`crds/proto/progress.proto`).
 //!
-//! Each report is checked against the job's token (HMAC of its uid under the operator's key,
-//! see [`crate::desired::secret`]) and its run attempt, folded into the progress half of the
+//! Each report is checked against the job's token (HMAC of its uid and run attempt under the
+//! operator's key, see [`crate::desired::secret`]) and its run attempt (not an earlier one), folded into the progress half of the
 //! job's status, and written with its own field manager so the controller's fields are untouched.
 
 use std::future::Future;
@@ -151,14 +151,14 @@ pub fn apply_report(progress: &mut JobStatus, report: &ProgressReport, now: Time
     }
 }
 
-/// Checks a `Bearer <token>` header value against the job's expected token.
-pub fn authorize(header: Option<&str>, key: &[u8], uid: &str) -> Result<(), Status> {
+/// Checks a `Bearer <token>` header value against the token of the job's `attempt`.
+pub fn authorize(header: Option<&str>, key: &[u8], uid: &str, attempt: u32) -> Result<(), Status> {
     let presented = header
         .and_then(|h| h.strip_prefix("Bearer "))
         .ok_or_else(|| {
             Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
         })?;
-    let expected = progress_token(key, uid);
+    let expected = progress_token(key, uid, attempt);
     // Constant-time comparison: the token is a secret.
     let same = presented.len() == expected.len()
         && presented
@@ -265,7 +265,14 @@ impl<S: JobStore> Progress for ProgressService<S> {
                                 this.name
                             ))
                         })?;
-                    if let Err(status) = authorize(header.as_deref(), &self.key, &snapshot.uid) {
+                    // The token names the attempt, so a pod of an earlier attempt cannot
+                    // claim the current one; the attempt it claims is then checked below.
+                    if let Err(status) = authorize(
+                        header.as_deref(),
+                        &self.key,
+                        &snapshot.uid,
+                        report.run_attempt,
+                    ) {
                         self.count("unauthorized");
                         return Err(status);
                     }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 
+use crate::tls::{self, ServerTls, TlsError, TlsFiles};
+
 /// The trainer image of this release (the GPU variant; `scripts/images.sh` builds it with
 /// `--gpu`, and `<this>-cpu` always): the chart's appVersion is the crate version
 /// (tests/tests/images.rs checks both).
@@ -36,9 +38,24 @@ pub struct Args {
     #[arg(
         long,
         env = "DINOFLOW_PROGRESS_ENDPOINT",
-        default_value = "http://dinoflow-operator.dinoflow-system.svc:9090"
+        default_value = "https://dinoflow-operator.dinoflow-system.svc:9090"
     )]
     pub progress_endpoint: String,
+    /// PEM certificate (chain) the progress endpoint serves; its host in
+    /// DINOFLOW_PROGRESS_ENDPOINT must be one of the certificate's names.
+    #[arg(long, env = "DINOFLOW_PROGRESS_TLS_CERT_FILE")]
+    pub progress_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --progress-tls-cert-file.
+    #[arg(long, env = "DINOFLOW_PROGRESS_TLS_KEY_FILE")]
+    pub progress_tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate that signed --progress-tls-cert-file; handed to every job's pods
+    /// (DINOFLOW_PROGRESS_CA) so trainers verify the endpoint against it.
+    #[arg(long, env = "DINOFLOW_PROGRESS_TLS_CA_FILE")]
+    pub progress_tls_ca_file: Option<PathBuf>,
+    /// Serve the progress endpoint without TLS (local runs and tests only: tokens and job
+    /// status then cross the network in the clear). Refused together with the TLS files.
+    #[arg(long, env = "DINOFLOW_PROGRESS_PLAINTEXT", default_value_t = false)]
+    pub progress_plaintext: bool,
     /// File holding the key per-job progress tokens are derived from (keep it stable).
     #[arg(long, env = "DINOFLOW_PROGRESS_KEY_FILE")]
     pub progress_key_file: Option<PathBuf>,
@@ -86,8 +103,11 @@ pub struct Settings {
     /// Trainer image for jobs that set no `cluster.image`.
     pub default_image: String,
     /// Address pods use to reach the progress endpoint (`DINOFLOW_PROGRESS_ENDPOINT`),
-    /// e.g. `http://dinoflow-operator.dinoflow-system.svc:9090`.
+    /// e.g. `https://dinoflow-operator.dinoflow-system.svc:9090`.
     pub progress_endpoint: String,
+    /// PEM of the CA the endpoint's certificate chains to, handed to pods in the job's Secret
+    /// (`DINOFLOW_PROGRESS_CA`); `None`: the endpoint is plaintext (`--progress-plaintext`).
+    pub progress_ca: Option<String>,
     /// Key from which per-job progress tokens are derived (HMAC of the job's uid). Keep it
     /// stable across operator restarts, or running trainers lose the right to report.
     pub progress_key: Vec<u8>,
@@ -100,7 +120,54 @@ impl Settings {
             default_image: "ghcr.io/dinoflow/trainer:test".into(),
             progress_endpoint: "http://dinoflow-operator.dinoflow-system.svc:9090".into(),
             progress_key: b"test-key".to_vec(),
+            progress_ca: None,
         }
+    }
+}
+
+impl Args {
+    /// The progress endpoint's transport: TLS from the three files (checked, see
+    /// [`ServerTls::load`]), or `None` for plaintext, which only `--progress-plaintext` gives.
+    /// Anything in between is an error naming the setting to fix.
+    pub fn progress_tls(&self) -> Result<Option<ServerTls>, TlsError> {
+        let files = [
+            (&self.progress_tls_cert_file, tls::CERT_FLAG),
+            (&self.progress_tls_key_file, tls::KEY_FLAG),
+            (&self.progress_tls_ca_file, tls::CA_FLAG),
+        ];
+        if self.progress_plaintext {
+            if let Some((_, flag)) = files.iter().find(|(f, _)| f.is_some()) {
+                return Err(TlsError::new(format!(
+                    "--progress-plaintext (DINOFLOW_PROGRESS_PLAINTEXT) and {flag} are both set: \
+                     drop the flag to serve TLS, or the files to serve plaintext"
+                )));
+            }
+            if !self.progress_endpoint.starts_with("http://") {
+                return Err(TlsError::new(format!(
+                    "--progress-plaintext: DINOFLOW_PROGRESS_ENDPOINT {:?} must start with http://",
+                    self.progress_endpoint
+                )));
+            }
+            return Ok(None);
+        }
+        let missing: Vec<&str> = files
+            .iter()
+            .filter(|(f, _)| f.is_none())
+            .map(|(_, flag)| *flag)
+            .collect();
+        if !missing.is_empty() {
+            return Err(TlsError::new(format!(
+                "the progress endpoint serves TLS and needs {}; the chart mounts them from its \
+                 TLS Secret. For a local run without TLS pass --progress-plaintext",
+                missing.join(", ")
+            )));
+        }
+        let files = TlsFiles {
+            cert: self.progress_tls_cert_file.clone().unwrap_or_default(),
+            key: self.progress_tls_key_file.clone().unwrap_or_default(),
+            ca: self.progress_tls_ca_file.clone().unwrap_or_default(),
+        };
+        ServerTls::load(&files, &self.progress_endpoint).map(Some)
     }
 }
 
@@ -140,6 +207,14 @@ mod tests {
                 "{name} missing from {names:?}"
             );
         }
+        for name in [
+            "DINOFLOW_PROGRESS_TLS_CERT_FILE",
+            "DINOFLOW_PROGRESS_TLS_KEY_FILE",
+            "DINOFLOW_PROGRESS_TLS_CA_FILE",
+            "DINOFLOW_PROGRESS_PLAINTEXT",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing");
+        }
         // A flag without an env name is not in the list (the chart cannot set it).
         assert!(!names.iter().any(|n| n.contains("LEASE_NAME")));
     }
@@ -150,5 +225,91 @@ mod tests {
         let args = Args::try_parse_from(["dinoflow-operator", "--leader-elect"]).unwrap();
         assert!(args.leader_elect);
         assert!(args.watch_namespace.is_none());
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("dinoflow-operator").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/../tests/data/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn tls_is_the_default_and_names_every_missing_file() {
+        let e = parse(&[]).progress_tls().unwrap_err().to_string();
+        for flag in [tls::CERT_FLAG, tls::KEY_FLAG, tls::CA_FLAG] {
+            assert!(e.contains(flag), "{e}");
+        }
+        assert!(e.contains("--progress-plaintext"), "{e}");
+        let cert = fixture("server.crt");
+        let e = parse(&["--progress-tls-cert-file", &cert])
+            .progress_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains(tls::CERT_FLAG) && e.contains(tls::KEY_FLAG),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_three_files_give_tls_and_the_ca_for_the_pods() {
+        let (cert, key, ca) = (
+            fixture("server.crt"),
+            fixture("server.key"),
+            fixture("ca.crt"),
+        );
+        let args = parse(&[
+            "--progress-endpoint",
+            "https://localhost:9090",
+            "--progress-tls-cert-file",
+            &cert,
+            "--progress-tls-key-file",
+            &key,
+            "--progress-tls-ca-file",
+            &ca,
+        ]);
+        let tls = args.progress_tls().unwrap().expect("TLS");
+        assert_eq!(tls.ca_pem, std::fs::read_to_string(&ca).unwrap());
+        // The default endpoint is the chart's Service name, which the fixture also covers.
+        let args = parse(&[
+            "--progress-tls-cert-file",
+            &cert,
+            "--progress-tls-key-file",
+            &key,
+            "--progress-tls-ca-file",
+            &ca,
+        ]);
+        assert!(args.progress_tls().unwrap().is_some());
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_and_never_with_tls_files() {
+        let args = parse(&[
+            "--progress-plaintext",
+            "--progress-endpoint",
+            "http://127.0.0.1:9090",
+        ]);
+        assert!(args.progress_tls().unwrap().is_none());
+        let ca = fixture("ca.crt");
+        let e = parse(&[
+            "--progress-plaintext",
+            "--progress-endpoint",
+            "http://127.0.0.1:9090",
+            "--progress-tls-ca-file",
+            &ca,
+        ])
+        .progress_tls()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both set") && e.contains(tls::CA_FLAG), "{e}");
+        // The default endpoint is https: plaintext must say where trainers dial in the clear.
+        let e = parse(&["--progress-plaintext"])
+            .progress_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http://"), "{e}");
     }
 }

@@ -296,6 +296,9 @@ fn the_deployment_sets_only_env_vars_the_operator_reads() {
             "DINOFLOW_LEADER_ELECT",
             "DINOFLOW_PROGRESS_KEY_FILE",
             "DINOFLOW_PROGRESS_ENDPOINT",
+            "DINOFLOW_PROGRESS_TLS_CERT_FILE",
+            "DINOFLOW_PROGRESS_TLS_KEY_FILE",
+            "DINOFLOW_PROGRESS_TLS_CA_FILE",
             "DINOFLOW_HEALTH_ADDR",
             "DINOFLOW_PROGRESS_ADDR",
             "POD_NAMESPACE",
@@ -355,14 +358,116 @@ fn the_progress_key_is_a_generated_secret_mounted_where_the_operator_reads_it() 
     assert_eq!(volume["secret"]["secretName"], "dinoflow-progress-key");
     assert_eq!(file.rsplit('/').next(), Some("key"), "the Secret's key");
 
-    // A user's own Secret: nothing generated, theirs mounted.
-    let objects = render(&["--set", "progressKey.existingSecret=mine"]);
+    // A user's own Secret: nothing generated, theirs mounted (the TLS Secret too, see below).
+    let objects = render(&[
+        "--set",
+        "progressKey.existingSecret=mine",
+        "--set",
+        "progressTls.existingSecret=mine-tls",
+    ]);
     assert!(!kinds(&objects).iter().any(|k| k == "Secret"));
     let deployment = object(&objects, "Deployment", "dinoflow-operator");
     assert_eq!(
         deployment.data["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
         "mine"
     );
+}
+
+/// Where the Deployment's env var `name` points: (file value, Secret the directory is mounted from).
+fn mounted_file(objects: &[DynamicObject], name: &str) -> (String, String) {
+    let container = operator_container(objects);
+    let file = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{name} not set"))
+        .to_owned();
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("no volume mounted at {file}"))
+        .clone();
+    let deployment = object(objects, "Deployment", "dinoflow-operator");
+    let volume = deployment.data["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap()
+        .clone();
+    let secret = volume["secret"]["secretName"].as_str().unwrap().to_owned();
+    (file, secret)
+}
+
+#[test]
+fn the_progress_tls_secret_is_generated_for_the_service_and_the_operator_accepts_it() {
+    use dinoflow_operator::tls::{ServerTls, TlsFiles};
+    let objects = render(&[]);
+    let generated = object(&objects, "Secret", "dinoflow-progress-tls");
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(serde_json::to_value(generated).unwrap()).unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.expect("data");
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (var, key) in [
+        ("DINOFLOW_PROGRESS_TLS_CERT_FILE", "tls.crt"),
+        ("DINOFLOW_PROGRESS_TLS_KEY_FILE", "tls.key"),
+        ("DINOFLOW_PROGRESS_TLS_CA_FILE", "ca.crt"),
+    ] {
+        let (file, from) = mounted_file(&objects, var);
+        assert_eq!(from, "dinoflow-progress-tls", "{var}");
+        assert_eq!(
+            file.rsplit('/').next(),
+            Some(key),
+            "{var}: the Secret's {key}"
+        );
+        let path = dir.path().join(key);
+        std::fs::write(
+            &path,
+            &data.get(key).unwrap_or_else(|| panic!("no {key}")).0,
+        )
+        .unwrap();
+        files.push(path);
+    }
+    let container = operator_container(&objects);
+    let endpoint = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DINOFLOW_PROGRESS_ENDPOINT")
+        .and_then(|e| e["value"].as_str())
+        .unwrap()
+        .to_owned();
+    assert!(
+        endpoint.starts_with("https://dinoflow-operator.dinoflow-system.svc:"),
+        "{endpoint}"
+    );
+    // What helm's genCA/genSignedCert made passes the operator's own start-up checks: PEM,
+    // key matching the certificate, and the chain to the CA for the host trainers dial.
+    let files = TlsFiles {
+        cert: files[0].clone(),
+        key: files[1].clone(),
+        ca: files[2].clone(),
+    };
+    let tls = ServerTls::load(&files, &endpoint).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tls.ca_pem.as_bytes(), data["ca.crt"].0.as_slice());
+    // ... and a name outside the Service's does not.
+    assert!(ServerTls::load(&files, "https://dinoflow-operator.other.svc:9090").is_err());
+
+    // A user's own Secret (e.g. one cert-manager writes): nothing generated, theirs mounted.
+    let objects = render(&["--set", "progressTls.existingSecret=from-cert-manager"]);
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o.metadata.name.as_deref() == Some("dinoflow-progress-tls"))
+    );
+    let (_, from) = mounted_file(&objects, "DINOFLOW_PROGRESS_TLS_CA_FILE");
+    assert_eq!(from, "from-cert-manager");
 }
 
 /// Rules of a rendered (Cluster)Role as (apiGroup, resource, resourceNames, verb) tuples.

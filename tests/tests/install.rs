@@ -357,6 +357,7 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
             default_image: "dinoflow/trainer:test".into(),
             progress_endpoint: "http://127.0.0.1:9090".into(),
             progress_key: b"least-privilege-test-key".to_vec(),
+            progress_ca: None,
         },
         Metrics::default(),
         leadership,
@@ -527,9 +528,32 @@ fn helm_upgrade_keeps_the_generated_progress_key() {
             "jsonpath={.data.key}",
         ])
     };
+    // The progress endpoint's generated CA, certificate and key, all three.
+    let tls = || {
+        kubectl_ok(&[
+            "get",
+            "secret",
+            "keytest-dinoflow-progress-tls",
+            "-n",
+            &namespace,
+            "-o",
+            "jsonpath={.data.ca\\.crt},{.data.tls\\.crt},{.data.tls\\.key}",
+        ])
+    };
     run("install");
     let installed = key();
     assert!(installed.len() >= 24, "{installed}");
+    let installed_tls = tls();
+    let parts: Vec<&str> = installed_tls.split(',').collect();
+    assert!(
+        parts.len() == 3 && parts.iter().all(|p| p.len() > 100),
+        "{installed_tls}"
+    );
     run("upgrade");
     assert_eq!(key(), installed, "the upgrade must keep the key");
+    assert_eq!(
+        tls(),
+        installed_tls,
+        "the upgrade must keep the CA the running jobs' pods were handed, and the certificate"
+    );
 }

@@ -90,6 +90,7 @@ fn settings() -> Settings {
         default_image: "dinoflow/trainer:test".into(),
         progress_endpoint: "http://127.0.0.1:9090".into(),
         progress_key: b"integration-test-key".to_vec(),
+        progress_ca: None,
     }
 }
 

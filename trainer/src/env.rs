@@ -50,12 +50,16 @@ pub struct JobIdentity {
     pub run_attempt: u32,
 }
 
-/// Where rank 0 reports progress (`DINOFLOW_PROGRESS_ENDPOINT`, `DINOFLOW_PROGRESS_TOKEN`).
+/// Where rank 0 reports progress (`DINOFLOW_PROGRESS_ENDPOINT`, `DINOFLOW_PROGRESS_TOKEN`,
+/// `DINOFLOW_PROGRESS_CA`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProgressTarget {
     pub endpoint: String,
     pub token: String,
     pub job: JobIdentity,
+    /// PEM of the CA the endpoint's certificate must chain to (the only one trusted); set
+    /// exactly when the endpoint is `https://`.
+    pub ca: Option<String>,
 }
 
 impl fmt::Debug for ProgressTarget {
@@ -199,12 +203,53 @@ pub fn job_and_progress<F: Fn(&str) -> Option<String>>(
         return Err(missing(c::NAMESPACE));
     }
     let token = env.required(dinoflow_api::progress::TOKEN_ENV)?;
+    let ca = progress_ca(env, &endpoint)?;
     let progress = ProgressTarget {
         endpoint,
         token,
         job: job.clone(),
+        ca,
     };
     Ok((Some(job), Some(progress)))
+}
+
+/// `DINOFLOW_PROGRESS_CA` for `endpoint`: required by `https://`, refused with `http://` (a
+/// trainer given a CA never reports in plaintext), and checked to be a usable PEM CA.
+fn progress_ca<F: Fn(&str) -> Option<String>>(
+    env: &Lookup<F>,
+    endpoint: &str,
+) -> Result<Option<String>, EnvError> {
+    let ca = env.get(c::PROGRESS_CA);
+    let tls = endpoint.starts_with("https://");
+    let Some(ca) = ca else {
+        if tls {
+            return Err(EnvError::Missing {
+                name: c::PROGRESS_CA,
+                fix: format!(
+                    "{} is https://: the trainer verifies the operator against this CA (PEM), \
+                     which the operator puts in the job's Secret under `ca.crt`",
+                    c::PROGRESS_ENDPOINT
+                ),
+            });
+        }
+        return Ok(None);
+    };
+    let short = ca.chars().take(40).collect::<String>();
+    if !tls {
+        return Err(invalid(
+            c::PROGRESS_CA,
+            &short,
+            format!(
+                "given a CA, the trainer reports over TLS only, but {c}={endpoint:?} is plaintext \
+                 (make it https://, or unset {ca_var} for a plaintext local run)",
+                c = c::PROGRESS_ENDPOINT,
+                ca_var = c::PROGRESS_CA
+            ),
+        ));
+    }
+    crate::progress_client::check_ca(&ca)
+        .map_err(|reason| invalid(c::PROGRESS_CA, &short, reason))?;
+    Ok(Some(ca))
 }
 
 /// Reads and cross-checks the whole contract.
@@ -360,6 +405,42 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("TCP port"), "{err}");
         let err = launch_env(&lookup(&with("NNODES", "-1")), JobKind::Pretrain).unwrap_err();
         assert_eq!(err.name(), "NNODES");
+    }
+
+    const CA: &str = include_str!("../../tests/data/tls/ca.crt");
+
+    #[test]
+    fn an_https_endpoint_needs_a_valid_ca_and_a_ca_never_goes_with_plaintext() {
+        let https = with(
+            "DINOFLOW_PROGRESS_ENDPOINT",
+            "https://dinoflow-operator.dinoflow-system.svc:9090",
+        );
+        let err = launch_env(&lookup(&https), JobKind::Pretrain).unwrap_err();
+        assert_eq!(err.name(), "DINOFLOW_PROGRESS_CA");
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+        let mut good = https.clone();
+        good.push(("DINOFLOW_PROGRESS_CA", CA));
+        let env = launch_env(&lookup(&good), JobKind::Pretrain).unwrap();
+        assert_eq!(env.progress.unwrap().ca.as_deref(), Some(CA));
+        let mut garbled = https.clone();
+        garbled.push((
+            "DINOFLOW_PROGRESS_CA",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n",
+        ));
+        let err = launch_env(&lookup(&garbled), JobKind::Pretrain).unwrap_err();
+        assert_eq!(err.name(), "DINOFLOW_PROGRESS_CA");
+        let mut not_pem = https;
+        not_pem.push(("DINOFLOW_PROGRESS_CA", "secret"));
+        let err = launch_env(&lookup(&not_pem), JobKind::Pretrain).unwrap_err();
+        assert!(err.to_string().contains("BEGIN CERTIFICATE"), "{err}");
+        // The POD fixture's endpoint is http://: with a CA that is refused, not downgraded.
+        let err = launch_env(
+            &lookup(&with("DINOFLOW_PROGRESS_CA", CA)),
+            JobKind::Pretrain,
+        )
+        .unwrap_err();
+        assert_eq!(err.name(), "DINOFLOW_PROGRESS_CA");
+        assert!(err.to_string().contains("TLS only"), "{err}");
     }
 
     #[test]

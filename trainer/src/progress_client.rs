@@ -369,19 +369,72 @@ fn next_report(
     Err(wake)
 }
 
+/// Checks that `pem` holds at least one CA certificate rustls accepts as a trust anchor; the
+/// error says what is wrong (for `DINOFLOW_PROGRESS_CA`).
+pub fn check_ca(pem: &str) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no `-----BEGIN CERTIFICATE-----` block in it".into());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The endpoint of `target`: TLS trusting its CA only when it has one, plaintext otherwise.
+/// A CA with an `http://` endpoint, or `https://` without a CA, is refused (the env check
+/// refuses both first), so a trainer given a CA never reports in plaintext.
+fn endpoint(target: &ProgressTarget) -> Result<tonic::transport::Endpoint, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = target.endpoint.starts_with("https://");
+    let endpoint = Endpoint::from_shared(target.endpoint.clone())
+        .map_err(|e| format!("bad endpoint {:?}: {e}", target.endpoint))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    match (&target.ca, tls) {
+        (Some(ca), true) => endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .map_err(|e| format!("TLS settings for {}: {e}", target.endpoint)),
+        (None, false) => Ok(endpoint),
+        (Some(_), false) => Err(format!(
+            "{} is given but {:?} is plaintext; refusing to report without TLS",
+            dinoflow_api::contract::PROGRESS_CA,
+            target.endpoint
+        )),
+        (None, true) => Err(format!(
+            "{:?} needs {} to verify the operator",
+            target.endpoint,
+            dinoflow_api::contract::PROGRESS_CA
+        )),
+    }
+}
+
 async fn stream_once(
     shared: &Shared,
     target: &ProgressTarget,
     last_checkpoint: &mut Option<Event>,
 ) -> (StreamEnd, bool) {
     let lost = |why: String| (StreamEnd::Lost(why), false);
-    let endpoint = match tonic::transport::Endpoint::from_shared(target.endpoint.clone()) {
-        Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
-        Err(e) => return lost(format!("bad endpoint {:?}: {e}", target.endpoint)),
+    let endpoint = match endpoint(target) {
+        Ok(e) => e,
+        Err(e) => return lost(e),
     };
     let channel = match endpoint.connect().await {
         Ok(c) => c,
-        Err(e) => return lost(format!("cannot connect to {}: {e}", target.endpoint)),
+        Err(e) => {
+            return lost(format!(
+                "cannot connect to {}: {}",
+                target.endpoint,
+                chain(&e)
+            ));
+        }
     };
     let mut client = ProgressClient::new(channel);
     let (tx, rx) = mpsc::channel::<ProgressReport>(8);
@@ -448,6 +501,18 @@ async fn stream_once(
             }
         }
     }
+}
+
+/// An error with its causes (tonic's "transport error" hides a failed TLS verification there).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Outcome of the client-streaming call.
@@ -537,7 +602,97 @@ mod tests {
                 kind: JobKind::Pretrain,
                 run_attempt: 2,
             },
+            ca: None,
         }
+    }
+
+    const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/tls");
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{TLS_DIR}/{name}")).unwrap()
+    }
+
+    /// `recorder` behind TLS with the fixture certificate (localhost, 127.0.0.1).
+    fn serve_tls(recorder: Recorder) -> (u16, tokio::runtime::Runtime) {
+        use tonic::transport::{Identity, ServerTlsConfig};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let identity = Identity::from_pem(fixture("server.crt"), fixture("server.key"));
+        let mut server = tonic::transport::Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .unwrap();
+        rt.spawn(
+            server
+                .add_service(ProgressServer::new(recorder))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (port, rt)
+    }
+
+    fn tls_target(port: u16, ca: &str) -> ProgressTarget {
+        ProgressTarget {
+            endpoint: format!("https://localhost:{port}"),
+            ca: Some(fixture(ca)),
+            ..target(port)
+        }
+    }
+
+    #[test]
+    fn reports_go_over_tls_to_an_endpoint_the_ca_vouches_for() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve_tls(recorder.clone());
+        let mut r = ProgressReporter::start(tls_target(port, "ca.crt")).unwrap();
+        iterate(&mut r, 1..=3);
+        r.checkpoint(3, Path::new("/ckpt/ckpt-000000003"));
+        assert!(r.finish(Duration::from_secs(20)), "not delivered over TLS");
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert_eq!(iterations(&reports).last().unwrap().iteration, 3);
+    }
+
+    #[test]
+    fn an_endpoint_the_ca_does_not_vouch_for_gets_nothing() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve_tls(recorder.clone());
+        // Another CA: the handshake fails, nothing is sent, and the trainer does not fall
+        // back to plaintext.
+        let mut r = ProgressReporter::start(tls_target(port, "other-ca.crt")).unwrap();
+        iterate(&mut r, 1..=3);
+        assert!(!r.finish(Duration::from_secs(3)));
+        assert!(recorder.reports.lock().unwrap().is_empty());
+        let wrong = tls_target(port, "ca.crt");
+        // A CA with an http:// endpoint: refused rather than sent in the clear.
+        let plain = ProgressTarget {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            ..wrong.clone()
+        };
+        assert!(endpoint(&plain).unwrap_err().contains("refusing"));
+        let no_ca = ProgressTarget { ca: None, ..wrong };
+        assert!(
+            endpoint(&no_ca)
+                .unwrap_err()
+                .contains("DINOFLOW_PROGRESS_CA")
+        );
+    }
+
+    #[test]
+    fn the_ca_check_names_what_is_wrong() {
+        assert!(check_ca(&fixture("ca.crt")).is_ok());
+        assert!(check_ca("hello").unwrap_err().contains("BEGIN CERTIFICATE"));
+        assert!(
+            check_ca(&fixture("server.key"))
+                .unwrap_err()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let e =
+            check_ca("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap_err();
+        assert!(e.contains("CA certificate") || e.contains("PEM"), "{e}");
     }
 
     fn losses(i: u64) -> Vec<(String, f64)> {

@@ -64,3 +64,9 @@ app.kubernetes.io/component: operator
 {{- define "dinoflow.progressKeySecret" -}}
 {{- default (printf "%s-progress-key" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-") .Values.progressKey.existingSecret -}}
 {{- end -}}
+
+{{/* Secret holding the progress endpoint's tls.crt, tls.key and ca.crt: the user's, or the one
+the chart generates. */}}
+{{- define "dinoflow.progressTlsSecret" -}}
+{{- default (printf "%s-progress-tls" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-") .Values.progressTls.existingSecret -}}
+{{- end -}}

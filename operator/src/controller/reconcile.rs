@@ -456,7 +456,13 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         let spec = self.job.spec_value()?;
         let config_map = desired::configmap::config_map(jr, &spec, teacher)?;
         let metrics_port = desired::scrape::metrics_port(&spec);
-        let secret = desired::secret::secret(jr, &self.ctx.settings.progress_key);
+        let settings = &self.ctx.settings;
+        let secret = desired::secret::secret(
+            jr,
+            &settings.progress_key,
+            u32::try_from(attempt).unwrap_or(0),
+            settings.progress_ca.as_deref(),
+        );
         let inputs = PodInputs {
             job: jr,
             cluster,
@@ -479,9 +485,10 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         ) {
             applier.apply_dynamic(&pg, &ar).await?;
         }
+        // The Secret carries this attempt's token: written before the pods, whose env reads it.
+        applier.apply(&secret).await?;
         writes.push(async move { applier.apply(&service).await }.boxed());
         writes.push(async move { applier.apply(&config_map).await }.boxed());
-        writes.push(async move { applier.apply(&secret).await }.boxed());
         for pod in gang {
             writes.push(async move { applier.apply(&pod).await }.boxed());
         }

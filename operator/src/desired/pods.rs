@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::configmap::{CONFIG_DIR, config_path};
 use super::podgroup;
-use super::secret::TOKEN_KEY;
+use super::secret::{CA_KEY, TOKEN_KEY};
 use super::{LABEL_NODE_RANK, LABEL_RUN_ATTEMPT, child_meta, names};
 use crate::job::JobRef;
 use crate::settings::Settings;
@@ -34,7 +34,7 @@ pub const SCRATCH_VOLUME: &str = "dinoflow-tmp";
 pub const SCRATCH_DIR: &str = "/tmp";
 
 /// Env names that make up the rendezvous contract; user overrides cannot replace them.
-pub const CONTRACT_ENV: [&str; 11] = [
+pub const CONTRACT_ENV: [&str; 12] = [
     contract::MASTER_ADDR,
     contract::MASTER_PORT,
     contract::NNODES,
@@ -46,6 +46,7 @@ pub const CONTRACT_ENV: [&str; 11] = [
     contract::RUN_ATTEMPT,
     contract::PROGRESS_ENDPOINT,
     contract::PROGRESS_TOKEN,
+    contract::PROGRESS_CA,
 ];
 
 /// What one pod depends on besides the job's identity and cluster spec.
@@ -174,6 +175,23 @@ fn env(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
+/// A variable read from the job's Secret (never optional: the operator writes both keys
+/// before the pods).
+fn secret_env(name: &str, job: &JobRef, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: names::secret(job),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 /// The env contract of DESIGN.md, then NCCL settings, then the user's variables.
 pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
     let PodInputs {
@@ -195,20 +213,13 @@ pub fn trainer_env(inputs: &PodInputs<'_>, rank: i32) -> Vec<EnvVar> {
         env(contract::JOB_KIND, job.kind.as_str()),
         env(contract::RUN_ATTEMPT, attempt),
         env(contract::PROGRESS_ENDPOINT, &settings.progress_endpoint),
-        EnvVar {
-            name: contract::PROGRESS_TOKEN.into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: names::secret(job),
-                    key: TOKEN_KEY.into(),
-                    optional: Some(false),
-                }),
-                ..Default::default()
-            }),
-        },
+        secret_env(contract::PROGRESS_TOKEN, job, TOKEN_KEY),
         env(contract::CONFIG, config_path()),
     ];
+    if settings.progress_ca.is_some() {
+        // The endpoint serves TLS: the trainer verifies it against this CA, and only this one.
+        vars.push(secret_env(contract::PROGRESS_CA, job, CA_KEY));
+    }
     if let Some(path) = teacher_checkpoint {
         vars.push(env(contract::TEACHER_CHECKPOINT, path));
     }
@@ -581,6 +592,50 @@ mod tests {
                 .unwrap()
                 .name,
             "vitl-progress"
+        );
+        assert!(
+            !env_of(&pods[0]).contains_key("DINOFLOW_PROGRESS_CA")
+                && !pods[0].spec.as_ref().unwrap().containers[0]
+                    .env
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.name == "DINOFLOW_PROGRESS_CA"),
+            "a plaintext endpoint hands out no CA"
+        );
+    }
+
+    #[test]
+    fn a_tls_endpoint_hands_its_ca_to_the_pods_from_the_jobs_secret() {
+        let settings = Settings {
+            progress_endpoint: "https://op.ns.svc:9090".into(),
+            progress_ca: Some("-----BEGIN CERTIFICATE-----".into()),
+            ..Settings::for_tests()
+        };
+        let job = JobRef::test("vitl");
+        let cluster = ClusterSpec::default();
+        let inputs = PodInputs {
+            job: &job,
+            cluster: &cluster,
+            settings: &settings,
+            attempt: 0,
+            teacher_checkpoint: None,
+        };
+        let vars = trainer_env(&inputs, 0);
+        let ca = vars
+            .iter()
+            .find(|e| e.name == "DINOFLOW_PROGRESS_CA")
+            .unwrap();
+        let source = ca
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (source.name.as_str(), source.key.as_str()),
+            ("vitl-progress", "ca.crt")
         );
     }
 

@@ -128,7 +128,7 @@ async fn send(
 async fn reports_with_the_jobs_token_update_its_progress() {
     let store = store_with_job(2);
     let endpoint = serve(store.clone()).await;
-    let token = progress_token(KEY, "uid-1");
+    let token = progress_token(KEY, "uid-1", 2);
     let reports = vec![
         report(2, iteration(10, 9.5)),
         report(2, iteration(20, 8.25)),
@@ -215,7 +215,7 @@ fn a_checkpoint_reported_as_the_best_is_recorded_and_a_later_plain_one_keeps_it(
 async fn a_run_resumed_on_another_world_size_reports_the_reshard_in_the_status() {
     let store = store_with_job(1);
     let endpoint = serve(store.clone()).await;
-    let token = progress_token(KEY, "uid-1");
+    let token = progress_token(KEY, "uid-1", 1);
     let started = |world_size, checkpoint_world_size| {
         report(
             1,
@@ -315,7 +315,7 @@ async fn a_new_curriculum_phase_is_written_at_once_despite_the_write_interval() 
 async fn wrong_or_missing_token_is_refused() {
     let store = store_with_job(0);
     let endpoint = serve(store.clone()).await;
-    let wrong = progress_token(KEY, "uid-of-another-job");
+    let wrong = progress_token(KEY, "uid-of-another-job", 0);
     let err = send(&endpoint, Some(wrong), vec![report(0, iteration(1, 1.0))])
         .await
         .unwrap_err();
@@ -331,11 +331,142 @@ async fn wrong_or_missing_token_is_refused() {
 async fn reports_from_an_earlier_attempt_are_refused() {
     let store = store_with_job(3);
     let endpoint = serve(store.clone()).await;
-    let token = progress_token(KEY, "uid-1");
+    let token = progress_token(KEY, "uid-1", 2);
     let err = send(&endpoint, Some(token), vec![report(2, iteration(1, 1.0))])
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_pod_of_an_earlier_attempt_cannot_report_as_the_current_one() {
+    let store = store_with_job(3);
+    let endpoint = serve(store.clone()).await;
+    // Its token is attempt 2's; claiming attempt 3 does not make it attempt 3's.
+    let stale = progress_token(KEY, "uid-1", 2);
+    let err = send(&endpoint, Some(stale), vec![report(3, iteration(1, 1.0))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(store.writes.lock().unwrap().is_empty());
+    let current = progress_token(KEY, "uid-1", 3);
+    send(&endpoint, Some(current), vec![report(3, iteration(1, 1.0))])
+        .await
+        .unwrap();
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/tls")
+        .join(name)
+}
+
+/// The endpoint over TLS with the test fixtures (a certificate for localhost and 127.0.0.1).
+async fn serve_tls(store: MemoryStore) -> u16 {
+    let files = crate::tls::TlsFiles {
+        cert: fixture("server.crt"),
+        key: fixture("server.key"),
+        ca: fixture("ca.crt"),
+    };
+    let tls = crate::tls::ServerTls::load(&files, "https://localhost:1").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let svc = ProgressService::new(
+        store,
+        KEY.to_vec(),
+        Leadership::always(),
+        Metrics::default(),
+    );
+    let mut server = crate::tls::server(Some(&tls)).unwrap();
+    tokio::spawn(async move {
+        server
+            .add_service(svc.into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    port
+}
+
+/// A client as the trainer's: trusts `ca` only.
+async fn send_tls(
+    endpoint: &str,
+    ca: &str,
+    token: String,
+    reports: Vec<ProgressReport>,
+) -> Result<ReportAck, String> {
+    let pem = std::fs::read(fixture(ca)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut req = Request::new(futures::stream::iter(reports));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    ProgressClient::new(channel)
+        .report(req)
+        .await
+        .map(Response::into_inner)
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+#[tokio::test]
+async fn reports_over_tls_are_accepted_from_a_client_trusting_the_ca() {
+    let store = store_with_job(1);
+    let port = serve_tls(store.clone()).await;
+    let token = progress_token(KEY, "uid-1", 1);
+    for host in ["localhost", "127.0.0.1"] {
+        let ack = send_tls(
+            &format!("https://{host}:{port}"),
+            "ca.crt",
+            token.clone(),
+            vec![report(1, iteration(7, 1.5))],
+        )
+        .await
+        .unwrap();
+        assert_eq!(ack.accepted, 1);
+    }
+    assert_eq!(
+        store.writes.lock().unwrap().last().unwrap().iteration,
+        Some(7)
+    );
+}
+
+#[tokio::test]
+async fn a_client_trusting_another_ca_or_speaking_plaintext_gets_nothing_through() {
+    let store = store_with_job(1);
+    let port = serve_tls(store.clone()).await;
+    let token = progress_token(KEY, "uid-1", 1);
+    let err = send_tls(
+        &format!("https://localhost:{port}"),
+        "other-ca.crt",
+        token.clone(),
+        vec![report(1, iteration(7, 1.5))],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    // Plaintext HTTP/2 against the TLS port: refused as well.
+    let plain = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut client = ProgressClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = Request::new(futures::stream::iter(vec![report(1, iteration(7, 1.5))]));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        client.report(req).await.map_err(|s| s.to_string())
+    })
+    .await;
+    assert!(!matches!(plain, Ok(Ok(_))), "{plain:?}");
+    assert!(store.writes.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ use dinoflow_operator::leader::Leadership;
 use dinoflow_operator::metrics::Metrics;
 use dinoflow_operator::progress::{KubeJobStore, ProgressService};
 use dinoflow_operator::settings::Settings;
+use dinoflow_operator::tls::{self, ServerTls, TlsFiles};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
@@ -35,6 +36,16 @@ pub fn trainer() -> PathBuf {
                 .unwrap_or_else(|e| panic!("the e2e tests run the real trainer: {e}"))
         })
         .clone()
+}
+
+/// The progress endpoint's TLS files of the tests (`scripts/gen-test-certs.sh`).
+pub fn test_tls_files() -> TlsFiles {
+    let dir = repo_root().join("tests/data/tls");
+    TlsFiles {
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+        ca: dir.join("ca.crt"),
+    }
 }
 
 /// Control plane, CRDs, a namespace, an operator watching it and a node agent.
@@ -78,15 +89,21 @@ impl World {
             Leadership::always(),
             metrics.clone(),
         );
+        // TLS as in production: the test CA's certificate covers 127.0.0.1, and the operator
+        // hands the CA to the pods, whose trainers verify the endpoint against it.
+        let progress_endpoint = format!("https://{progress_addr}");
+        let tls = ServerTls::load(&test_tls_files(), &progress_endpoint).expect("test TLS files");
         let progress = tokio::spawn(
-            tonic::transport::Server::builder()
+            tls::server(Some(&tls))
+                .expect("TLS server")
                 .add_service(service.into_server())
                 .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
         );
         let settings = Settings {
             default_image: "dinoflow/trainer:e2e".into(),
-            progress_endpoint: format!("http://{progress_addr}"),
+            progress_endpoint,
             progress_key: PROGRESS_KEY.to_vec(),
+            progress_ca: Some(tls.ca_pem.clone()),
         };
         let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
             client.clone(),

@@ -1,7 +1,7 @@
 //! Authentication of the rendezvous and of the ring links: HMAC-SHA256 under the job's token
-//! (`DINOFLOW_PROGRESS_TOKEN`, the per-job secret the operator derives from the job's uid), over
-//! a fresh challenge, so a pod of another job cannot join or feed a gang and a recorded
-//! handshake cannot be replayed.
+//! (`DINOFLOW_PROGRESS_TOKEN`, the secret the operator derives from the job's uid and run
+//! attempt), over a fresh challenge, so a pod of another job cannot join or feed a gang and a
+//! recorded handshake cannot be replayed.
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 

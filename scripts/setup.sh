@@ -30,17 +30,16 @@ step() {
 # and health checks, shellcheck for the script lint in scripts/test.sh, prometheus for
 # promtool (the alert rules' checks and tests in tests/tests/observability.rs).
 APT_PACKAGES=(protobuf-compiler dataset-fashion-mnist openssl curl shellcheck prometheus)
-# The real node (scripts/node.sh): runc runs its containers, buildah builds the pause and test
-# images, busybox-static is the test image's shell, iproute2 makes the CNI bridge.
-APT_PACKAGES+=(runc buildah busybox-static iproute2)
+# Containers: buildah builds images daemonless (scripts/images.sh; the node's pause and test
+# images), runc runs them (the real node of scripts/node.sh, and podman in tests/tests/images.rs:
+# crun refuses this machine's hybrid cgroup layout), busybox-static is the test image's shell,
+# iproute2 makes the node's CNI bridge.
+APT_PACKAGES+=(buildah podman runc busybox-static iproute2)
 # Node.js and npm install and run the dashboard schema check (npm_packages below); a Node.js
 # already on the PATH (e.g. from NodeSource) is used as it is.
 if ! command -v npm >/dev/null; then
   APT_PACKAGES+=(nodejs npm)
 fi
-# buildah builds the container images daemonless (scripts/images.sh); podman runs them in
-# tests/tests/images.rs with runc (crun refuses this machine's hybrid cgroup layout).
-APT_PACKAGES+=(buildah podman runc)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then

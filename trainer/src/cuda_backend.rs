@@ -45,7 +45,9 @@ fn driver_present() -> bool {
 }
 
 /// `dlopen` with `RTLD_GLOBAL`, kept open for the life of the process (its registrations live
-/// in libtorch's global tables).
+/// in libtorch's global tables). The one unsafe call of this module: a `dlopen` has no safe
+/// form.
+#[allow(unsafe_code)]
 fn open() -> Result<(), String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: loading runs libtorch_cuda's static initialisers, which only register CUDA

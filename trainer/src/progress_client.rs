@@ -650,7 +650,7 @@ mod tests {
         let (port, _server) = serve_tls(recorder.clone());
         let mut r = ProgressReporter::start(tls_target(port, "ca.crt")).unwrap();
         iterate(&mut r, 1..=3);
-        r.checkpoint(3, Path::new("/ckpt/ckpt-000000003"));
+        r.checkpoint(3, Path::new("/ckpt/ckpt-000000003"), None);
         assert!(r.finish(Duration::from_secs(20)), "not delivered over TLS");
         let reports = recorder.reports.lock().unwrap().clone();
         assert_eq!(iterations(&reports).last().unwrap().iteration, 3);

@@ -272,7 +272,7 @@ async fn a_run_resumed_on_another_world_size_reports_the_reshard_in_the_status()
 async fn a_new_curriculum_phase_is_written_at_once_despite_the_write_interval() {
     let store = store_with_job(0);
     let endpoint = serve(store.clone()).await;
-    let token = progress_token(KEY, "uid-1");
+    let token = progress_token(KEY, "uid-1", 0);
     let phased = |i: u64, phase: &str| {
         let Event::Iteration(mut it) = iteration(i, 1.0) else {
             unreachable!()

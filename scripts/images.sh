@@ -53,7 +53,9 @@ done
 VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$ROOT/charts/dinoflow/Chart.yaml")"
 [[ -n "$VERSION" ]] || die "no appVersion in charts/dinoflow/Chart.yaml"
 REGISTRY=ghcr.io/dinoflow
-OUT="$DINOFLOW_CACHE/images"
+# DINOFLOW_IMAGES_DIR: where the archives go (default $DINOFLOW_CACHE/images); worktrees building
+# different binaries at once each set their own.
+OUT="${DINOFLOW_IMAGES_DIR:-$DINOFLOW_CACHE/images}"
 mkdir -p "$OUT"
 
 SITE="$(find "$DINOFLOW_VENV"/lib -maxdepth 2 -name site-packages -path '*/python3*' 2>/dev/null | head -1)"

@@ -24,13 +24,12 @@
 
 use std::time::Instant;
 
-use dinoflow_trainer::config::{flops_per_image, mask_collate_config, meta_arch_config};
+use dinoflow_trainer::config::{flops_per_image, meta_arch_config};
 use dinoflow_trainer::dist::Single;
-use dinoflow_trainer::masking::{MaskGenerator, collate_masks};
-use dinoflow_trainer::meta_arch::{MetaArch, SslBatch, TargetSource};
+use dinoflow_trainer::meta_arch::{MetaArch, TargetSource};
 use dinoflow_trainer::optim::{ScheduleValues, Schedules};
-use rand::SeedableRng;
-use tch::{Device, Kind, Tensor};
+use dinoflow_trainer::synthetic;
+use tch::Device;
 
 struct Args {
     config: String,
@@ -74,43 +73,6 @@ fn args() -> Result<Args, String> {
         );
     }
     Ok(a)
-}
-
-/// One synthetic collated batch: standard-normal crops (as the official timer's
-/// `torch.randn`), iBOT masks collated as the training loader does.
-fn batch(
-    t: &dinoflow_api::training::TrainingConfig,
-    patch: i64,
-    seed: u64,
-    device: Device,
-) -> Result<SslBatch, String> {
-    let b = i64::from(t.train.batch_size_per_gpu);
-    let (g, l) = (
-        i64::from(t.crops.global_crops_size),
-        i64::from(t.crops.local_crops_size),
-    );
-    let n_local = i64::from(t.crops.local_crops_number);
-    let generator =
-        MaskGenerator::for_global_crops(g as usize, patch as usize).map_err(|e| e.to_string())?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let m = collate_masks(
-        2 * b as usize,
-        &generator,
-        &mask_collate_config(t),
-        &mut rng,
-    )
-    .map_err(|e| e.to_string())?;
-    let opts = (Kind::Float, Device::Cpu);
-    // Crops are made on the host and copied, as a loader's batch is.
-    Ok(SslBatch {
-        global_crops: Tensor::randn([2 * b, 3, g, g], opts).to_device(device),
-        local_crops: Tensor::randn([n_local * b, 3, l, l], opts).to_device(device),
-        masks: m.masks.to_device(device),
-        mask_indices_list: m.mask_indices_list.to_device(device),
-        masks_weight: m.masks_weight.to_device(device),
-        n_masked_patches: m.n_masked_patches,
-        upperbound: m.upperbound,
-    })
 }
 
 /// Device memory in use (bytes) on CUDA device 0, through the driver (the caching allocator
@@ -183,8 +145,9 @@ fn main() -> Result<(), String> {
     let schedules = Schedules::new(&dinoflow_trainer::config::schedules_config(&t, 1))
         .map_err(|e| e.to_string())?;
     let batches = (0..4)
-        .map(|i| batch(&t, patch, i, device))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|i| synthetic::batch(&t, patch as usize, i, device))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let single = Single;
     let mut times = Vec::new();
     let mut losses = Vec::new();

@@ -29,6 +29,7 @@ pub mod precision;
 pub mod pretrain;
 pub mod pretrained;
 pub mod progress_client;
+pub mod synthetic;
 pub mod train_loop;
 pub mod weights;
 

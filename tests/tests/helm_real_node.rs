@@ -181,14 +181,17 @@ impl Env<'_> {
             .iter()
             .map(|p| {
                 let name = p["metadata"]["name"].as_str().unwrap().to_owned();
-                if p["status"]["phase"] == "Running" {
+                let phase = &p["status"]["phase"];
+                if phase == "Running" || phase == "Succeeded" {
                     assert_eq!(p["spec"]["nodeName"], REAL_NODE_NAME, "{name}");
-                    let ip = p["status"]["podIP"].as_str().unwrap_or("");
-                    assert!(ip.starts_with(subnet), "{name} has IP {ip}");
                     let id = p["status"]["containerStatuses"][0]["containerID"]
                         .as_str()
                         .unwrap_or("");
                     assert!(id.starts_with("containerd://"), "{name}: {id}");
+                }
+                if phase == "Running" {
+                    let ip = p["status"]["podIP"].as_str().unwrap_or("");
+                    assert!(ip.starts_with(subnet), "{name} has IP {ip}");
                 }
                 (name, p["metadata"]["uid"].as_str().unwrap().to_owned())
             })
@@ -279,10 +282,11 @@ fn apply(env: &Env, manifest: &str) {
     env.kubectl(&["apply", "-f", file.path().to_str().unwrap()]);
 }
 
-fn counters(status: &Value) -> Vec<(&'static str, Value)> {
+/// What a gang restart changes in the status (unset counts as 0).
+fn counters(status: &Value) -> Vec<(&'static str, i64)> {
     ["runAttempt", "restarts", "progressRestarts", "disruptions"]
         .into_iter()
-        .map(|k| (k, status[k].clone()))
+        .map(|k| (k, status[k].as_i64().unwrap_or(0)))
         .collect()
 }
 
@@ -382,11 +386,16 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
     // --- a tiny job to Succeeded, its trainer a container on the node.
     let started = Instant::now();
     apply(&env, &tiny_job("tiny", &trainer_ref, 6));
-    let running = wait_for(TIMEOUT, || {
-        let uids = env.pod_uids(&ns);
-        (!uids.is_empty()).then_some(uids)
+    // Its trainer runs as a container on the node (pod_uids checks node, IP and container).
+    let started_pod = wait_for(TIMEOUT, || {
+        let pods = env.json(&["get", "pods", "-n", &ns]);
+        pods["items"].as_array()?.iter().find_map(|p| {
+            let phase = p["status"]["phase"].as_str()?;
+            (phase == "Running" || phase == "Succeeded").then_some(())
+        })?;
+        Some(env.pod_uids(&ns))
     });
-    assert!(running.is_some(), "no pod for the tiny job");
+    assert!(started_pod.is_some(), "no running pod for the tiny job");
     let first_iteration = wait_for(TIMEOUT, || {
         let job = env.job(&ns, "tiny");
         (job["status"]["iteration"].as_i64().unwrap_or(0) >= 1
@@ -453,6 +462,17 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
             .then_some(())
     });
     assert!(moved.is_some(), "no progress reported to the new leader");
+    let long_pods_now = |env: &Env| -> BTreeMap<String, String> {
+        env.pod_uids(&ns)
+            .into_iter()
+            .filter(|(p, _)| p.starts_with("long-"))
+            .collect()
+    };
+    let pods_after = long_pods_now(&env);
+    // Gone only if the operator already cleaned up a Succeeded job's pods.
+    if !pods_after.is_empty() {
+        assert_eq!(pods_after, long_pods, "the upgrade replaced the job's pods");
+    }
     let long = env.wait_succeeded(&ns, "long");
     assert_eq!(
         counters(&long["status"]),
@@ -461,11 +481,7 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
         long["status"]
     );
     assert_eq!(long["status"]["iteration"], iterations.div_ceil(6) * 6);
-    let pods_after: BTreeMap<_, _> = env
-        .pod_uids(&ns)
-        .into_iter()
-        .filter(|(p, _)| p.starts_with("long-"))
-        .collect();
+    let pods_after = long_pods_now(&env);
     if !pods_after.is_empty() {
         assert_eq!(pods_after, long_pods, "the upgrade replaced the job's pods");
     }

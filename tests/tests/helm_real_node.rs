@@ -236,12 +236,13 @@ spec:
 /// The tiny example, one CPU pod from the CPU trainer image on the node: `iterations`
 /// iterations of 16 images, no evaluation, checkpoints every 6 iterations to the
 /// `checkpoints` claim, the dataset from the `dataset` claim.
-fn tiny_job(name: &str, image: &str, iterations: u64) -> String {
+fn tiny_job(ns: &str, name: &str, image: &str, iterations: u64) -> String {
     let example = repo_root().join("manifests/examples/tiny-cpu-fashion-mnist.yaml");
     let mut job: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(example).unwrap()).unwrap();
     let yaml = |s: &str| -> serde_yaml_ng::Value { serde_yaml_ng::from_str(s).unwrap() };
     job["metadata"]["name"] = yaml(name);
+    job["metadata"]["namespace"] = yaml(ns);
     let training = &mut job["spec"]["training"];
     training["optim"] = yaml(&format!(
         "{{epochs: {}, warmupEpochs: 0, freezeLastLayerEpochs: 0, baseLr: 0.004}}",
@@ -385,7 +386,7 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
 
     // --- a tiny job to Succeeded, its trainer a container on the node.
     let started = Instant::now();
-    apply(&env, &tiny_job("tiny", &trainer_ref, 6));
+    apply(&env, &tiny_job(&ns, "tiny", &trainer_ref, 6));
     // Its trainer runs as a container on the node (pod_uids checks node, IP and container).
     let started_pod = wait_for(TIMEOUT, || {
         let pods = env.json(&["get", "pods", "-n", &ns]);
@@ -423,7 +424,7 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
     let iterations = ((Duration::from_secs(60).as_secs_f64() / per_iteration.as_secs_f64())
         as u64)
         .clamp(30, 300);
-    apply(&env, &tiny_job("long", &trainer_ref, iterations));
+    apply(&env, &tiny_job(&ns, "long", &trainer_ref, iterations));
     let before = wait_for(TIMEOUT, || {
         let job = env.job(&ns, "long");
         (job["status"]["iteration"].as_i64().unwrap_or(0) >= 2).then_some(job)

@@ -319,16 +319,39 @@ fn api_server_values_set_the_kube_clients_address_and_a_host_alias() {
     );
 
     // Half a setting is refused with the fix.
-    assert_rejected(&["apiServer.host=kubernetes.default.svc"], "apiServer.host needs apiServer.port");
-    assert_rejected(&["apiServer.port=6443"], "apiServer.port needs apiServer.host");
-    assert_rejected(&["apiServer.address=10.70.1.1"], "apiServer.address needs apiServer.host");
     assert_rejected(
-        &["apiServer.host=10.70.1.1", "apiServer.port=6443", "apiServer.address=10.70.1.2"],
+        &["apiServer.host=kubernetes.default.svc"],
+        "apiServer.host needs apiServer.port",
+    );
+    assert_rejected(
+        &["apiServer.port=6443"],
+        "apiServer.port needs apiServer.host",
+    );
+    assert_rejected(
+        &["apiServer.address=10.70.1.1"],
+        "apiServer.address needs apiServer.host",
+    );
+    assert_rejected(
+        &[
+            "apiServer.host=10.70.1.1",
+            "apiServer.port=6443",
+            "apiServer.address=10.70.1.2",
+        ],
         "drop apiServer.address",
     );
     // The schema refuses a URL or an address that is not one.
-    assert_rejected(&["apiServer.host=https://api:6443", "apiServer.port=6443"], "/apiServer/host");
-    assert_rejected(&["apiServer.host=api", "apiServer.port=6443", "apiServer.address=api"], "/apiServer/address");
+    assert_rejected(
+        &["apiServer.host=https://api:6443", "apiServer.port=6443"],
+        "/apiServer/host",
+    );
+    assert_rejected(
+        &[
+            "apiServer.host=api",
+            "apiServer.port=6443",
+            "apiServer.address=api",
+        ],
+        "/apiServer/address",
+    );
     assert_rejected(&["service.type=NodePort"], "type");
 }
 

@@ -356,7 +356,10 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
         started.elapsed()
     );
     for (pod, _, _, _, account) in env.operator_pods() {
-        assert_eq!(account, OPERATOR, "{pod} runs as the chart's ServiceAccount");
+        assert_eq!(
+            account, OPERATOR,
+            "{pod} runs as the chart's ServiceAccount"
+        );
     }
 
     // --- storage an admin provides: the dataset (read-only) and a checkpoint directory.
@@ -421,8 +424,7 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
     // --- helm upgrade to the next tag while a longer job runs. Its length comes from the
     // speed just measured: long enough to outlast the hand-over, short enough to keep the test
     // fast.
-    let iterations = ((Duration::from_secs(60).as_secs_f64() / per_iteration.as_secs_f64())
-        as u64)
+    let iterations = ((Duration::from_secs(60).as_secs_f64() / per_iteration.as_secs_f64()) as u64)
         .clamp(30, 300);
     apply(&env, &tiny_job(&ns, "long", &trainer_ref, iterations));
     let before = wait_for(TIMEOUT, || {
@@ -492,7 +494,12 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
     env.helm(&["uninstall", RELEASE, "--wait"]);
     let gone = wait_for(TIMEOUT, || env.operator_pods().is_empty().then_some(()));
     assert!(gone.is_some(), "operator pods left after uninstall");
-    env.kubectl(&["get", "crd", "pretrainjobs.dinoflow.dev", "distilljobs.dinoflow.dev"]);
+    env.kubectl(&[
+        "get",
+        "crd",
+        "pretrainjobs.dinoflow.dev",
+        "distilljobs.dinoflow.dev",
+    ]);
     let jobs = env.kubectl(&["get", "pretrainjobs", "-n", &ns, "-o", "name"]);
     assert!(
         jobs.contains("tiny") && jobs.contains("long"),

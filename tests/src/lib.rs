@@ -18,7 +18,7 @@ mod prometheus;
 mod real_node;
 
 pub use apply::{apply_object, parse_manifests};
-pub use binaries::build_workspace_binary;
+pub use binaries::{build_workspace_binary, without_cargo_package_env};
 pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};
 pub use error::HarnessError;
 pub use fault_proxy::FaultProxy;

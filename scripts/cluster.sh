@@ -332,8 +332,12 @@ EOF
     --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
     --initial-cluster "dinoflow=http://127.0.0.1:$etcd_peer_port" \
     --log-level warn --unsafe-no-fsync
+  # All addresses (as kubeadm does), not only 127.0.0.1: pods of the real node (scripts/node.sh)
+  # reach the API server at the node's bridge address, which is made after the API server
+  # starts. Every request still needs TLS and a client certificate or token (RBAC); anonymous
+  # requests get only the public health and version endpoints.
   start_component kube-apiserver "$apiserver" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address 0.0.0.0 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \

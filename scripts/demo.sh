@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The main job on a local default (README's first command), through the real path: set up,
-# bring up the local control plane in out/cluster, install the CRDs, start the operator and
-# the local node agent (a Node whose pods run as local processes, tests/node-agent),
-# `kubectl apply` the tiny CPU example job, watch `kubectl get pretrainjobs` until it
-# succeeds, and print where its checkpoint is.
+# The main job on a local default (README's first command), through the production path: set
+# up, build the images (scripts/images.sh), start the local control plane in out/cluster with
+# its real node (scripts/node.sh: kubelet, containerd, CNI, CoreDNS) and import the images
+# into it, `helm install` the chart (the operator runs as a pod from its image, under the
+# chart's ServiceAccount and RBAC), provide the dataset and an output directory as
+# PersistentVolumes, `kubectl apply` the tiny CPU example job, watch `kubectl get
+# pretrainjobs` until it succeeds, and print where its checkpoint is.
 # The example is applied with a visible override (shown below): 2 epochs of 10 iterations
-# instead of 6 of 50, its output under out/demo, free ports (local pods share the host's). The cluster stays up afterwards for kubectl
-# (`scripts/cluster.sh down` stops it); the operator and the node agent stop with the script.
+# instead of 6 of 50, the dataset and output on the PersistentVolumeClaims. The cluster, its
+# node and the release stay up afterwards for kubectl (`scripts/cluster.sh down` stops them).
+# Needs root (the node).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,120 +30,145 @@ CLUSTER_DIR="${DINOFLOW_CLUSTER_DIR:-$ROOT/out/cluster}"
 DEMO_DIR="${DINOFLOW_DEMO_DIR:-$ROOT/out/demo}"
 EXAMPLE="$ROOT/manifests/examples/tiny-cpu-fashion-mnist.yaml"
 JOB=tiny-cpu-fashion-mnist
-OUTPUT="$DEMO_DIR/$JOB"
-# Each wait (node agent ready, job succeeded) gets this many seconds from its own start.
+JOB_NS=default
+RELEASE=dinoflow
+OPERATOR_NS=dinoflow-system
+DATASET=/usr/share/datasets/fashion-mnist
+# Each wait (operator ready, job succeeded) gets this many seconds from its own start.
 TIMEOUT="${DINOFLOW_DEMO_TIMEOUT:-900}"
 [[ -f "$EXAMPLE" ]] || die "$EXAMPLE is missing"
-shopt -s nullglob
-crds=("$ROOT"/crds/*.yaml)
-[[ ${#crds[@]} -gt 0 ]] || die "no crds/*.yaml (cargo run -p dinoflow-api --bin crdgen)"
+[[ -f "$DATASET/train-images-idx3-ubyte.gz" ]] || die "no $DATASET (scripts/setup.sh installs dataset-fashion-mnist)"
+[[ $EUID -eq 0 ]] || die "the local node (kubelet, containerd) needs root"
 mkdir -p "$DEMO_DIR"
+OUTPUT="$(cd "$DEMO_DIR" && pwd)/output"
 
-log "building the trainer, the operator and the node agent"
+log "building the trainer and the operator"
 built_from=$SECONDS
 # One package per build, as the tests build them: building them together unifies their
 # dependencies' features differently and would recompile them.
 cargo build -q -p dinoflow-trainer --bin dinoflow-trainer
 cargo build -q -p dinoflow-operator --bin dinoflow-operator
-cargo build -q -p dinoflow-node-agent --bin dinoflow-node-agent
-log "built in $((SECONDS - built_from)) s"
 BIN="$CARGO_TARGET_DIR/debug"
+log "built in $((SECONDS - built_from)) s; building the images (cached while the binaries are unchanged)"
+declare -A ARCHIVE=()
+while read -r ref archive; do ARCHIVE[$ref]=$archive; done < <(bash scripts/images.sh --bin-dir "$BIN")
+VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' charts/dinoflow/Chart.yaml)"
+OPERATOR_IMAGE="ghcr.io/dinoflow/dinoflow-operator:$VERSION"
+TRAINER_IMAGE="ghcr.io/dinoflow/dinoflow-trainer:$VERSION-cpu"
+for ref in "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do
+  [[ -n "${ARCHIVE[$ref]:-}" ]] || die "scripts/images.sh built no $ref"
+done
 
-log "local control plane in ${CLUSTER_DIR#"$ROOT"/}"
+log "local control plane and its node in ${CLUSTER_DIR#"$ROOT"/}"
 eval "$(bash scripts/cluster.sh up --dir "$CLUSTER_DIR")"
 export KUBECONFIG
-
-log "installing CRDs: ${crds[*]#"$ROOT"/}"
-bash scripts/cluster.sh install-crds --dir "$CLUSTER_DIR" "${crds[@]}"
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-# A stable key: per-job progress tokens are derived from it.
-KEY_FILE="$DEMO_DIR/progress.key"
-[[ -s "$KEY_FILE" ]] || (umask 077 && head -c 32 /dev/urandom | base64 >"$KEY_FILE")
-# The progress endpoint serves TLS, as with the chart: a local CA and a certificate it signs for
-# 127.0.0.1; the operator hands the CA to the job's pods, whose trainer verifies the endpoint.
-TLS_DIR="$DEMO_DIR/progress-tls"
-if [[ ! -s "$TLS_DIR/tls.crt" ]]; then
-  mkdir -p "$TLS_DIR"
-  (umask 077
-   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
-     -subj "/CN=dinoflow demo progress CA" -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" \
-     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
-   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=dinoflow-operator" \
-     -keyout "$TLS_DIR/tls.key" -out "$TLS_DIR/tls.csr" 2>/dev/null
-   openssl x509 -req -in "$TLS_DIR/tls.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
-     -CAcreateserial -days 3650 -out "$TLS_DIR/tls.crt" \
-     -extfile <(printf '%s\n' "subjectAltName=IP:127.0.0.1" "extendedKeyUsage=serverAuth") 2>/dev/null
-   rm -f "$TLS_DIR/tls.csr" "$TLS_DIR/ca.srl") || die "openssl could not make the demo's TLS files"
-fi
-PROGRESS_ADDR="127.0.0.1:$(free_port)"
-log "starting the operator (progress endpoint https://$PROGRESS_ADDR; log ${DEMO_DIR#"$ROOT"/}/operator.log)"
-"$BIN/dinoflow-operator" --kubeconfig "$KUBECONFIG" --progress-key-file "$KEY_FILE" \
-  --progress-addr "$PROGRESS_ADDR" --progress-endpoint "https://$PROGRESS_ADDR" \
-  --progress-tls-cert-file "$TLS_DIR/tls.crt" --progress-tls-key-file "$TLS_DIR/tls.key" \
-  --progress-tls-ca-file "$TLS_DIR/ca.crt" \
-  --health-addr "127.0.0.1:$(free_port)" --log-format text >"$DEMO_DIR/operator.log" 2>&1 &
-pids+=("$!")
-
-AGENT_LOG="$DEMO_DIR/node-agent.log"
-log "starting the node agent (pods run as local processes; log ${AGENT_LOG#"$ROOT"/})"
-"$BIN/dinoflow-node-agent" --kubeconfig "$KUBECONFIG" --node-name dinoflow-local \
-  --root "$DEMO_DIR/node" --binary "dinoflow-trainer=$BIN/dinoflow-trainer" >"$AGENT_LOG" 2>&1 &
-agent=$!
-pids+=("$agent")
-agent_start=$SECONDS
-until grep -q 'node dinoflow-local ready' "$AGENT_LOG"; do
-  kill -0 "$agent" 2>/dev/null || { cat "$AGENT_LOG" >&2; die "the node agent exited"; }
-  ((SECONDS - agent_start < TIMEOUT)) || die "the node agent did not become ready within ${TIMEOUT} s; see $AGENT_LOG"
-  sleep 0.5
-done
+bash scripts/node.sh up --dir "$CLUSTER_DIR"
+log "importing the images into the node (no registry: imagePullPolicy Never)"
+bash scripts/node.sh import --dir "$CLUSTER_DIR" "${ARCHIVE[$OPERATOR_IMAGE]}" "${ARCHIVE[$TRAINER_IMAGE]}"
 kubectl get nodes -o wide
+# shellcheck source=/dev/null
+source "$CLUSTER_DIR/node/node.env"
+
+# The node has no kube-proxy, so the `kubernetes` Service's ClusterIP does not route: the
+# operator reaches the API server at the bridge address under a name its certificate has
+# (charts/dinoflow values apiServer.*, scripts/NODE.md). Jobs without spec.cluster.image get
+# the CPU trainer image.
+log "helm install $RELEASE charts/dinoflow (namespace $OPERATOR_NS)"
+helm upgrade --install "$RELEASE" charts/dinoflow --namespace "$OPERATOR_NS" --create-namespace \
+  --set image.pullPolicy=Never --set trainerImage.tag="$VERSION-cpu" \
+  --set apiServer.host=kubernetes.default.svc --set apiServer.port="$APISERVER_PORT" \
+  --set apiServer.address="$APISERVER_HOST"
+# Ready = the leader with synced caches.
+kubectl -n "$OPERATOR_NS" rollout status deployment/dinoflow-operator --timeout="${TIMEOUT}s" ||
+  { kubectl -n "$OPERATOR_NS" logs deployment/dinoflow-operator --tail=50 >&2 || true; die "the operator did not become ready within ${TIMEOUT} s"; }
+kubectl -n "$OPERATOR_NS" get pods -o wide
+log "operator pod ready; leader: $(kubectl -n "$OPERATOR_NS" get lease dinoflow-operator-leader -o jsonpath='{.spec.holderIdentity}')"
+
+# Storage an admin provides (the chart's admission policy refuses hostPath volumes in jobs):
+# the dataset read-only and an output directory, each a PersistentVolume bound to its claim.
+mkdir -p "$OUTPUT"
+chmod 0777 "$OUTPUT" # the trainer runs as uid 1000
+volume() { # NAME HOST_DIR ACCESS_MODE
+  cat <<YAML
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: demo-$1}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [$3]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  claimRef: {namespace: $JOB_NS, name: demo-$1}
+  hostPath: {path: "$2", type: Directory}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: demo-$1, namespace: $JOB_NS}
+spec:
+  accessModes: [$3]
+  storageClassName: ""
+  volumeName: demo-$1
+  resources: {requests: {storage: 1Gi}}
+YAML
+}
+{ volume dataset "$DATASET" ReadOnlyMany; volume output "$OUTPUT" ReadWriteOnce; } | kubectl apply -f -
 
 # A rerun trains afresh: the previous demo job and its output go first (a trainer finding
 # the finished run's checkpoint would resume at the end and report nothing).
-kubectl delete pretrainjob "$JOB" --ignore-not-found --wait >/dev/null
-rm -rf -- "$OUTPUT"
-# The node agent's pods share this host's network: a free rendezvous port and an ephemeral
-# metrics port instead of the example's fixed 29500 and 9464, which may be taken here.
-OVERRIDE="{\"spec\":{\"training\":{\"optim\":{\"epochs\":2},\"train\":{\"officialEpochLength\":10},\"output\":{\"dir\":\"$OUTPUT\"},\"logging\":{\"metricsPort\":0}},\"cluster\":{\"masterPort\":$(free_port)}}}"
+kubectl -n "$JOB_NS" delete pretrainjob "$JOB" --ignore-not-found --wait >/dev/null
+rm -rf -- "${OUTPUT:?}/$JOB"
+OVERRIDE='{"spec":{"training":{"optim":{"epochs":2},"train":{"officialEpochLength":10},'
+OVERRIDE+='"data":{"path":"/data/train-images-idx3-ubyte.gz","valPath":"/data/t10k-images-idx3-ubyte.gz"},'
+OVERRIDE+="\"output\":{\"dir\":\"/output/$JOB\"}},"
+OVERRIDE+='"cluster":{"imagePullPolicy":"Never","volumes":['
+OVERRIDE+='{"name":"dataset","mountPath":"/data","readOnly":true,"persistentVolumeClaim":{"claimName":"demo-dataset","readOnly":true}},'
+OVERRIDE+='{"name":"output","mountPath":"/output","persistentVolumeClaim":{"claimName":"demo-output"}}]}}}'
 log "applying ${EXAMPLE#"$ROOT"/} with the override $OVERRIDE"
-kubectl patch --local -f "$EXAMPLE" --type merge -p "$OVERRIDE" -o yaml | kubectl apply -f -
+kubectl patch --local -f "$EXAMPLE" --type merge -p "$OVERRIDE" -o yaml | kubectl -n "$JOB_NS" apply -f -
 applied=$SECONDS
 echo
 
+pod_logs() {
+  local pod
+  for pod in $(kubectl -n "$JOB_NS" get pods -l "dinoflow.dev/job=$JOB" -o name); do
+    printf -- '--- %s\n' "$pod" >&2
+    kubectl -n "$JOB_NS" logs "$pod" --tail=40 >&2 || true
+  done
+}
 log "watching the job until it succeeds (k-NN and linear probe at the start and the end)"
 columns='NAME:.metadata.name,PHASE:.status.phase,ITERATION:.status.iteration,TOTAL:.status.totalIterations,LOSS:.status.losses.total,CHECKPOINT:.status.lastCheckpoint.iteration'
 last=""
+shown_pod=false
 while true; do
-  line=$(kubectl get pretrainjob "$JOB" --no-headers -o "custom-columns=$columns")
+  line=$(kubectl -n "$JOB_NS" get pretrainjob "$JOB" --no-headers -o "custom-columns=$columns")
   [[ "$line" != "$last" ]] && { printf '%s\n' "$line"; last=$line; }
-  phase=$(kubectl get pretrainjob "$JOB" -o jsonpath='{.status.phase}')
+  phase=$(kubectl -n "$JOB_NS" get pretrainjob "$JOB" -o jsonpath='{.status.phase}')
+  if ! $shown_pod && [[ "$phase" == Running ]]; then
+    pod=$(kubectl -n "$JOB_NS" get pods -l "dinoflow.dev/job=$JOB" \
+      -o jsonpath='{range .items[*]}{.metadata.name} on node {.spec.nodeName}, IP {.status.podIP}, {.status.containerStatuses[0].containerID}{"\n"}{end}')
+    [[ "$pod" == *containerd://* ]] && { log "trainer pod $pod"; shown_pod=true; }
+  fi
   [[ "$phase" == Succeeded ]] && break
   if [[ "$phase" == Failed ]]; then
-    kubectl describe pretrainjob "$JOB" >&2
-    die "the job failed; pod logs: $(find "$DEMO_DIR/node/pods" -name '*.log' | tr '\n' ' ')"
+    kubectl -n "$JOB_NS" describe pretrainjob "$JOB" >&2
+    pod_logs
+    die "the job failed"
   fi
   if ((SECONDS - applied >= TIMEOUT)); then
-    kubectl describe pretrainjob "$JOB" >&2
-    die "the job did not succeed within ${TIMEOUT} s; pod logs: $(find "$DEMO_DIR/node/pods" -name '*.log' | tr '\n' ' ')"
+    kubectl -n "$JOB_NS" describe pretrainjob "$JOB" >&2
+    pod_logs
+    die "the job did not succeed within ${TIMEOUT} s"
   fi
   sleep 2
 done
 echo
-kubectl get pretrainjob "$JOB" -o wide
-kubectl get pretrainjob "$JOB" -o jsonpath='{range .status.evaluations[*]}[demo] evaluation {.name} at iteration {.iteration}: {.metrics}{"\n"}{end}'
-CHECKPOINT=$(kubectl get pretrainjob "$JOB" -o jsonpath='{.status.lastCheckpoint.path}')
-log "checkpoint (verified by the trainer, reported in the job's status): $CHECKPOINT"
-log "metrics.jsonl and logs: ${OUTPUT#"$ROOT"/}; pod logs: ${DEMO_DIR#"$ROOT"/}/node/pods"
+kubectl -n "$JOB_NS" get pretrainjob "$JOB" -o wide
+kubectl -n "$JOB_NS" get pretrainjob "$JOB" -o jsonpath='{range .status.evaluations[*]}[demo] evaluation {.name} at iteration {.iteration}: {.metrics}{"\n"}{end}'
+CHECKPOINT=$(kubectl -n "$JOB_NS" get pretrainjob "$JOB" -o jsonpath='{.status.lastCheckpoint.path}')
+log "checkpoint (verified by the trainer, reported in the job's status): $CHECKPOINT, on this host ${OUTPUT#"$ROOT"/}/${CHECKPOINT#/output/}"
+log "metrics.jsonl and logs: ${OUTPUT#"$ROOT"/}/$JOB; trainer log: kubectl logs -l dinoflow.dev/job=$JOB"
 log "done in $((SECONDS - START - SKEW)) s"
 echo
-log "cluster still up. To use it: export KUBECONFIG=$KUBECONFIG"
-log "to stop it: scripts/cluster.sh down --dir ${CLUSTER_DIR#"$ROOT"/}"
+log "cluster, node and release still up. To use them: export KUBECONFIG=$KUBECONFIG"
+log "to stop them: scripts/cluster.sh down --dir ${CLUSTER_DIR#"$ROOT"/}"

@@ -126,6 +126,10 @@ stage_base() {
   printf 'root:x:0:0:root:/root:/sbin/nologin\ndinoflow:x:1000:1000:dinoflow:/tmp:/sbin/nologin\n' \
     >"$rootfs/etc/passwd"
   printf 'root:x:0:\ndinoflow:x:1000:\n' >"$rootfs/etc/group"
+  # /etc/hosts first (the kubelet writes a pod's hostAliases there): without this file glibc
+  # asks DNS first, which for kubernetes.default.svc answers a ClusterIP that nothing routes on
+  # a cluster without kube-proxy (the local node; charts/dinoflow apiServer.* values).
+  printf 'hosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
 }
 
 stage_operator() {

@@ -7,6 +7,7 @@
 #   scripts/node.sh down   [--dir DIR]         delete its pods, stop it, remove what it left
 #   scripts/node.sh status [--dir DIR]         processes and the Node's Ready condition
 #   scripts/node.sh import [--dir DIR] FILE... import oci-archive images into the node's containerd
+#   scripts/node.sh tag    [--dir DIR] SOURCE TARGET  give an image in the node a second name
 #   scripts/node.sh busybox-image              build (once, cached) a busybox test image as an
 #                                              oci-archive; prints its path and image name
 #
@@ -246,6 +247,18 @@ cmd_busybox_image() {
     rm -rf "$tmp"
   fi
   printf '%s %s\n' "$archive" "$name"
+}
+
+# The API server's port (cluster.sh binds it on every address, so pods reach it at the bridge's
+# address; there is no kube-proxy behind the `kubernetes` Service's ClusterIP).
+api_port() { awk -F: '/server:/ { print $NF; exit }' "$DIR/kubeconfig"; }
+
+# tag SOURCE TARGET: a second name for an image already in the node (e.g. a new release tag of
+# the same archive), as a registry push of a re-tagged image would give.
+cmd_tag() {
+  [[ ${#FILES[@]} -eq 2 ]] || die "tag needs SOURCE and TARGET image references"
+  [[ -S "$SOCK" ]] || die "no node in $DIR (no $SOCK): run $SELF up --dir $DIR"
+  ctr_node images tag --force "${FILES[0]}" "${FILES[1]}" >&2
 }
 
 cmd_import() {
@@ -543,6 +556,8 @@ KUBELET_HEALTHZ_PORT=$KUBELET_HEALTHZ_PORT
 COREDNS_READY_PORT=$COREDNS_READY_PORT
 CONTAINERD_ADDRESS=unix://$SOCK
 PAUSE_IMAGE=$PAUSE_IMAGE
+APISERVER_HOST=$SUBNET.1
+APISERVER_PORT=$(api_port)
 EOF
   make_cgroup_root
 
@@ -667,7 +682,8 @@ case "$cmd" in
   down) cmd_down ;;
   status) cmd_status ;;
   import) cmd_import ;;
+  tag) cmd_tag ;;
   busybox-image) cmd_busybox_image ;;
   -h | --help | help) usage ;;
-  *) die "unknown command '$cmd': use up, down, status, import or busybox-image" ;;
+  *) die "unknown command '$cmd': use up, down, status, import, tag or busybox-image" ;;
 esac

@@ -21,6 +21,7 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
     })?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
+    without_cargo_package_env(&mut cmd);
     cmd.args(["build", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target)
         .current_dir(crate::repo_root());
@@ -50,6 +51,32 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
             output: format!("cargo succeeded but {} does not exist", path.display()),
         })
     }
+}
+
+/// Removes from `cmd` the env `cargo test` gives a test of its package (CARGO_MANIFEST_DIR,
+/// CARGO_PKG_NAME, ...), for a child that runs cargo. Build scripts that watch such a variable
+/// (ring's does: rerun-if-env-changed=CARGO_MANIFEST_DIR) would see it change between that
+/// build and the next `cargo test`, rerun, and rebuild everything above them both times.
+pub fn without_cargo_package_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key == "OUT_DIR"
+            || [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_BIN_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd
 }
 
 /// (target dir, profile dir name) of an executable at `<target>/<profile>/[deps/]<exe>`.

@@ -10,6 +10,7 @@ mod binaries;
 mod cluster;
 mod error;
 mod fault_proxy;
+mod images;
 mod invalid;
 mod kubectl;
 mod paths;
@@ -17,10 +18,11 @@ mod prometheus;
 mod real_node;
 
 pub use apply::{apply_object, parse_manifests};
-pub use binaries::build_workspace_binary;
+pub use binaries::{build_workspace_binary, without_cargo_package_env};
 pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};
 pub use error::HarnessError;
 pub use fault_proxy::FaultProxy;
+pub use images::{app_version, container_images};
 pub use invalid::{InvalidCase, load_invalid_cases};
 pub use kubectl::KubectlOutput;
 pub use paths::{

@@ -75,6 +75,21 @@ impl RealNode {
         .map(drop)
     }
 
+    /// Gives `source`, an image in the node, the second name `target` (a new tag of the same
+    /// image, as a registry would serve a re-tagged push).
+    pub fn tag(&self, source: &str, target: &str) -> Result<(), HarnessError> {
+        run_node_script(
+            "tag",
+            [
+                OsStr::new("--dir"),
+                self.cluster_dir.as_os_str(),
+                OsStr::new(source),
+                OsStr::new(target),
+            ],
+        )
+        .map(drop)
+    }
+
     /// The busybox test image (built once with buildah, cached): its archive and image name.
     pub fn busybox_image() -> Result<(PathBuf, String), HarnessError> {
         let out = run_node_script("busybox-image", [])?;

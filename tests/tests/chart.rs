@@ -267,11 +267,98 @@ fn only_the_leader_is_ready_and_updates_replace_the_replicas_at_once() {
     let deployment = object(&objects, "Deployment", "dinoflow-operator");
     // A rolling update would wait forever for a new replica that cannot lead.
     assert_eq!(deployment.data["spec"]["strategy"]["type"], "Recreate");
+    // Headless: DNS answers with Ready pods only (the leader), and needs no kube-proxy.
+    let service = object(&objects, "Service", "dinoflow-operator");
+    assert_eq!(service.data["spec"]["clusterIP"], "None");
+    assert!(service.data["spec"].get("type").is_none());
+}
+
+/// Env vars the kube client's in-cluster config reads (the chart's apiServer.* values).
+const KUBE_CLIENT_ENV: [&str; 2] = ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"];
+
+#[test]
+fn api_server_values_set_the_kube_clients_address_and_a_host_alias() {
+    let env_value = |container: &serde_json::Value, name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    // Default: the kubelet's values, no alias.
+    let objects = render(&[]);
+    let container = operator_container(&objects);
+    for name in KUBE_CLIENT_ENV {
+        assert_eq!(env_value(&container, name), None);
+    }
+    let pod = &object(&objects, "Deployment", "dinoflow-operator").data["spec"]["template"]["spec"];
+    assert!(pod.get("hostAliases").is_none());
+
+    let objects = render(&[
+        "--set",
+        "apiServer.host=kubernetes.default.svc",
+        "--set",
+        "apiServer.port=24443",
+        "--set",
+        "apiServer.address=10.70.1.1",
+    ]);
+    let container = operator_container(&objects);
+    assert_eq!(
+        env_value(&container, "KUBERNETES_SERVICE_HOST").as_deref(),
+        Some("kubernetes.default.svc")
+    );
+    assert_eq!(
+        env_value(&container, "KUBERNETES_SERVICE_PORT").as_deref(),
+        Some("24443")
+    );
+    let pod = &object(&objects, "Deployment", "dinoflow-operator").data["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["hostAliases"],
+        serde_json::json!([{"ip": "10.70.1.1", "hostnames": ["kubernetes.default.svc"]}])
+    );
+
+    // Half a setting is refused with the fix.
+    assert_rejected(
+        &["apiServer.host=kubernetes.default.svc"],
+        "apiServer.host needs apiServer.port",
+    );
+    assert_rejected(
+        &["apiServer.port=6443"],
+        "apiServer.port needs apiServer.host",
+    );
+    assert_rejected(
+        &["apiServer.address=10.70.1.1"],
+        "apiServer.address needs apiServer.host",
+    );
+    assert_rejected(
+        &[
+            "apiServer.host=10.70.1.1",
+            "apiServer.port=6443",
+            "apiServer.address=10.70.1.2",
+        ],
+        "drop apiServer.address",
+    );
+    // The schema refuses a URL or an address that is not one.
+    assert_rejected(
+        &["apiServer.host=https://api:6443", "apiServer.port=6443"],
+        "/apiServer/host",
+    );
+    assert_rejected(
+        &[
+            "apiServer.host=api",
+            "apiServer.port=6443",
+            "apiServer.address=api",
+        ],
+        "/apiServer/address",
+    );
+    assert_rejected(&["service.type=NodePort"], "type");
 }
 
 #[test]
 fn the_deployment_sets_only_env_vars_the_operator_reads() {
-    let known = dinoflow_operator::settings::env_names();
+    let mut known = dinoflow_operator::settings::env_names();
+    known.extend(KUBE_CLIENT_ENV.map(str::to_owned));
     for extra in [
         &[][..],
         &[
@@ -279,6 +366,10 @@ fn the_deployment_sets_only_env_vars_the_operator_reads() {
             "operator.watchNamespace=ml",
             "--set",
             "operator.logFormat=text",
+            "--set",
+            "apiServer.host=kubernetes.default.svc",
+            "--set",
+            "apiServer.port=6443",
         ][..],
     ] {
         let objects = render(extra);

@@ -10,40 +10,13 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-use dinoflow_e2e::{build_workspace_binary, repo_root};
+use dinoflow_e2e::{container_images, repo_root};
 use serde_yaml_ng::Value;
 
 /// The images the script printed: reference -> oci-archive.
 fn images() -> &'static BTreeMap<String, PathBuf> {
-    static IMAGES: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let operator = build_workspace_binary("dinoflow-operator", "dinoflow-operator").unwrap();
-        build_workspace_binary("dinoflow-trainer", "dinoflow-trainer").unwrap();
-        let bin_dir = operator.parent().unwrap();
-        let out = Command::new(repo_root().join("scripts/images.sh"))
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .output()
-            .expect("run scripts/images.sh");
-        assert!(
-            out.status.success(),
-            "scripts/images.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let (reference, archive) = line.split_once(' ').expect("<reference> <archive>");
-                let archive = PathBuf::from(archive);
-                assert!(archive.is_file(), "{line}: no archive");
-                (reference.to_string(), archive)
-            })
-            .collect()
-    })
+    container_images().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn yaml(path: &str) -> Value {

@@ -453,7 +453,7 @@ async fn a_pretrain_job_and_a_distill_job_of_the_same_name_run_side_by_side() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = env.status("twin").await;
     assert_eq!(s.phase.map(|p| p.as_str()), Some("Running"));
-    assert_eq!((s.restarts, s.disruptions), (Some(0), Some(0)));
+    assert_eq!((s.restarts, s.disruptions.unwrap_or(0)), (Some(0), 0));
     assert_eq!(
         names(&env.kind_pods("PretrainJob", "twin").await),
         ["twin-a0-0", "twin-a0-1"]

@@ -35,7 +35,7 @@ async fn a_refused_child_is_reported_and_retried_with_growing_intervals() {
     let synced = s.condition("Synced").unwrap();
     assert_eq!(synced.reason, "KubernetesAPIError");
     assert!(
-        synced.message.contains("team"),
+        synced.message.contains("metadata.labels") && synced.message.contains("not a label value!"),
         "the API server's refusal, naming the field: {}",
         synced.message
     );

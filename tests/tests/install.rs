@@ -414,7 +414,8 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
         .await
         .unwrap();
 
-    // A DistillJob of the same name: refused, nothing of the PretrainJob's taken over.
+    // A DistillJob of the same name: it runs beside the PretrainJob under its own children
+    // (lp-distill...), nothing of the PretrainJob's taken over.
     let distill: DistillJob = serde_json::from_value(json!({
         "apiVersion": "dinoflow.dev/v1alpha1",
         "kind": "DistillJob",
@@ -451,16 +452,24 @@ async fn the_operator_runs_a_job_with_exactly_the_charts_permissions() {
             .then_some(())
     })
     .await;
-    // Still only the PretrainJob's children: the DistillJob got no pods and took nothing over.
-    let kinds: Vec<String> = pods
-        .list(&lp)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|p| p.labels()["dinoflow.dev/job-kind"].clone())
-        .collect();
-    assert_eq!(kinds, ["PretrainJob", "PretrainJob"]);
+    // The DistillJob's pod beside the PretrainJob's two, each under its own name.
+    let by_kind = wait("the DistillJob's pod", || async {
+        let mut items: Vec<(String, String)> = (pods.list(&lp).await.ok()?.items.iter())
+            .map(|p| (p.labels()["dinoflow.dev/job-kind"].clone(), p.name_any()))
+            .collect();
+        items.sort();
+        (items.len() == 3).then_some(items)
+    })
+    .await;
+    let pair = |k: &str, n: &str| (k.to_string(), n.to_string());
+    assert_eq!(
+        by_kind,
+        [
+            pair("DistillJob", "lp-distill-a0-0"),
+            pair("PretrainJob", "lp-a0-0"),
+            pair("PretrainJob", "lp-a0-1")
+        ]
+    );
     let service = Api::<Service>::namespaced(admin.clone(), &ns)
         .get("lp")
         .await

@@ -2,306 +2,18 @@
 //! exit codes through the pod status subresource. Each test runs its own operator scoped to
 //! its own namespace, so tests do not see each other's jobs.
 
-use std::collections::BTreeMap;
+mod operator_env;
+
 use std::time::Duration;
 
-use dinoflow_api::contract::{LABEL_JOB, LABEL_RUN_ATTEMPT};
-use dinoflow_api::status::JobStatus;
-use dinoflow_api::{DistillJob, PretrainJob};
+use dinoflow_api::DistillJob;
 use dinoflow_e2e::{FaultProxy, TestCluster};
-use dinoflow_operator::controller::{self, Scope};
-use dinoflow_operator::health::Readiness;
 use dinoflow_operator::leader::{self, Leadership, LeaseTiming};
-use dinoflow_operator::metrics::Metrics;
-use dinoflow_operator::settings::Settings;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use operator_env::{Env, TIMEOUT, env_map, start_operator, wait};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Installs the CRDs (generated from the Rust types) once per test binary.
-async fn install_crds(client: &Client) {
-    static DONE: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
-    let mut done = DONE.lock().await;
-    if *done {
-        return;
-    }
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [PretrainJob::crd(), DistillJob::crd()] {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("dinoflow-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("installing CRD {name}: {e}"));
-        wait(TIMEOUT, &format!("CRD {name} established"), || async {
-            let c = crds.get(&name).await.ok()?;
-            let established = c
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
-        })
-        .await;
-    }
-    *done = true;
-}
-
-/// Polls `check` every 200 ms until it returns Some; panics naming `what` after `timeout`.
-async fn wait<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A namespace with an operator watching it.
-struct Env {
-    client: Client,
-    ns: String,
-    operator: Option<Operator>,
-}
-
-struct Operator {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn settings() -> Settings {
-    Settings {
-        default_image: "dinoflow/trainer:test".into(),
-        progress_endpoint: "http://127.0.0.1:9090".into(),
-        progress_key: b"integration-test-key".to_vec(),
-        progress_ca: None,
-    }
-}
-
-fn start_operator(client: &Client, ns: &str, leadership: Leadership) -> Operator {
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
-        client.clone(),
-        settings(),
-        Metrics::default(),
-        leadership,
-        Readiness::default(),
-        Scope {
-            namespace: Some(ns.to_string()),
-        },
-        stop.clone(),
-    ));
-    Operator { stop, task }
-}
-
-/// Reports a stop that needed the graceful-shutdown timeout (in the test's output on failure).
-struct SlowStop(std::time::Instant);
-
-impl Drop for SlowStop {
-    fn drop(&mut self) {
-        if self.0.elapsed() > Duration::from_secs(5) {
-            eprintln!("operator stop took {:?}", self.0.elapsed());
-        }
-    }
-}
-
-impl Operator {
-    async fn stop(self) {
-        self.stop.cancel();
-        let started = std::time::Instant::now();
-        let _slow = SlowStop(started);
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("the operator stops within 60 s of cancellation")
-            .expect("the operator task does not panic");
-    }
-}
-
-impl Env {
-    async fn start(prefix: &str) -> Self {
-        let mut env = Self::without_operator(prefix).await;
-        env.operator = Some(start_operator(&env.client, &env.ns, Leadership::always()));
-        env
-    }
-
-    async fn without_operator(prefix: &str) -> Self {
-        let cluster = TestCluster::shared();
-        let client = cluster.client().await.expect("client for the test cluster");
-        install_crds(&client).await;
-        let ns = cluster.create_namespace(prefix).expect("namespace");
-        Self {
-            client,
-            ns,
-            operator: None,
-        }
-    }
-
-    fn pretrain(&self) -> Api<PretrainJob> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    async fn create_pretrain(&self, name: &str, cluster: serde_json::Value) -> PretrainJob {
-        let job: PretrainJob = serde_json::from_value(json!({
-            "apiVersion": "dinoflow.dev/v1alpha1",
-            "kind": "PretrainJob",
-            "metadata": { "name": name },
-            "spec": { "training": { "data": { "path": "/data/train" } }, "cluster": cluster },
-        }))
-        .expect("valid PretrainJob");
-        self.pretrain()
-            .create(&PostParams::default(), &job)
-            .await
-            .expect("create PretrainJob")
-    }
-
-    async fn status(&self, name: &str) -> JobStatus {
-        self.pretrain()
-            .get(name)
-            .await
-            .expect("get job")
-            .status
-            .unwrap_or_default()
-    }
-
-    async fn wait_status(
-        &self,
-        name: &str,
-        what: &str,
-        f: impl Fn(&JobStatus) -> bool,
-    ) -> JobStatus {
-        wait(TIMEOUT, what, || async {
-            let s = self.status(name).await;
-            f(&s).then_some(s)
-        })
-        .await
-    }
-
-    /// Pods of `job` (any attempt), sorted by name.
-    async fn job_pods(&self, job: &str) -> Vec<Pod> {
-        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={job}"));
-        let mut pods = self.pods().list(&lp).await.expect("list pods").items;
-        pods.sort_by_key(|p| p.name_any());
-        pods
-    }
-
-    /// Waits until the job's pods are exactly those of `attempt`, `n` of them.
-    async fn wait_gang(&self, job: &str, attempt: i32, n: usize) -> Vec<Pod> {
-        wait(
-            TIMEOUT,
-            &format!("{n} pods of attempt {attempt}"),
-            || async {
-                let pods = self.job_pods(job).await;
-                let all_current = pods
-                    .iter()
-                    .all(|p| p.labels().get(LABEL_RUN_ATTEMPT) == Some(&attempt.to_string()));
-                (pods.len() == n && all_current).then_some(pods)
-            },
-        )
-        .await
-    }
-
-    /// Waits until exactly `n` objects of kind `K` carry the job's label.
-    async fn wait_children<K>(&self, job: &str, n: usize) -> Vec<K>
-    where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
-    {
-        let api: Api<K> = Api::namespaced(self.client.clone(), &self.ns);
-        let selector = format!("{LABEL_JOB}={job}");
-        wait(
-            TIMEOUT,
-            &format!("{n} {} of job {job}", K::kind(&Default::default())),
-            || async {
-                let items = api
-                    .list(&ListParams::default().labels(&selector))
-                    .await
-                    .ok()?
-                    .items;
-                (items.len() == n).then_some(items)
-            },
-        )
-        .await
-    }
-
-    /// Plays kubelet: marks a pod running.
-    async fn run_pod(&self, name: &str) {
-        let status = json!({ "status": {
-            "phase": "Running",
-            "containerStatuses": [{
-                "name": "trainer", "image": "dinoflow/trainer:test", "imageID": "", "ready": true,
-                "restartCount": 0, "state": { "running": { "startedAt": "2026-01-01T00:00:00Z" } }
-            }]
-        }});
-        self.pods()
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("set pod running");
-    }
-
-    /// Plays kubelet: the trainer container exited with `code`.
-    async fn exit_pod(&self, name: &str, code: i32) {
-        let phase = if code == 0 { "Succeeded" } else { "Failed" };
-        let status = json!({ "status": {
-            "phase": phase,
-            "containerStatuses": [{
-                "name": "trainer", "image": "dinoflow/trainer:test", "imageID": "", "ready": false,
-                "restartCount": 0, "state": { "terminated": {
-                    "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-                    "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"
-                } }
-            }]
-        }});
-        self.pods()
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("set pod exit");
-    }
-
-    async fn stop(mut self) {
-        if let Some(op) = self.operator.take() {
-            op.stop().await;
-        }
-        let _ = TestCluster::shared().kubectl([
-            "delete",
-            "namespace",
-            self.ns.as_str(),
-            "--wait=false",
-        ]);
-    }
-}
-
-fn env_map(pod: &Pod) -> BTreeMap<String, String> {
-    pod.spec.as_ref().unwrap().containers[0]
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_node_job_creates_exactly_its_service_configmap_and_two_pods_with_the_env_contract() {
@@ -652,5 +364,164 @@ async fn force_deleted_pod_restarts_the_running_gang_instead_of_joining_a_replac
         .wait_status("v", "disruption recorded", |s| s.disruptions == Some(1))
         .await;
     assert_eq!((s.restarts, s.run_attempt), (Some(0), Some(1)));
+    env.stop().await;
+}
+
+/// A PretrainJob and a DistillJob of one name run side by side in one namespace, each with
+/// its own children (the DistillJob's named `<name>-distill...`), neither touching the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pretrain_job_and_a_distill_job_of_the_same_name_run_side_by_side() {
+    let env = Env::start("op-same-name").await;
+    env.create_pretrain("twin", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let student: DistillJob = serde_json::from_value(json!({
+        "apiVersion": "dinoflow.dev/v1alpha1", "kind": "DistillJob",
+        "metadata": { "name": "twin" },
+        "spec": {
+            "teacher": { "checkpoint": { "format": "dinoflow", "path": "/ckpt/teacher" } },
+            "training": { "data": { "path": "/data/train" } },
+            "cluster": { "nodes": 1, "gpusPerNode": 0 },
+        },
+    }))
+    .expect("valid DistillJob");
+    env.distill()
+        .create(&PostParams::default(), &student)
+        .await
+        .unwrap();
+    let gang = |kind: &'static str, n: usize| {
+        let env = &env;
+        wait(TIMEOUT, kind, move || async move {
+            let pods = env.kind_pods(kind, "twin").await;
+            (pods.len() == n).then_some(pods)
+        })
+    };
+    let pretrain_pods = gang("PretrainJob", 2).await;
+    let distill_pods = gang("DistillJob", 1).await;
+    let names = |pods: &[k8s_openapi::api::core::v1::Pod]| {
+        pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&pretrain_pods), ["twin-a0-0", "twin-a0-1"]);
+    assert_eq!(names(&distill_pods), ["twin-distill-a0-0"]);
+    let e = env_map(&distill_pods[0]);
+    assert_eq!(
+        e["MASTER_ADDR"],
+        format!("twin-distill-a0-0.twin-distill.{}.svc", env.ns)
+    );
+    assert_eq!(e["DINOFLOW_JOB"], "twin");
+    assert_eq!(e["DINOFLOW_JOB_KIND"], "DistillJob");
+    assert_eq!(
+        env_map(&pretrain_pods[1])["MASTER_ADDR"],
+        format!("twin-a0-0.twin.{}.svc", env.ns)
+    );
+
+    // Each kind's Service and ConfigMap, owned by its own job; the Services select by kind.
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    for (service, config, kind) in [
+        ("twin", "twin-config", "PretrainJob"),
+        ("twin-distill", "twin-distill-config", "DistillJob"),
+    ] {
+        let svc = wait(TIMEOUT, service, || async {
+            services.get(service).await.ok()
+        })
+        .await;
+        assert_eq!(svc.owner_references()[0].kind, kind);
+        let selector = svc.spec.unwrap().selector.unwrap();
+        assert_eq!(selector["dinoflow.dev/job-kind"], kind);
+        let cm = wait(TIMEOUT, config, || async {
+            config_maps.get(config).await.ok()
+        })
+        .await;
+        assert_eq!(cm.owner_references()[0].kind, kind);
+        assert!(cm.data.unwrap()["config.yaml"].contains(&format!("kind: {kind}")));
+    }
+
+    // Both run; the DistillJob fails for good, the PretrainJob is untouched by it.
+    for p in pretrain_pods.iter().chain(&distill_pods) {
+        env.run_pod(&p.name_any()).await;
+    }
+    env.wait_status("twin", "PretrainJob Running", |s| {
+        s.phase.map(|p| p.as_str()) == Some("Running")
+    })
+    .await;
+    env.exit_pod("twin-distill-a0-0", 78).await;
+    wait(TIMEOUT, "DistillJob Failed", || async {
+        let s = env.distill().get("twin").await.ok()?.status?;
+        s.is_true("Failed").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = env.status("twin").await;
+    assert_eq!(s.phase.map(|p| p.as_str()), Some("Running"));
+    assert_eq!((s.restarts, s.disruptions.unwrap_or(0)), (Some(0), 0));
+    assert_eq!(
+        names(&env.kind_pods("PretrainJob", "twin").await),
+        ["twin-a0-0", "twin-a0-1"]
+    );
+    env.stop().await;
+}
+
+/// A child's name taken by an object the job does not own (here a person's ConfigMap) is
+/// not written over: the job says why (`Synced=False`, a Warning event) and creates no pod
+/// that would mount it; once the name is free, the job proceeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_name_taken_by_an_object_the_job_does_not_own_is_not_overwritten() {
+    let env = Env::start("op-not-owned").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let theirs: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "mine-config" },
+        "data": { "keep": "me" },
+    }))
+    .unwrap();
+    config_maps
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    env.create_pretrain("mine", json!({"nodes": 2, "gpusPerNode": 0}))
+        .await;
+    let s = env
+        .wait_status("mine", "Synced=False", |s| {
+            s.condition("Synced").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let synced = s.condition("Synced").unwrap();
+    assert_eq!(synced.reason, "InvalidJob");
+    for part in ["ConfigMap", "mine-config", "has no controller", "delete"] {
+        assert!(synced.message.contains(part), "{part}: {}", synced.message);
+    }
+    wait(TIMEOUT, "a ReconcileError event", || async {
+        let events = env.events("mine").await;
+        events
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ReconcileError")
+                    && e.note.as_deref().is_some_and(|n| n.contains("mine-config"))
+            })
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept = config_maps.get("mine-config").await.unwrap();
+    assert_eq!(
+        kept.data.clone().unwrap(),
+        [("keep".to_string(), "me".to_string())].into()
+    );
+    assert!(kept.owner_references().is_empty(), "not taken over");
+    assert!(
+        env.job_pods("mine").await.is_empty(),
+        "no pod mounts a ConfigMap the job does not own"
+    );
+
+    // The name is freed: the next retry creates the job's own ConfigMap and its gang.
+    config_maps
+        .delete("mine-config", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gang("mine", 0, 2).await;
+    let ours = config_maps.get("mine-config").await.unwrap();
+    assert_eq!(ours.owner_references()[0].kind, "PretrainJob");
+    env.wait_status("mine", "Synced=True", |s| s.is_true("Synced"))
+        .await;
     env.stop().await;
 }

@@ -207,8 +207,8 @@ pub fn check_owner(job: &JobRef, kind: &str, name: &str, meta: &ObjectMeta) -> R
     };
     Err(Error::InvalidJob(format!(
         "{kind} {ns}/{name} already exists and {owner}, not to {job_kind} {job_name}; the \
-         operator does not take over objects it did not create (a PretrainJob and a DistillJob \
-         of the same name in one namespace would share children): rename the job, or delete \
+         operator does not take over objects it did not create (a DistillJob x's children are \
+         named x-distill..., as a PretrainJob x-distill's are): rename the job, or delete \
          that {kind}",
         ns = job.namespace,
         job_kind = job.kind.as_str(),
@@ -270,7 +270,8 @@ mod tests {
             )
             .is_ok()
         );
-        // The same-named DistillJob's Service: refused, naming the owner and the fix.
+        // Another job's Service (a PretrainJob vitl-distill's, met by a DistillJob vitl):
+        // refused, naming the owner and the fix.
         let err = check_owner(
             &job,
             "Service",

@@ -41,11 +41,20 @@ const RECONCILE_SUCCEEDED: &str = "ReconcileSucceeded";
 /// Reconciles one job within [`RECONCILE_TIMEOUT`]; a failure is recorded on the job (a
 /// `Synced=False` condition and a Warning event) before it is retried with backoff.
 pub async fn reconcile<K: TrainingJob>(job: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    reconcile_within(job, ctx, RECONCILE_TIMEOUT).await
+}
+
+/// [`reconcile`] with its time limit (a test's is shorter).
+async fn reconcile_within<K: TrainingJob>(
+    job: Arc<K>,
+    ctx: Arc<Context>,
+    limit: Duration,
+) -> Result<Action> {
     let kind = K::KIND.as_str();
     let _timer = ctx.metrics.reconcile_started(kind);
-    let result = tokio::time::timeout(RECONCILE_TIMEOUT, reconcile_job(&*job, &ctx))
+    let result = tokio::time::timeout(limit, reconcile_job(&*job, &ctx))
         .await
-        .unwrap_or(Err(Error::Timeout(RECONCILE_TIMEOUT)));
+        .unwrap_or(Err(Error::Timeout(limit)));
     match &result {
         Ok(_) => ctx.backoff.succeeded(&backoff_key(&*job)),
         Err(error) => report_error(&*job, error, &ctx).await,
@@ -420,10 +429,10 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
     /// on their way to the cache, nothing is written (but `status_write` is still awaited);
     /// returns how long until pods on their way are given up on, if any are.
     ///
-    /// All of it is written at once (with `status_write`): the kubelet waits for a pod's
-    /// ConfigMap and Secret, so creating them alongside the pods is safe, and it makes
-    /// creating a gang one round trip. A PodGroup is the exception, written first: a gang
-    /// scheduler that sees a pod before its PodGroup rejects it and backs off for seconds.
+    /// Two round trips: the Secret, ConfigMap and Service together, then the pods with
+    /// `status_write`; the first wave is where a name taken by someone else's object stops
+    /// the gang. A PodGroup, when there is one, goes before both: a gang scheduler that sees a
+    /// pod before its PodGroup rejects it and backs off for seconds.
     async fn ensure(
         &self,
         pods: &[PodObservation],
@@ -485,10 +494,17 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         ) {
             applier.apply_dynamic(&pg, &ar).await?;
         }
-        // The Secret carries this attempt's token: written before the pods, whose env reads it.
-        applier.apply(&secret).await?;
-        writes.push(async move { applier.apply(&service).await }.boxed());
-        writes.push(async move { applier.apply(&config_map).await }.boxed());
+        // What the pods refer to goes first, together: the Secret (this attempt's token, read
+        // by the pods' env), the ConfigMap they mount and the Service they are named under. One
+        // of these names taken by an object the job does not own fails the reconcile here,
+        // before any pod exists that would use someone else's object (and, once its pods
+        // exist, the job would not look at these names again).
+        future::try_join3(
+            applier.apply(&secret),
+            applier.apply(&config_map),
+            applier.apply(&service),
+        )
+        .await?;
         for pod in gang {
             writes.push(async move { applier.apply(&pod).await }.boxed());
         }
@@ -562,6 +578,39 @@ mod tests {
             .await
             .expect("no API call is made (creating the next gang would fail here)");
         assert_eq!(action, Action::requeue(CACHE_SYNC_POLL));
+    }
+
+    /// A reconcile whose API call is never answered (a hung API server, a stalled proxy)
+    /// gives up at its time limit instead of holding the job's worker for good.
+    #[tokio::test]
+    async fn a_reconcile_stuck_on_the_api_server_times_out() {
+        // Accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let (pods, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        let mut ctx = offline_context(pods);
+        let config = kube::Config::new(format!("http://{addr}").parse().expect("valid URL"));
+        ctx.client = kube::Client::try_from(config).expect("client");
+        let limit = Duration::from_secs(1);
+        let started = Instant::now();
+        let error = reconcile_within(Arc::new(restarting_job()), Arc::new(ctx), limit)
+            .await
+            .expect_err("the API server never answers");
+        assert!(matches!(error, Error::Timeout(_)), "{error}");
+        // The limit, plus the bounded attempt to record the error in the status (5 s).
+        let took = started.elapsed();
+        assert!(
+            took >= limit && took < limit + Duration::from_secs(8),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use dinoflow_api::contract::{LABEL_JOB, LABEL_NODE_RANK, LABEL_RUN_ATTEMPT};
+use dinoflow_api::contract::{LABEL_JOB, LABEL_JOB_KIND, LABEL_NODE_RANK, LABEL_RUN_ATTEMPT};
 use dinoflow_api::status::JobStatus;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
@@ -130,9 +130,10 @@ async fn run(args: Args) -> Result<()> {
             let j = get_job(&client, &ns, job).await?;
             let attempt = attempt.unwrap_or(j.status.run_attempt.unwrap_or(0));
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            // The kind too: a PretrainJob and a DistillJob may share the name.
             let selector = format!(
-                "{LABEL_JOB}={},{LABEL_RUN_ATTEMPT}={attempt},{LABEL_NODE_RANK}={rank}",
-                j.name
+                "{LABEL_JOB}={},{LABEL_JOB_KIND}={},{LABEL_RUN_ATTEMPT}={attempt},{LABEL_NODE_RANK}={rank}",
+                j.name, j.kind
             );
             let found = pods.list(&ListParams::default().labels(&selector)).await?;
             let Some(pod) = found.items.first() else {

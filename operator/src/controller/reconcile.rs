@@ -632,8 +632,14 @@ mod tests {
 
     #[test]
     fn only_a_later_attempts_secret_is_written_before_its_pods() {
-        assert!(!secret_must_precede_pods(0), "a new Secret joins the gang's wave");
-        assert!(secret_must_precede_pods(1), "the previous attempt's token is replaced first");
+        assert!(
+            !secret_must_precede_pods(0),
+            "a new Secret joins the gang's wave"
+        );
+        assert!(
+            secret_must_precede_pods(1),
+            "the previous attempt's token is replaced first"
+        );
         assert!(secret_must_precede_pods(7));
     }
 

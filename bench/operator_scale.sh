@@ -133,10 +133,13 @@ CLUSTER_ENV="$("$ROOT/scripts/cluster.sh" up --dir "$WORK/cluster" --owner-pid $
 } || die "the control plane did not start"
 eval "$CLUSTER_ENV"
 "$BIN/crdgen" >"$WORK/crds.yaml"
-"$ROOT/scripts/cluster.sh" install-crds --dir "$WORK/cluster" "$WORK/crds.yaml"
-if [[ "$KUBEFLOW" == 1 ]]; then
-  "$ROOT/scripts/cluster.sh" install-crds --dir "$WORK/cluster" "$KF/crds/kubeflow.org_pytorchjobs.yaml" >/dev/null
-fi
+install_crds() { # FILE; one retry: a loaded API server now and then times kubectl out here
+  "$ROOT/scripts/cluster.sh" install-crds --dir "$WORK/cluster" "$1" >/dev/null ||
+    "$ROOT/scripts/cluster.sh" install-crds --dir "$WORK/cluster" "$1" >/dev/null ||
+    die "could not install the CRDs in $1"
+}
+install_crds "$WORK/crds.yaml"
+[[ "$KUBEFLOW" == 1 ]] && install_crds "$KF/crds/kubeflow.org_pytorchjobs.yaml"
 
 # Pods in a namespace, cheaply: a one-item page plus the server's count of the rest, so
 # polling does not make the API server serialise every pod twice a second. Only the

@@ -68,6 +68,7 @@ cleanup() {
   stop_operator
   if [[ -f "$KF_CERT_DIR/.owner" && "$(cat "$KF_CERT_DIR/.owner")" == "$$" ]]; then
     rm -rf "$KF_CERT_DIR"
+    rmdir "$(dirname "$KF_CERT_DIR")" 2>/dev/null || true
   fi
   "$ROOT/scripts/cluster.sh" down --dir "$WORK/cluster" >/dev/null 2>&1 || true
   if [[ "${DINOFLOW_BENCH_KEEP:-0}" == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi

@@ -397,7 +397,9 @@ impl Chaos<'_> {
                         count: 2,
                     });
                 }
-                format!("API server answers the operator's next 4 requests about {JOB} with 500, 500, 503, 503")
+                format!(
+                    "API server answers the operator's next 4 requests about {JOB} with 500, 500, 503, 503"
+                )
             }
             Fault::ApiStall => {
                 self.replicas.api.stall(true);
@@ -447,7 +449,10 @@ impl Chaos<'_> {
         if matches!(fault, Fault::ApiConflicts | Fault::ApiErrors) {
             let deadline = Instant::now() + STEP;
             while self.replicas.api.pending() > 0 {
-                assert!(Instant::now() < deadline, "the injected replies were never asked for");
+                assert!(
+                    Instant::now() < deadline,
+                    "the injected replies were never asked for"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let served = self.replicas.api.injected();
@@ -463,12 +468,9 @@ impl Chaos<'_> {
         let from = self.world.status(JOB).await.iteration.unwrap_or(0);
         let status = self
             .world
-            .wait_status(
-                JOB,
-                &format!("status updated after {fault:?}"),
-                STEP,
-                |s| s.iteration.unwrap_or(0) > from + 1,
-            )
+            .wait_status(JOB, &format!("status updated after {fault:?}"), STEP, |s| {
+                s.iteration.unwrap_or(0) > from + 1
+            })
             .await;
         assert_eq!(
             status.run_attempt, attempt,
@@ -495,12 +497,9 @@ impl Chaos<'_> {
         let next = before.run_attempt.unwrap_or(0) + 1;
         let status = self
             .world
-            .wait_status(
-                JOB,
-                &format!("attempt {next} after {fault:?}"),
-                STEP,
-                |s| s.run_attempt.unwrap_or(0) >= next,
-            )
+            .wait_status(JOB, &format!("attempt {next} after {fault:?}"), STEP, |s| {
+                s.run_attempt.unwrap_or(0) >= next
+            })
             .await;
         assert_eq!(status.run_attempt, Some(next), "one restart per fault");
         let event = self.restart_event(next).await;
@@ -598,10 +597,7 @@ impl Chaos<'_> {
                     )
                 };
             }
-            assert!(
-                Instant::now() < deadline,
-                "{pod} did not resume:\n{log}"
-            );
+            assert!(Instant::now() < deadline, "{pod} did not resume:\n{log}");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -645,8 +641,7 @@ fn chaos_job(world: &World, name: &str, node: &str, out: &Path) -> String {
     cluster["tolerations"] = yaml(
         "[{key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 0}]",
     );
-    cluster["runPolicy"] =
-        yaml("{backoffLimit: 0, progressRestartLimit: 20, disruptionLimit: 20}");
+    cluster["runPolicy"] = yaml("{backoffLimit: 0, progressRestartLimit: 20, disruptionLimit: 20}");
     serde_yaml_ng::to_string(&job).unwrap()
 }
 

@@ -76,8 +76,12 @@ impl World {
     /// for them runs that many trainer processes in its pod, on the CPU).
     pub async fn start_with_gpus(prefix: &str, gpus: u32) -> Self {
         let mut world = Self::without_operator(prefix, gpus).await;
-        let (operator, progress) =
-            start_operator(&world.client, &world.ns, &world.metrics, &world.stop_operator);
+        let (operator, progress) = start_operator(
+            &world.client,
+            &world.ns,
+            &world.metrics,
+            &world.stop_operator,
+        );
         world.operator = Some(operator);
         world.progress = Some(progress);
         world
@@ -258,42 +262,42 @@ fn start_operator(
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 ) {
-        let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
-            .expect("a port for the progress endpoint");
-        let progress_addr = incoming.local_addr().unwrap();
-        let service = ProgressService::new(
-            KubeJobStore::new(client.clone()),
-            PROGRESS_KEY.to_vec(),
-            Leadership::always(),
-            metrics.clone(),
-        );
-        // TLS as in production: the test CA's certificate covers 127.0.0.1, and the operator
-        // hands the CA to the pods, whose trainers verify the endpoint against it.
-        let progress_endpoint = format!("https://{progress_addr}");
-        let tls = ServerTls::load(&test_tls_files(), &progress_endpoint).expect("test TLS files");
-        let progress = tokio::spawn(
-            tls::server(Some(&tls))
-                .expect("TLS server")
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
-        );
-        let settings = Settings {
-            default_image: "dinoflow/trainer:e2e".into(),
-            progress_endpoint,
-            progress_key: PROGRESS_KEY.to_vec(),
-            progress_ca: Some(tls.ca_pem.clone()),
-        };
-        let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
-            client.clone(),
-            settings,
-            metrics.clone(),
-            Leadership::always(),
-            Readiness::default(),
-            Scope {
-                namespace: Some(ns.to_string()),
-            },
-            stop_operator.clone(),
-        ));
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        .expect("a port for the progress endpoint");
+    let progress_addr = incoming.local_addr().unwrap();
+    let service = ProgressService::new(
+        KubeJobStore::new(client.clone()),
+        PROGRESS_KEY.to_vec(),
+        Leadership::always(),
+        metrics.clone(),
+    );
+    // TLS as in production: the test CA's certificate covers 127.0.0.1, and the operator
+    // hands the CA to the pods, whose trainers verify the endpoint against it.
+    let progress_endpoint = format!("https://{progress_addr}");
+    let tls = ServerTls::load(&test_tls_files(), &progress_endpoint).expect("test TLS files");
+    let progress = tokio::spawn(
+        tls::server(Some(&tls))
+            .expect("TLS server")
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
+    );
+    let settings = Settings {
+        default_image: "dinoflow/trainer:e2e".into(),
+        progress_endpoint,
+        progress_key: PROGRESS_KEY.to_vec(),
+        progress_ca: Some(tls.ca_pem.clone()),
+    };
+    let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
+        client.clone(),
+        settings,
+        metrics.clone(),
+        Leadership::always(),
+        Readiness::default(),
+        Scope {
+            namespace: Some(ns.to_string()),
+        },
+        stop_operator.clone(),
+    ));
 
     (operator, progress)
 }

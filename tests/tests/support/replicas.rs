@@ -85,11 +85,7 @@ impl OperatorReplicas {
                 endpoint: format!("https://{}", progress.addr()),
                 logs: world.dir.clone(),
             };
-            tasks.push(tokio::spawn(supervise(
-                Arc::clone(slot),
-                env,
-                stop.clone(),
-            )));
+            tasks.push(tokio::spawn(supervise(Arc::clone(slot), env, stop.clone())));
         }
         tasks.push(tokio::spawn(follow_leader(
             world.client.clone(),
@@ -272,7 +268,9 @@ async fn follow_leader(
 ) {
     loop {
         if let Some(h) = holder(&client, &ns).await
-            && let Some(slot) = slots.iter().find(|s| h.starts_with(&format!("{}-", s.name)))
+            && let Some(slot) = slots
+                .iter()
+                .find(|s| h.starts_with(&format!("{}-", s.name)))
             && progress.upstream() != slot.progress
         {
             eprintln!(

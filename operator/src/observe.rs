@@ -109,6 +109,9 @@ pub fn observe(pod: &Pod) -> PodObservation {
                 (None, Some(r)) if terminated.is_none_or(|t| t.exit_code != 0) => {
                     PodState::Disrupted { reason: r }
                 }
+                (None, None) if ended_by_deletion(pod, terminated) => PodState::Disrupted {
+                    reason: "Deleted".into(),
+                },
                 _ => PodState::Failed {
                     exit_code: terminated.map(|t| t.exit_code),
                     reason: reason
@@ -144,6 +147,34 @@ pub fn observe(pod: &Pod) -> PodObservation {
         unschedulable,
     }
 }
+
+/// Whether a failed pod's trainer was ended by the pod's deletion: it was stopped by a signal
+/// (SIGTERM, or SIGKILL at the end of the grace period) at or after the deletion began. Seen
+/// only once it has failed (an operator down or slow while a pod was deleted from outside),
+/// such a pod must still count as the disruption it was, not as the trainer's failure.
+fn ended_by_deletion(
+    pod: &Pod,
+    terminated: Option<&k8s_openapi::api::core::v1::ContainerStateTerminated>,
+) -> bool {
+    let Some(deadline) = &pod.metadata.deletion_timestamp else {
+        return false;
+    };
+    let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    let began = deadline.0.as_second() - grace;
+    let by_signal = terminated.is_none_or(|t| {
+        matches!(
+            t.exit_code,
+            exit_codes::STOPPED_BY_SIGNAL | SIGKILLED_EXIT_CODE
+        )
+    });
+    let after = terminated
+        .and_then(|t| t.finished_at.as_ref())
+        .is_none_or(|f| f.0.as_second() >= began);
+    by_signal && after
+}
+
+/// 128 + SIGKILL: what a container killed at the end of its grace period exits with.
+const SIGKILLED_EXIT_CODE: i32 = 137;
 
 impl PodState {
     /// The trainer's exit code, for a failed pod that has one.
@@ -348,6 +379,31 @@ mod tests {
                 reason: "Deleted".into()
             }
         );
+    }
+
+    #[test]
+    fn pod_seen_only_after_its_deletion_stopped_it_is_a_disruption() {
+        // Deleted from outside at 1970 with a 30 s grace period; the trainer took SIGTERM.
+        let deleted = |code: i32, finished: i64| {
+            let mut p = deleting(
+                finished_at(exited(pod(1, 0, "Running"), code), finished),
+                2000,
+            );
+            p.metadata.deletion_grace_period_seconds = Some(30);
+            observe(&p).state
+        };
+        let disrupted = PodState::Disrupted {
+            reason: "Deleted".into(),
+        };
+        assert_eq!(deleted(143, 1975), disrupted);
+        assert_eq!(deleted(137, 2000), disrupted, "killed at the grace end");
+        // Failed before anyone deleted it, or with its own error: the trainer's failure.
+        assert!(matches!(deleted(143, 1960), PodState::Failed { .. }));
+        assert!(matches!(deleted(1, 1975), PodState::Failed { .. }));
+        assert!(matches!(
+            observe(&finished_at(exited(pod(1, 0, "Running"), 143), 1975)).state,
+            PodState::Failed { .. }
+        ));
     }
 
     #[test]

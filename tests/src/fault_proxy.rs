@@ -1,6 +1,8 @@
 //! A TCP proxy between a client and the API server that can stall: while stalled it forwards
 //! no byte in either direction on any connection, old or new, as a hung API server or a
-//! partitioned network does. Connections survive the stall and resume after it.
+//! partitioned network does. Connections survive the stall and resume after it. Its upstream
+//! can be moved ([`FaultProxy::retarget`]): new connections go to the new one, as a Service's
+//! do when its ready endpoint changes (the leading operator replica's progress endpoint).
 
 use std::net::SocketAddr;
 
@@ -13,6 +15,7 @@ use tokio::task::JoinHandle;
 pub struct FaultProxy {
     addr: SocketAddr,
     stalled: watch::Sender<bool>,
+    upstream: watch::Sender<SocketAddr>,
     accept: JoinHandle<()>,
 }
 
@@ -22,10 +25,13 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stalled, _) = watch::channel(false);
+        let (target, _) = watch::channel(upstream);
         let gate = stalled.clone();
+        let current = target.subscribe();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let gate = gate.subscribe();
+                let upstream = *current.borrow();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         forward(client, server, gate).await;
@@ -36,6 +42,7 @@ impl FaultProxy {
         Ok(Self {
             addr,
             stalled,
+            upstream: target,
             accept,
         })
     }
@@ -43,6 +50,16 @@ impl FaultProxy {
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sends new connections to `upstream` (open ones stay where they are).
+    pub fn retarget(&self, upstream: SocketAddr) {
+        self.upstream.send_replace(upstream);
+    }
+
+    /// Where new connections go.
+    pub fn upstream(&self) -> SocketAddr {
+        *self.upstream.borrow()
     }
 
     /// Stops (`true`) or resumes (`false`) all forwarding.
@@ -118,5 +135,34 @@ mod tests {
         proxy.stall(false);
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"b");
+    }
+
+    /// A server that answers every connection with `byte` and closes it.
+    async fn one_byte_server(byte: u8) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let _ = s.write_all(&[byte]).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn new_connections_go_to_the_new_upstream_after_a_retarget() {
+        let a = one_byte_server(b'a').await;
+        let b = one_byte_server(b'b').await;
+        let proxy = FaultProxy::start(a).await.unwrap();
+        let read = || async {
+            let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
+            let mut byte = [0u8; 1];
+            c.read_exact(&mut byte).await.unwrap();
+            byte[0]
+        };
+        assert_eq!(read().await, b'a');
+        proxy.retarget(b);
+        assert_eq!(proxy.upstream(), b);
+        assert_eq!(read().await, b'b');
     }
 }

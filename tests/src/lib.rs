@@ -5,6 +5,7 @@
 //! Tests that need the control plane fail, never skip, when its binaries are missing; the
 //! message says to run `scripts/setup.sh`. Set `DINOFLOW_TEST_KUBECONFIG` to run the tests
 //! against a cluster that is already up instead of starting one.
+mod api_fault_proxy;
 mod apply;
 mod binaries;
 mod cluster;
@@ -17,6 +18,7 @@ mod paths;
 mod prometheus;
 mod real_node;
 
+pub use api_fault_proxy::{ApiFaultProxy, Injected, Injection};
 pub use apply::{apply_object, parse_manifests};
 pub use binaries::{build_workspace_binary, without_cargo_package_env};
 pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};

@@ -17,7 +17,7 @@ use std::time::Duration;
 use dinoflow_node_agent::terminated_state;
 use kube::ResourceExt;
 use serde_yaml_ng::Value;
-use support::{World, pod_log, tiny_job, tiny_job_on};
+use support::{World, kill_pod_processes, pod_log, tiny_job, tiny_job_on};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pretrain_job_applied_with_kubectl_trains_on_the_local_node_to_a_verified_checkpoint() {
@@ -322,35 +322,6 @@ async fn a_two_node_job_trains_as_one_gang_over_tcp_between_two_local_pods() {
         "the ranks ended with different weights"
     );
     world.stop().await;
-}
-
-/// SIGKILLs the process group of `pod`'s container (no checkpoint on the way out).
-async fn kill_pod_processes(world: &World, pod: &str) {
-    let pods = world.pods(pod.rsplit_once("-a").unwrap().0).await;
-    let p = pods
-        .iter()
-        .find(|p| p.name_any() == pod)
-        .unwrap_or_else(|| panic!("no pod {pod}"));
-    let container_id = p
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap();
-    let pid: i32 = container_id
-        .strip_prefix("local://")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success(), "kill the pod's process group {pid}");
 }
 
 /// Issue 10, item 5: a 2-node × 2-process job (4 ranks over TCP, sharded checkpoints: every

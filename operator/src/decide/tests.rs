@@ -568,6 +568,37 @@ fn peer_exit_beside_an_evicted_pod_is_a_disruption_not_a_counted_restart() {
     }
 }
 
+/// The chaos e2e's race: a pod deleted from outside (graceful) while the operator is away
+/// (its leader just killed) is first seen failed with 143, its peer with 70, after a new
+/// checkpoint. It is a disruption, not a failure charged to the progress or backoff budget.
+#[test]
+fn pod_first_seen_after_an_outside_deletion_stopped_it_is_a_disruption() {
+    let mut w = World::new(2);
+    w.step(&[]);
+    w.step(&running_gang(2, 0));
+    w.status.last_checkpoint = Some(dinoflow_api::status::CheckpointRef {
+        iteration: 9,
+        path: "/ckpt/ckpt-000000009".into(),
+        time: at(NOW - 30),
+    });
+    let mut deleted = deleting(
+        finished_at(exited(pod(1, 0, "Running"), 143), NOW - 5),
+        NOW + 10,
+    );
+    deleted.metadata.deletion_grace_period_seconds = Some(20);
+    let d = w.step(&[exited_at(0, 0, 70, NOW - 4), deleted]);
+    assert_eq!(d.status.phase, Some(JobPhase::Restarting));
+    assert_eq!(
+        (
+            d.status.restarts.unwrap_or(0),
+            d.status.progress_restarts.unwrap_or(0),
+            d.status.disruptions
+        ),
+        (0, 0, Some(1))
+    );
+    assert_eq!(reasons(&d), [reason::POD_DISRUPTED, reason::RESTARTING]);
+}
+
 #[test]
 fn permanent_exit_seen_after_a_peers_collective_failure_still_fails_the_job() {
     let mut w = World::new(2);

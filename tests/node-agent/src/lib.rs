@@ -118,6 +118,7 @@ impl AgentConfig {
 pub struct NodeAgent {
     client: Client,
     node_name: String,
+    capacity: Capacity,
     root: PathBuf,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -157,6 +158,7 @@ impl NodeAgent {
         Ok(Self {
             client,
             node_name: config.node_name,
+            capacity: config.capacity,
             root: config.root,
             stop,
             task,
@@ -170,6 +172,14 @@ impl NodeAgent {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Posts the Node's Ready condition: `false` reports the node NotReady as a kubelet whose
+    /// runtime stopped working does (the node lifecycle controller then taints it
+    /// `node.kubernetes.io/not-ready`), `true` reports it Ready again. The agent goes on
+    /// running (and stopping) its pods either way, as such a kubelet does.
+    pub async fn set_ready(&self, ready: bool) -> Result<(), AgentError> {
+        node::set_ready(&self.client, &self.node_name, &self.capacity, ready).await
     }
 
     /// Every pod log written so far (for failure messages), sorted.

@@ -94,7 +94,19 @@ fn arch() -> &'static str {
 
 /// The Node's status: Ready, no pressure, capacity, address 127.0.0.1.
 pub fn node_status(name: &str, capacity: &Capacity) -> Value {
+    node_status_ready(name, capacity, true)
+}
+
+/// The Node's status with its Ready condition `ready`: False is what a kubelet posts when it
+/// cannot run pods (runtime down, PLEG unhealthy), and the node lifecycle controller answers
+/// with the `node.kubernetes.io/not-ready` taints.
+pub fn node_status_ready(name: &str, capacity: &Capacity, ready: bool) -> Value {
     let time = now();
+    let (ready, ready_reason) = if ready {
+        ("True", "KubeletReady")
+    } else {
+        ("False", "KubeletNotReady")
+    };
     let condition = |type_: &str, status: &str, reason: &str| {
         json!({ "type": type_, "status": status, "reason": reason,
                 "lastHeartbeatTime": time, "lastTransitionTime": time })
@@ -106,7 +118,7 @@ pub fn node_status(name: &str, capacity: &Capacity) -> Value {
             condition("MemoryPressure", "False", "KubeletHasSufficientMemory"),
             condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
             condition("PIDPressure", "False", "KubeletHasSufficientPID"),
-            condition("Ready", "True", "KubeletReady"),
+            condition("Ready", ready, ready_reason),
         ],
         "addresses": [
             { "type": "InternalIP", "address": POD_IP },
@@ -205,6 +217,21 @@ pub async fn heartbeat(client: Client, node: Node, stop: CancellationToken) {
     }
 }
 
+/// Posts the Node's Ready condition (`ready`) with a fresh heartbeat, as a kubelet does.
+pub async fn set_ready(
+    client: &Client,
+    name: &str,
+    capacity: &Capacity,
+    ready: bool,
+) -> Result<(), AgentError> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let status = node_status_ready(name, capacity, ready);
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
 /// Deletes the Node (its Lease goes with it); the pod GC controller then removes pods
 /// still bound to it.
 pub async fn deregister(client: &Client, name: &str) -> Result<(), AgentError> {
@@ -239,6 +266,12 @@ mod tests {
             .find(|c| c["type"] == "Ready")
             .unwrap();
         assert_eq!(ready["status"], "True");
+        let not_ready = node_status_ready("n", &cap, false);
+        let ready = &not_ready["status"]["conditions"][3];
+        assert_eq!(
+            (&ready["type"], &ready["status"], &ready["reason"]),
+            (&json!("Ready"), &json!("False"), &json!("KubeletNotReady"))
+        );
         let with_gpus = node_status("n", &Capacity { gpus: 2, ..cap });
         assert_eq!(with_gpus["status"]["capacity"][GPU_RESOURCE], "2");
         assert!(Capacity::of_host(0).memory_kib > 0);

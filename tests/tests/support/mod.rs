@@ -3,6 +3,7 @@
 //! and the local node agent running the operator's pods as trainer processes.
 //! (A `tests/<dir>/mod.rs` module: Cargo builds no test binary of its own from it.)
 #![allow(dead_code)]
+pub mod replicas;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -55,8 +56,10 @@ pub struct World {
     pub ns: String,
     pub agent: Option<NodeAgent>,
     pub stop_operator: CancellationToken,
-    pub operator: tokio::task::JoinHandle<()>,
-    pub progress: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The in-process operator; None in a world whose operator runs elsewhere
+    /// ([`World::without_operator`]).
+    pub operator: Option<tokio::task::JoinHandle<()>>,
+    pub progress: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     /// The operator's metrics (what its `/metrics` serves).
     pub metrics: Metrics,
     /// Agent root and host directories of the job's volumes; removed by [`World::stop`], so
@@ -72,51 +75,25 @@ impl World {
     /// A world whose Node advertises `gpus` `nvidia.com/gpu` (there are none: a job asking
     /// for them runs that many trainer processes in its pod, on the CPU).
     pub async fn start_with_gpus(prefix: &str, gpus: u32) -> Self {
+        let mut world = Self::without_operator(prefix, gpus).await;
+        let (operator, progress) = start_operator(
+            &world.client,
+            &world.ns,
+            &world.metrics,
+            &world.stop_operator,
+        );
+        world.operator = Some(operator);
+        world.progress = Some(progress);
+        world
+    }
+
+    /// Control plane, CRDs, a namespace and a node agent; the test runs the operator.
+    pub async fn without_operator(prefix: &str, gpus: u32) -> Self {
         let trainer = tokio::task::spawn_blocking(trainer).await.unwrap();
         let cluster = TestCluster::shared();
         install_crds(cluster);
         let client = cluster.client().await.expect("client for the test cluster");
         let ns = cluster.create_namespace(prefix).expect("namespace");
-
-        let stop_operator = CancellationToken::new();
-        let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
-            .expect("a port for the progress endpoint");
-        let progress_addr = incoming.local_addr().unwrap();
-        let metrics = Metrics::default();
-        let service = ProgressService::new(
-            KubeJobStore::new(client.clone()),
-            PROGRESS_KEY.to_vec(),
-            Leadership::always(),
-            metrics.clone(),
-        );
-        // TLS as in production: the test CA's certificate covers 127.0.0.1, and the operator
-        // hands the CA to the pods, whose trainers verify the endpoint against it.
-        let progress_endpoint = format!("https://{progress_addr}");
-        let tls = ServerTls::load(&test_tls_files(), &progress_endpoint).expect("test TLS files");
-        let progress = tokio::spawn(
-            tls::server(Some(&tls))
-                .expect("TLS server")
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
-        );
-        let settings = Settings {
-            default_image: "dinoflow/trainer:e2e".into(),
-            progress_endpoint,
-            progress_key: PROGRESS_KEY.to_vec(),
-            progress_ca: Some(tls.ca_pem.clone()),
-        };
-        let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
-            client.clone(),
-            settings,
-            metrics.clone(),
-            Leadership::always(),
-            Readiness::default(),
-            Scope {
-                namespace: Some(ns.clone()),
-            },
-            stop_operator.clone(),
-        ));
-
         let dir = tempfile::Builder::new()
             .prefix(&format!("{ns}-"))
             .tempdir()
@@ -134,10 +111,10 @@ impl World {
             client,
             ns,
             agent: Some(agent),
-            stop_operator,
-            operator,
-            progress,
-            metrics,
+            stop_operator: CancellationToken::new(),
+            operator: None,
+            progress: None,
+            metrics: Metrics::default(),
             dir,
         }
     }
@@ -254,19 +231,75 @@ impl World {
                 .expect("node agent stops and removes its Node");
         }
         self.stop_operator.cancel();
-        tokio::time::timeout(Duration::from_secs(20), &mut self.operator)
-            .await
-            .expect("the operator stops within 20 s")
-            .expect("the operator does not panic");
-        self.progress
-            .await
-            .unwrap()
-            .expect("the progress endpoint shuts down cleanly");
+        if let Some(mut operator) = self.operator.take() {
+            tokio::time::timeout(Duration::from_secs(20), &mut operator)
+                .await
+                .expect("the operator stops within 20 s")
+                .expect("the operator does not panic");
+        }
+        if let Some(progress) = self.progress.take() {
+            progress
+                .await
+                .unwrap()
+                .expect("the progress endpoint shuts down cleanly");
+        }
         let _ = self
             .cluster
             .kubectl(["delete", "namespace", self.ns.as_str(), "--wait=false"]);
         std::fs::remove_dir_all(&self.dir).unwrap();
     }
+}
+
+/// The in-process operator of a world: its controllers and its gRPC progress endpoint on an
+/// ephemeral 127.0.0.1 port, scoped to `ns`, stopped by `stop_operator`.
+#[allow(clippy::type_complexity)]
+fn start_operator(
+    client: &Client,
+    ns: &str,
+    metrics: &Metrics,
+    stop_operator: &CancellationToken,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        .expect("a port for the progress endpoint");
+    let progress_addr = incoming.local_addr().unwrap();
+    let service = ProgressService::new(
+        KubeJobStore::new(client.clone()),
+        PROGRESS_KEY.to_vec(),
+        Leadership::always(),
+        metrics.clone(),
+    );
+    // TLS as in production: the test CA's certificate covers 127.0.0.1, and the operator
+    // hands the CA to the pods, whose trainers verify the endpoint against it.
+    let progress_endpoint = format!("https://{progress_addr}");
+    let tls = ServerTls::load(&test_tls_files(), &progress_endpoint).expect("test TLS files");
+    let progress = tokio::spawn(
+        tls::server(Some(&tls))
+            .expect("TLS server")
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, stop_operator.clone().cancelled_owned()),
+    );
+    let settings = Settings {
+        default_image: "dinoflow/trainer:e2e".into(),
+        progress_endpoint,
+        progress_key: PROGRESS_KEY.to_vec(),
+        progress_ca: Some(tls.ca_pem.clone()),
+    };
+    let operator = tokio::spawn(controller::run::<PretrainJob, DistillJob>(
+        client.clone(),
+        settings,
+        metrics.clone(),
+        Leadership::always(),
+        Readiness::default(),
+        Scope {
+            namespace: Some(ns.to_string()),
+        },
+        stop_operator.clone(),
+    ));
+
+    (operator, progress)
 }
 
 /// The CRDs from crds/*.yaml, installed once per test binary like a user would.
@@ -395,6 +428,35 @@ podTemplate:
     );
     set(&mut job, "spec.cluster", yaml(&cluster));
     serde_yaml_ng::to_string(&job).unwrap()
+}
+
+/// SIGKILLs the process group of `pod`'s container (no checkpoint on the way out).
+pub async fn kill_pod_processes(world: &World, pod: &str) {
+    let pods = world.pods(pod.rsplit_once("-a").unwrap().0).await;
+    let p = pods
+        .iter()
+        .find(|p| p.name_any() == pod)
+        .unwrap_or_else(|| panic!("no pod {pod}"));
+    let container_id = p
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap();
+    let pid: i32 = container_id
+        .strip_prefix("local://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill the pod's process group {pid}");
 }
 
 /// The log of a pod with its ANSI colour codes removed.

@@ -414,7 +414,7 @@ async fn wait_for_data(
 async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_the_stall_alert() {
     let started = std::time::Instant::now();
     let plugin = tokio::task::spawn_blocking(plugin).await.unwrap();
-    let world = World::start_with_gpus("e2e-observe", 2).await;
+    let world = World::start_on_agent("e2e-observe", 2).await;
     let _end_the_run = EndTheRunOnPanic(world.dir.display().to_string());
     // The operator binary sets it once it leads; Leadership::always() leads from the start.
     world.metrics.leader.set(1);

@@ -14,8 +14,10 @@
 //! The operator runs in-process (not as a pod behind the chart's Service), so its `/metrics`
 //! is a static target.
 //!
-//! The job runs two trainer processes in one pod (the Node advertises two `nvidia.com/gpu`;
-//! without CUDA each process trains on the CPU), so that stopping the second one with
+//! It runs on the host-process node agent, not the real node: the job runs two trainer
+//! processes in one pod, which needs a Node advertising `nvidia.com/gpu` (the operator gives a
+//! pod one process per GPU), and only the agent's Node advertises GPUs this machine does not
+//! have (without CUDA each process trains on the CPU). Stopping the second one with
 //! SIGSTOP hangs the first in its gradient all-reduce while its metrics endpoint keeps
 //! answering: the failure the stalled-run alert is for (a whole stopped process would
 //! instead be an unreachable target, whose series Prometheus marks stale).

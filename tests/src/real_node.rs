@@ -79,12 +79,13 @@ impl RealNode {
     /// status names it) through the node's containerd: no process gets to clean up, as when
     /// the OOM killer or a crash ends it. The kubelet then reports exit code 137.
     pub fn kill_container(&self, container_id: &str) -> Result<(), HarnessError> {
-        let id = container_id
-            .strip_prefix("containerd://")
-            .ok_or_else(|| HarnessError::NodeScript {
-                command: "kill".into(),
-                output: format!("{container_id:?} is not a containerd container id"),
-            })?;
+        let id =
+            container_id
+                .strip_prefix("containerd://")
+                .ok_or_else(|| HarnessError::NodeScript {
+                    command: "kill".into(),
+                    output: format!("{container_id:?} is not a containerd container id"),
+                })?;
         let address = self.env("CONTAINERD_ADDRESS").unwrap_or_default();
         let ctr = crate::find_binary("ctr")?;
         let output = Command::new(&ctr)

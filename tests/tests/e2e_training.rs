@@ -45,7 +45,10 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_real_node_to_a_verifi
         .expect("a checkpoint reported");
     assert_eq!(checkpoint.iteration, 12);
     // The trainer wrote to the volume's host directory.
-    assert!(checkpoint.path.starts_with("/checkpoints/tiny/"), "{checkpoint:?}");
+    assert!(
+        checkpoint.path.starts_with("/checkpoints/tiny/"),
+        "{checkpoint:?}"
+    );
     let ckpt = world.host_path(&checkpoint.path, &out);
     assert!(
         ckpt.join("manifest.json").is_file(),
@@ -74,11 +77,17 @@ async fn a_pretrain_job_applied_with_kubectl_trains_on_the_real_node_to_a_verifi
             "{expected} missing in: {launch}"
         );
     }
-    assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Succeeded"));
+    assert_eq!(
+        pod.status.as_ref().unwrap().phase.as_deref(),
+        Some("Succeeded")
+    );
     assert_ran_as_a_container(&world, pod);
     assert_eq!(exit_code(pod), Some(0));
     world.stop().await;
-    eprintln!("[e2e] one-node job on the real node: {:?}", started.elapsed());
+    eprintln!(
+        "[e2e] one-node job on the real node: {:?}",
+        started.elapsed()
+    );
 }
 
 /// `pod` ran on the real node as a container of containerd, with an IP of the node's pod
@@ -272,7 +281,11 @@ async fn a_killed_trainer_restarts_the_gang_which_resumes_from_the_checkpoint_an
     let first = world.pods("resume").await;
     let failed = first.iter().find(|p| p.name_any() == "resume-a0-0");
     if let Some(failed) = failed {
-        assert_eq!(exit_code(failed), Some(137), "SIGKILL is reported as 128 + 9");
+        assert_eq!(
+            exit_code(failed),
+            Some(137),
+            "SIGKILL is reported as 128 + 9"
+        );
     }
     let log = pod_log(&world, "resume-a1-0");
     let resumed = log

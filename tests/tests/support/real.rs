@@ -45,7 +45,10 @@ pub fn real_world() -> &'static RealWorld {
         let (cluster, image) = std::thread::scope(|s| {
             let image = s.spawn(trainer_image);
             let cluster = TestCluster::start_fresh().expect("control plane up");
-            (cluster, image.join().expect("the image build does not panic"))
+            (
+                cluster,
+                image.join().expect("the image build does not panic"),
+            )
         });
         eprintln!(
             "[e2e] control plane and image ready in {:.0?}",
@@ -95,7 +98,9 @@ fn trainer_image() -> (String, PathBuf) {
     let (reference, archive) = stdout
         .lines()
         .filter_map(|l| l.split_once(' '))
-        .find(|(reference, _)| reference.contains("dinoflow-trainer:") && reference.ends_with("-cpu"))
+        .find(|(reference, _)| {
+            reference.contains("dinoflow-trainer:") && reference.ends_with("-cpu")
+        })
         .unwrap_or_else(|| panic!("no CPU trainer image in scripts/images.sh's output:\n{stdout}"));
     (reference.to_owned(), PathBuf::from(archive))
 }

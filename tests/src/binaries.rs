@@ -24,6 +24,11 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
     cmd.args(["build", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target)
         .current_dir(crate::repo_root());
+    for (name, _) in std::env::vars_os() {
+        if is_test_only_cargo_var(&name.to_string_lossy()) {
+            cmd.env_remove(name);
+        }
+    }
     if profile == "release" {
         cmd.arg("--release");
     }
@@ -52,6 +57,27 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
     }
 }
 
+/// Variables cargo sets for a test binary (its package's name, version, manifest dir, ...)
+/// and not for a `cargo build` from a shell. Build scripts track some of them (ring's:
+/// `rerun-if-env-changed=CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...) and cargo
+/// compares the values in its own environment: passed on, they would make the inner build
+/// rerun ring's build script and rebuild everything above it (rustls, kube, the operator, the
+/// trainer), and the next `cargo test` rebuild it all back.
+fn is_test_only_cargo_var(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+        || name == "OUT_DIR"
+}
+
 /// (target dir, profile dir name) of an executable at `<target>/<profile>/[deps/]<exe>`.
 fn target_dir_of(exe: &Path) -> Option<(PathBuf, String)> {
     let mut dir = exe.parent()?;
@@ -65,6 +91,33 @@ fn target_dir_of(exe: &Path) -> Option<(PathBuf, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_variables_cargo_sets_for_tests_are_not_passed_to_the_inner_build() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_EXE_dinoflow-node-agent",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ] {
+            assert!(is_test_only_cargo_var(name), "{name}");
+        }
+        // What the build needs, or the user set for it, stays.
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_BUILD_JOBS",
+            "CARGO_INCREMENTAL",
+            "PATH",
+        ] {
+            assert!(!is_test_only_cargo_var(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_target_dir_is_found_from_a_test_binary_or_a_binary() {

@@ -9,6 +9,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use serde_yaml_ng::Value;
 use support::{World, kill_pod_processes, pod_log, tiny_job_on};
 

@@ -21,8 +21,8 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
     })?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    without_cargo_package_env(&mut cmd);
-    cmd.args(["build", "-p", package, "--bin", bin])
+    without_cargo_package_env(&mut cmd)
+        .args(["build", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target)
         .current_dir(crate::repo_root());
     if profile == "release" {
@@ -53,30 +53,36 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
     }
 }
 
-/// Removes from `cmd` the env `cargo test` gives a test of its package (CARGO_MANIFEST_DIR,
-/// CARGO_PKG_NAME, ...), for a child that runs cargo. Build scripts that watch such a variable
-/// (ring's does: rerun-if-env-changed=CARGO_MANIFEST_DIR) would see it change between that
-/// build and the next `cargo test`, rerun, and rebuild everything above them both times.
+/// Removes from `cmd` the variables cargo sets for a test binary (its package's name, version,
+/// manifest dir, ...) and not for a `cargo build` from a shell, for a child that runs cargo.
+/// Build scripts track some of them (ring's: `rerun-if-env-changed=CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...) and cargo compares the values in its own environment:
+/// passed on, they would make the inner build rerun ring's build script and rebuild everything
+/// above it (rustls, kube, the operator, the trainer), and the next `cargo test` rebuild it all
+/// back.
 pub fn without_cargo_package_env(cmd: &mut Command) -> &mut Command {
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key == "OUT_DIR"
-            || [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_BIN_",
-                "CARGO_CRATE_",
-                "CARGO_PRIMARY_",
-            ]
-            .iter()
-            .any(|p| key.starts_with(p))
-            || key == "CARGO_TARGET_TMPDIR"
-            || key == "CARGO_RUSTC_CURRENT_DIR"
-        {
-            cmd.env_remove(key.as_ref());
+    for (name, _) in std::env::vars_os() {
+        if is_test_only_cargo_var(&name.to_string_lossy()) {
+            cmd.env_remove(name);
         }
     }
     cmd
+}
+
+fn is_test_only_cargo_var(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+        || name == "OUT_DIR"
+}
 }
 
 /// (target dir, profile dir name) of an executable at `<target>/<profile>/[deps/]<exe>`.
@@ -92,6 +98,33 @@ fn target_dir_of(exe: &Path) -> Option<(PathBuf, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_variables_cargo_sets_for_tests_are_not_passed_to_the_inner_build() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_EXE_dinoflow-node-agent",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ] {
+            assert!(is_test_only_cargo_var(name), "{name}");
+        }
+        // What the build needs, or the user set for it, stays.
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_BUILD_JOBS",
+            "CARGO_INCREMENTAL",
+            "PATH",
+        ] {
+            assert!(!is_test_only_cargo_var(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_target_dir_is_found_from_a_test_binary_or_a_binary() {

@@ -90,6 +90,34 @@ impl RealNode {
         .map(drop)
     }
 
+    /// SIGKILLs every process of the container `container_id` (`containerd://ID`, as a pod's
+    /// status names it) through the node's containerd: no process gets to clean up, as when
+    /// the OOM killer or a crash ends it. The kubelet then reports exit code 137.
+    pub fn kill_container(&self, container_id: &str) -> Result<(), HarnessError> {
+        let id =
+            container_id
+                .strip_prefix("containerd://")
+                .ok_or_else(|| HarnessError::NodeScript {
+                    command: "kill".into(),
+                    output: format!("{container_id:?} is not a containerd container id"),
+                })?;
+        let address = self.env("CONTAINERD_ADDRESS").unwrap_or_default();
+        let ctr = crate::find_binary("ctr")?;
+        let output = Command::new(&ctr)
+            .args(["-a", address, "-n", "k8s.io", "tasks", "kill", "--all"])
+            .args(["--signal", "SIGKILL", id])
+            .output()
+            .map_err(HarnessError::io(&ctr))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::NodeScript {
+                command: format!("ctr tasks kill {id} ({})", output.status),
+                output: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+    }
+
     /// The busybox test image (built once with buildah, cached): its archive and image name.
     pub fn busybox_image() -> Result<(PathBuf, String), HarnessError> {
         let out = run_node_script("busybox-image", [])?;

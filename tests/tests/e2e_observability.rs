@@ -14,8 +14,10 @@
 //! The operator runs in-process (not as a pod behind the chart's Service), so its `/metrics`
 //! is a static target.
 //!
-//! The job runs two trainer processes in one pod (the Node advertises two `nvidia.com/gpu`;
-//! without CUDA each process trains on the CPU), so that stopping the second one with
+//! It runs on the host-process node agent, not the real node: the job runs two trainer
+//! processes in one pod, which needs a Node advertising `nvidia.com/gpu` (the operator gives a
+//! pod one process per GPU), and only the agent's Node advertises GPUs this machine does not
+//! have (without CUDA each process trains on the CPU). Stopping the second one with
 //! SIGSTOP hangs the first in its gradient all-reduce while its metrics endpoint keeps
 //! answering: the failure the stalled-run alert is for (a whole stopped process would
 //! instead be an unreachable target, whose series Prometheus marks stale).
@@ -414,7 +416,7 @@ async fn wait_for_data(
 async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_the_stall_alert() {
     let started = std::time::Instant::now();
     let plugin = tokio::task::spawn_blocking(plugin).await.unwrap();
-    let world = World::start_with_gpus("e2e-observe", 2).await;
+    let world = World::start_on_agent("e2e-observe", 2).await;
     let _end_the_run = EndTheRunOnPanic(world.dir.display().to_string());
     // The operator binary sets it once it leads; Leadership::always() leads from the start.
     world.metrics.leader.set(1);

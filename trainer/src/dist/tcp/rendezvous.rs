@@ -327,6 +327,8 @@ pub(super) fn join(cfg: &TcpConfig) -> Result<Links, CollectiveError> {
     };
     let fail = |m: String| rdzv(format!("rank {}: {m}", cfg.rank));
     let root_addr = s.peer_addr().map_err(|e| fail(e.to_string()))?;
+    // Which address MASTER_ADDR resolved to: where a gang's DNS went wrong, this says so.
+    tracing::info!(rank = cfg.rank, master = %target, address = %root_addr, "reached rank 0");
     let data = data_listener(root_addr.ip())?;
     let data_port = data.local_addr().map_err(|e| fail(e.to_string()))?.port();
     s.set_nodelay(true)

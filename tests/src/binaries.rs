@@ -83,7 +83,6 @@ fn is_test_only_cargo_var(name: &str) -> bool {
     .any(|prefix| name.starts_with(prefix))
         || name == "OUT_DIR"
 }
-}
 
 /// (target dir, profile dir name) of an executable at `<target>/<profile>/[deps/]<exe>`.
 fn target_dir_of(exe: &Path) -> Option<(PathBuf, String)> {

@@ -101,7 +101,9 @@ impl RealNode {
                     command: "kill".into(),
                     output: format!("{container_id:?} is not a containerd container id"),
                 })?;
+        // ctr 2.4.2 refuses a `unix://` address (it stats the whole string): the plain path.
         let address = self.env("CONTAINERD_ADDRESS").unwrap_or_default();
+        let address = address.strip_prefix("unix://").unwrap_or(address);
         let ctr = crate::find_binary("ctr")?;
         let output = Command::new(&ctr)
             .args(["-a", address, "-n", "k8s.io", "tasks", "kill", "--all"])

@@ -402,7 +402,7 @@ fn publish_events<K: TrainingJob>(job: &K, jr: &JobRef, events: Vec<JobEvent>, c
                     EventType::Normal
                 },
                 reason: e.reason.to_string(),
-                note: Some(e.note),
+                note: Some(event_note(e.note)),
                 action: e.reason.to_string(),
                 secondary: None,
             };
@@ -412,6 +412,23 @@ fn publish_events<K: TrainingJob>(job: &K, jr: &JobRef, events: Vec<JobEvent>, c
             }
         }
     });
+}
+
+/// The API server refuses an event whose note is over 1 kB (events.k8s.io/v1), and an API
+/// error's message (a refused child's, say) can be longer: keep its start, cut on a character
+/// boundary, and say so.
+fn event_note(mut note: String) -> String {
+    const LIMIT: usize = 1024;
+    const CUT: &str = " …";
+    if note.len() > LIMIT {
+        let mut end = LIMIT - CUT.len();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str(CUT);
+    }
+    note
 }
 
 /// What creating a job's gang needs.
@@ -659,6 +676,15 @@ mod tests {
         assert!(changed(
             |s| s.teacher_checkpoint = Some("/ckpt/final".into())
         ));
+    }
+
+    #[test]
+    fn an_event_note_is_cut_to_the_api_servers_limit_on_a_character_boundary() {
+        assert_eq!(event_note("short".into()), "short");
+        let long = "é".repeat(800); // 1600 bytes
+        let cut = event_note(long);
+        assert!(cut.len() <= 1024 && cut.ends_with(" …"), "{}", cut.len());
+        assert!(cut.starts_with("éé"));
     }
 
     #[test]

@@ -15,13 +15,14 @@ mod images;
 mod invalid;
 mod kubectl;
 mod paths;
+mod poll;
 mod prometheus;
 mod real_node;
 
 pub use api_fault_proxy::{ApiFaultProxy, Injected, Injection};
 pub use apply::{apply_object, parse_manifests};
 pub use binaries::{build_workspace_binary, without_cargo_package_env};
-pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster, wait_for};
+pub use cluster::{KUBECONFIG_ENV, NODE_LABEL, TestCluster};
 pub use error::HarnessError;
 pub use fault_proxy::FaultProxy;
 pub use images::{app_version, container_images};
@@ -30,5 +31,6 @@ pub use kubectl::KubectlOutput;
 pub use paths::{
     CACHE_ENV, cache_dir, cluster_script, find_binary, processes_mentioning, repo_root, yaml_files,
 };
+pub use poll::{wait_for, wait_until};
 pub use prometheus::{Prometheus, url_encode};
 pub use real_node::{REAL_NODE_NAME, RealNode, node_script};

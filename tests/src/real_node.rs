@@ -101,12 +101,16 @@ impl RealNode {
                     command: "kill".into(),
                     output: format!("{container_id:?} is not a containerd container id"),
                 })?;
-        // ctr 2.4.2 refuses a `unix://` address (it stats the whole string): the plain path.
-        let address = self.env("CONTAINERD_ADDRESS").unwrap_or_default();
-        let address = address.strip_prefix("unix://").unwrap_or(address);
+        let socket = self
+            .env("CONTAINERD_SOCKET")
+            .ok_or_else(|| HarnessError::NodeScript {
+                command: "kill".into(),
+                output: "node.env has no CONTAINERD_SOCKET: restart the node (scripts/node.sh up)"
+                    .into(),
+            })?;
         let ctr = crate::find_binary("ctr")?;
         let output = Command::new(&ctr)
-            .args(["-a", address, "-n", "k8s.io", "tasks", "kill", "--all"])
+            .args(["-a", socket, "-n", "k8s.io", "tasks", "kill", "--all"])
             .args(["--signal", "SIGKILL", id])
             .output()
             .map_err(HarnessError::io(&ctr))?;

@@ -159,17 +159,7 @@ fn phase(pod: Option<&Pod>) -> Option<&str> {
 }
 
 fn pid_of(pod: &Pod) -> u32 {
-    let id = pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap();
-    id.strip_prefix("local://").unwrap().parse().unwrap()
+    dinoflow_node_agent::container_pid(pod).expect("the agent reported the pod's pid")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

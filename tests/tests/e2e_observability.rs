@@ -593,17 +593,7 @@ async fn every_dashboard_query_returns_data_of_a_real_run_and_a_hung_rank_fires_
     // ---- a hung rank: stop local rank 1; rank 0 waits in its all-reduce and still serves
     // metrics, so its iteration stays put and the stalled-run alert fires.
     let pods = world.pods(JOB).await;
-    let container = pods[0]
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap();
-    let launcher: u32 = container.strip_prefix("local://").unwrap().parse().unwrap();
+    let launcher = dinoflow_node_agent::container_pid(&pods[0]).expect("rank 0 is running");
     let rank1 = worker_pid(launcher, 1);
     // Quiet first: no stalled-run alert, pending or firing, while the run trains (a slow
     // start-up evaluation may have made one pending).

@@ -282,23 +282,13 @@ async fn operator_client() -> Client {
     Client::try_from(config).unwrap()
 }
 
-/// Polls `check` every 200 ms until it returns Some; panics naming `what` after TIMEOUT.
-async fn wait<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` until it returns Some; panics naming `what` after TIMEOUT.
+async fn wait<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    dinoflow_e2e::wait_until(TIMEOUT, what, check).await
 }
 
 /// Plays kubelet: the pod runs, or its trainer exited with `code`.

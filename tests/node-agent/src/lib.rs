@@ -61,7 +61,7 @@ pub use error::AgentError;
 pub use mapping::{PathMap, is_cluster_dns_name};
 pub use node::Capacity;
 pub use plan::{POD_IP, pod_dir};
-pub use status::terminated_state;
+pub use status::{container_pid, terminated_state};
 
 use runner::{Ctx, PodSignal};
 

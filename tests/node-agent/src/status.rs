@@ -1,9 +1,29 @@
 //! Pod status as a kubelet writes it, for the three moments the agent reports: waiting to
 //! start (a reference is missing), running, and terminated with the process's exit code.
 
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 use super::plan::POD_IP;
+
+/// Scheme of the containerIDs the agent reports: no runtime, the process id is the id.
+const CONTAINER_ID_SCHEME: &str = "local://";
+
+fn container_id(pid: u32) -> String {
+    format!("{CONTAINER_ID_SCHEME}{pid}")
+}
+
+/// The process the agent runs for `pod` (its container's process-group leader), read from
+/// the containerID it reported; None before the pod started or for a pod of another node.
+pub fn container_pid(pod: &Pod) -> Option<u32> {
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    status
+        .container_id
+        .as_deref()?
+        .strip_prefix(CONTAINER_ID_SCHEME)?
+        .parse()
+        .ok()
+}
 
 /// RFC 3339 time in whole seconds, like the API server's `Time`.
 pub fn now() -> String {
@@ -52,7 +72,7 @@ pub fn running(container: &str, image: &str, pid: u32, started: &str) -> Value {
         "conditions": conditions(true, started),
         "containerStatuses": [{
             "name": container, "image": image, "imageID": "", "ready": true, "started": true,
-            "restartCount": 0, "containerID": format!("local://{pid}"),
+            "restartCount": 0, "containerID": container_id(pid),
             "state": { "running": { "startedAt": started } },
         }],
     }})
@@ -134,7 +154,7 @@ pub fn terminated(
         "restartCount": 0, "state": { "terminated": state },
     });
     if let Some(pid) = pid {
-        container_status["containerID"] = json!(format!("local://{pid}"));
+        container_status["containerID"] = json!(container_id(pid));
     }
     json!({ "status": {
         "phase": if exit.code == 0 { "Succeeded" } else { "Failed" },
@@ -165,6 +185,22 @@ mod tests {
     use std::process::ExitStatus;
 
     use super::*;
+
+    #[test]
+    fn the_pid_reported_in_the_container_id_is_read_back() {
+        let mut pod: Pod = serde_json::from_value(running("trainer", "img", 4242, &now())).unwrap();
+        assert_eq!(container_pid(&pod), Some(4242));
+        pod.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .container_id = Some("containerd://abc".into());
+        assert_eq!(container_pid(&pod), None, "a real runtime's id has no pid");
+        pod.status = None;
+        assert_eq!(container_pid(&pod), None);
+    }
 
     #[test]
     fn exit_codes_and_signals_become_container_exit_codes() {

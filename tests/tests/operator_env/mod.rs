@@ -56,24 +56,7 @@ pub async fn install_crds(client: &Client) {
     *done = true;
 }
 
-/// Polls `check` every 200 ms until it returns Some; panics naming `what` after `timeout`.
-pub async fn wait<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+pub use dinoflow_e2e::wait_until as wait;
 
 /// A namespace with an operator watching it.
 pub struct Env {

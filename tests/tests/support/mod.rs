@@ -588,11 +588,7 @@ pub async fn kill_pod_processes(world: &World, pod: &str) {
             .unwrap_or_else(|e| panic!("kill {pod}'s container: {e}"));
         return;
     }
-    let pid: i32 = container_id
-        .strip_prefix("local://")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = dinoflow_node_agent::container_pid(p).expect("the agent reported the pod's pid");
     let killed = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pid}")])
         .status()

@@ -25,14 +25,11 @@ COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 # so two clusters starting at once cannot pick the same port.
 PORT_LOCK="${TMPDIR:-/tmp}/dinoflow-cluster-ports.lock"
 
-# Progress goes to stderr so that stdout carries only the `export` line: eval "$(cluster.sh up)".
-log() { printf '[cluster] %s\n' "$*" >&2; }
-die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
-
-usage() {
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"
-  exit 2
-}
+# Progress goes to stderr (lib.sh's log) so that stdout carries only the `export` line:
+# eval "$(cluster.sh up)".
+LOG_TAG=cluster
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 cmd="${1:-}"
 [[ -n "$cmd" ]] || usage
@@ -57,6 +54,7 @@ if [[ -d "$DIR" ]]; then DIR="$(cd "$DIR" && pwd)"; elif [[ "$DIR" != /* ]]; the
 PKI="$DIR/pki"
 LOGS="$DIR/logs"
 PIDS="$DIR/pids"
+PROC_MARK="$DIR"
 KUBECONFIG_ADMIN="$DIR/kubeconfig"
 
 find_bin() {
@@ -68,87 +66,6 @@ find_bin() {
   else
     die "$name not found in $CACHE/bin or PATH: run scripts/setup.sh (it builds the control plane)"
   fi
-}
-
-# --- processes -------------------------------------------------------------------------------
-
-# A pid file is only trusted while that pid still runs a command naming this cluster's dir, so a
-# recycled pid never gets a signal from us.
-owned_pid() {
-  local file="$PIDS/$1.pid" pid
-  [[ -f "$file" ]] || return 1
-  pid=$(<"$file")
-  [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-  local cmdline
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-  [[ "$cmdline" == *"$DIR"* ]] || return 1
-  printf '%s\n' "$pid"
-}
-
-start_component() {
-  local name=$1
-  shift
-  # setsid: the process outlives this script and ignores the terminal's Ctrl-C; 9>&- keeps the
-  # port lock from leaking into it.
-  setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 9>&- &
-  printf '%s\n' "$!" >"$PIDS/$name.pid"
-}
-
-stop_component() {
-  local name=$1 pid i
-  if pid=$(owned_pid "$name"); then
-    if [[ "$pid" != "$$" ]]; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-      if kill -0 "$pid" 2>/dev/null; then
-        log "$name (pid $pid) ignored SIGTERM for 10 s, killing"
-        kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      fi
-      log "stopped $name (pid $pid)"
-    fi
-  fi
-  rm -f "$PIDS/$name.pid"
-}
-
-# --- ports -----------------------------------------------------------------------------------
-
-port_in_use() {
-  # Local address (ADDR:PORT in hex) is the second column of /proc/net/tcp{,6}; any state
-  # counts as taken. One awk, no pipe: `| grep -q` under pipefail fails when grep exits early.
-  awk -v port="$(printf ':%04X' "$1")" 'substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
-    /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
-declare -a CHOSEN_PORTS=()
-pick_port() {
-  local port tries=0
-  while ((tries++ < 200)); do
-    # Below the kernel's ephemeral range (32768+), so outgoing connections never hold them.
-    port=$((20000 + RANDOM % 12000))
-    [[ " ${CHOSEN_PORTS[*]} " == *" $port "* ]] && continue
-    port_in_use "$port" && continue
-    CHOSEN_PORTS+=("$port")
-    printf '%s\n' "$port"
-    return 0
-  done
-  die "no free port found in 20000-31999"
-}
-
-# Start-up liveness of a component this script just forked. owned_pid is wrong here: until the
-# child has exec'd its binary (slow on a loaded machine) its cmdline is still this script's,
-# so it would read as dead. The pid is our own unreaped child, so it cannot have been recycled;
-# an exited one is a zombie until reaped, which counts as dead.
-started_alive() {
-  local file="$PIDS/$1.pid" pid state
-  [[ -f "$file" ]] || return 1
-  pid=$(<"$file")
-  kill -0 "$pid" 2>/dev/null || return 1
-  state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
-  [[ -n "$state" && "$state" != Z ]]
 }
 
 wait_listening() {

@@ -28,12 +28,9 @@ COMPONENTS=(containerd coredns kubelet)
 PORT_LOCK="${TMPDIR:-/tmp}/dinoflow-cluster-ports.lock"
 RUNC="${DINOFLOW_RUNC:-/usr/sbin/runc}"
 
-log() { printf '[node] %s\n' "$*" >&2; }
-die() { printf '[node] error: %s\n' "$*" >&2; exit 1; }
-usage() {
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"
-  exit 2
-}
+LOG_TAG=node
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 cmd="${1:-}"
 [[ -n "$cmd" ]] || usage
@@ -56,6 +53,7 @@ PKI="$DIR/pki"
 N="$DIR/node"
 LOGS="$N/logs"
 PIDS="$N/pids"
+PROC_MARK="$N"
 SOCK="$N/containerd.sock"
 
 bin() {
@@ -65,70 +63,6 @@ bin() {
 kubectl_admin() { "$(bin kubectl)" --kubeconfig "$DIR/kubeconfig" --request-timeout=10s "$@"; }
 # ctr 2.4 takes the socket as a plain absolute path ("unix://PATH" fails its stat check).
 ctr_node() { "$(bin ctr)" -a "$SOCK" -n k8s.io "$@"; }
-
-# --- processes (as in cluster.sh: a pid is ours only while its command line names our dir) ---
-
-owned_pid() {
-  local file="$PIDS/$1.pid" pid cmdline
-  [[ -f "$file" ]] || return 1
-  pid=$(<"$file")
-  [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-  [[ "$cmdline" == *"$N"* ]] || return 1
-  printf '%s\n' "$pid"
-}
-
-start_component() {
-  local name=$1
-  shift
-  setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 9>&- &
-  printf '%s\n' "$!" >"$PIDS/$name.pid"
-}
-
-stop_pid() {
-  local name=$1 pid=$2 i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "$name (pid $pid) ignored SIGTERM for 10 s, killing"
-    kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
-  log "stopped $name (pid $pid)"
-}
-
-stop_component() {
-  local pid
-  if pid=$(owned_pid "$1"); then stop_pid "$1" "$pid"; fi
-  rm -f "$PIDS/$1.pid"
-}
-
-alive() {
-  local file="$PIDS/$1.pid" pid state
-  [[ -f "$file" ]] || return 1
-  pid=$(<"$file")
-  kill -0 "$pid" 2>/dev/null || return 1
-  state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
-  [[ -n "$state" && "$state" != Z ]]
-}
-
-port_in_use() {
-  awk -v port="$(printf ':%04X' "$1")" 'substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
-    /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 2>/dev/null
-}
-declare -a CHOSEN_PORTS=()
-pick_port() {
-  local port tries=0
-  while ((tries++ < 200)); do
-    port=$((20000 + RANDOM % 12000))
-    [[ " ${CHOSEN_PORTS[*]} " == *" $port "* ]] && continue
-    port_in_use "$port" && continue
-    CHOSEN_PORTS+=("$port")
-    printf '%s\n' "$port"
-    return 0
-  done
-  die "no free port found in 20000-31999"
-}
 
 # A private /24 (10.64.0.0-10.127.255.0) that no interface or route on the host already uses.
 pick_subnet() {
@@ -574,7 +508,7 @@ EOF
   start_component containerd env PATH="$BIN:$PATH" "$(bin containerd)" --config "$N/containerd/config.toml"
   local deadline=$((SECONDS + TIMEOUT))
   until [[ -S "$SOCK" ]] && ctr_node version >/dev/null 2>&1; do
-    alive containerd || fail_up "containerd exited during start-up"
+    started_alive containerd || fail_up "containerd exited during start-up"
     ((SECONDS < deadline)) || fail_up "containerd did not answer on $SOCK within ${TIMEOUT} s"
     sleep 0.2
   done
@@ -590,13 +524,13 @@ EOF
     --hostname-override "$NODE_NAME" "${labels[@]}" --v 1
 
   until node_ready; do
-    alive kubelet || fail_up "the kubelet exited during start-up"
-    alive coredns || fail_up "CoreDNS exited during start-up"
+    started_alive kubelet || fail_up "the kubelet exited during start-up"
+    started_alive coredns || fail_up "CoreDNS exited during start-up"
     ((SECONDS < deadline)) || fail_up "node $NODE_NAME not Ready within ${TIMEOUT} s"
     sleep 0.5
   done
   until [[ "$(curl -sS --max-time 2 "http://127.0.0.1:$COREDNS_READY_PORT/ready" 2>/dev/null)" == OK ]]; do
-    alive coredns || fail_up "CoreDNS exited during start-up"
+    started_alive coredns || fail_up "CoreDNS exited during start-up"
     ((SECONDS < deadline)) || fail_up "CoreDNS not ready within ${TIMEOUT} s"
     sleep 0.3
   done

@@ -665,7 +665,12 @@ fn peer_exit_alone_is_retried_once_the_gang_has_settled() {
     // yet, the job looks again when the gang has had time to settle.
     w.now = NOW + 5;
     let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW)]);
-    assert_eq!(d.status.phase, Some(JobPhase::Running), "{:?}", d.status.message);
+    assert_eq!(
+        d.status.phase,
+        Some(JobPhase::Running),
+        "{:?}",
+        d.status.message
+    );
     assert_eq!(d.status.restarts, Some(0));
     assert!(d.delete_pods.is_empty(), "{:?}", d.delete_pods);
     let left = PEER_EXIT_SETTLE_SECONDS - 5;

@@ -7,6 +7,7 @@
 //! | 79 | loss became NaN/Inf | job Failed at once (a deterministic resume would hit it again) |
 //! | 70 | a collective failed (peer lost, ranks out of step) | restart the whole gang (retryable) |
 //! | 143 | stopped by SIGTERM/SIGINT after writing a checkpoint | restart when the job still wants to run (retryable) |
+//! | 137 | killed by SIGKILL (the end of a grace period, the OOM killer) | restart (retryable); a pod being deleted that exits 137 or 143 was stopped, not failed |
 //! | any other | transient failure (crash, OOM, lost peer, signal) | restart the whole gang from the last verified checkpoint |
 
 /// Training finished.
@@ -22,6 +23,9 @@ pub const COLLECTIVE_FAILED: i32 = 70;
 /// Stopped by SIGTERM or SIGINT after writing a checkpoint: 128 + 15, as a shell reports it.
 /// Retryable, so a stopped gang resumes.
 pub const STOPPED_BY_SIGNAL: i32 = 143;
+/// Killed by SIGKILL: 128 + 9, what a container still running at the end of its grace
+/// period (or killed by the OOM killer) exits with. Not the trainer's own code; retryable.
+pub const SIGKILLED: i32 = 137;
 
 /// What the operator does with a trainer's exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -164,7 +164,7 @@ fn ended_by_deletion(
     let by_signal = terminated.is_none_or(|t| {
         matches!(
             t.exit_code,
-            exit_codes::STOPPED_BY_SIGNAL | SIGKILLED_EXIT_CODE
+            exit_codes::STOPPED_BY_SIGNAL | exit_codes::SIGKILLED
         )
     });
     let after = terminated
@@ -172,9 +172,6 @@ fn ended_by_deletion(
         .is_none_or(|f| f.0.as_second() >= began);
     by_signal && after
 }
-
-/// 128 + SIGKILL: what a container killed at the end of its grace period exits with.
-const SIGKILLED_EXIT_CODE: i32 = 137;
 
 impl PodState {
     /// The trainer's exit code, for a failed pod that has one.

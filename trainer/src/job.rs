@@ -62,9 +62,10 @@ pub enum JobError<B: std::error::Error + 'static> {
     Build(B),
     #[error("resume: {0}")]
     Resume(#[source] CheckpointError),
-    /// The ranks would start from different iterations.
+    /// The ranks would start from different iterations. Retryable: a caching filesystem
+    /// shows one pod the newest checkpoint later than the others.
     #[error(
-        "{detail}: every rank must see the same checkpoints; put training.output.dir on storage shared by all pods"
+        "{detail}: every rank must see the same checkpoints. Exiting to be restarted (a caching filesystem may not show every pod the newest checkpoint yet); if this repeats, put training.output.dir on storage shared by all pods"
     )]
     RanksDisagree { detail: String },
     /// `model.pretrainedWeights` / `model.weights` could not be loaded.

@@ -473,3 +473,66 @@ fn when_one_pod_dies_the_other_exits_retryably_instead_of_hanging() {
     );
     assert!(stderr.contains("rank 1"), "{stderr}");
 }
+
+/// What a caching filesystem shows a lagging pod: rank 1 does not see the newest checkpoint
+/// rank 0 resumes from yet (here: its view of the output directory lacks it). The ranks
+/// disagree on where to start; that is retryable (the operator restarts the gang, charged to
+/// backoffLimit, and the caches catch up), never 78, which would fail the job for good.
+#[test]
+fn ranks_that_see_different_newest_checkpoints_exit_retryably() {
+    if !have_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 100, 3);
+    let out = dir.path().join("out");
+    // A one-pod run killed (like a node loss) once its first checkpoint exists.
+    let mut first = pod(&cfg, &out, free_port(), 1, 0).spawn().unwrap();
+    let started = Instant::now();
+    while !ckpt(&out, 3).join("manifest.json").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint"
+        );
+        assert!(first.try_wait().unwrap().is_none(), "the first run exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let group = rustix::process::Pid::from_raw(first.id() as i32).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
+    first.wait().unwrap();
+    // Rank 1's stale view: the same directory without its newest checkpoint.
+    let lagging = dir.path().join("lagging");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&out)
+        .arg(&lagging)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let mut listed: Vec<PathBuf> = std::fs::read_dir(lagging.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ckpt-")
+        })
+        .collect();
+    listed.sort();
+    std::fs::remove_dir_all(listed.last().unwrap()).unwrap();
+
+    let port = free_port();
+    let zero = pod(&cfg, &out, port, 2, 0).spawn().unwrap();
+    let one = pod(&cfg, &lagging, port, 2, 1).output().unwrap();
+    let zero = zero.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert!(stderr.contains("rank 1 has start iteration"), "{stderr}");
+    assert_eq!(one.status.code(), Some(1), "rank 1: {stderr}");
+    let code = zero.status.code().unwrap();
+    assert!(
+        ![0, 78, 79].contains(&code),
+        "rank 0 must exit retryably, got {code}: {}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
+}

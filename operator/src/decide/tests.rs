@@ -661,6 +661,20 @@ fn peer_exit_alone_is_retried_once_the_gang_has_settled() {
     let mut w = World::new(2);
     w.step(&[]);
     w.step(&running_gang(2, 0));
+    // Just after the peer's exit its cause may still show up elsewhere: nothing is decided
+    // yet, the job looks again when the gang has had time to settle.
+    w.now = NOW + 5;
+    let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW)]);
+    assert_eq!(
+        d.status.phase,
+        Some(JobPhase::Running),
+        "{:?}",
+        d.status.message
+    );
+    assert_eq!(d.status.restarts, Some(0));
+    assert!(d.delete_pods.is_empty(), "{:?}", d.delete_pods);
+    let left = PEER_EXIT_SETTLE_SECONDS - 5;
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(left as u64)));
     w.now = NOW + PEER_EXIT_SETTLE_SECONDS;
     let d = w.step(&[pod(0, 0, "Running"), exited_at(1, 0, 70, NOW)]);
     assert_eq!(d.status.phase, Some(JobPhase::Restarting));

@@ -42,7 +42,10 @@ pub enum CheckpointError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{path}: corrupt checkpoint: cannot read listed file: {source}")]
+    /// A file the manifest lists cannot be read: missing or refused (the checkpoint is
+    /// incomplete, a restart meets the same), or an I/O error a restart may not meet again
+    /// ([`Self::is_unreadable_for_now`]).
+    #[error("{path}: cannot read a file the checkpoint's manifest lists: {source}")]
     Unreadable {
         path: PathBuf,
         #[source]
@@ -117,6 +120,19 @@ impl CheckpointError {
                 )
             }
             Self::NoSpace { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A listed file that could not be read for a reason other than its absence or its
+    /// permissions (EIO, a stale NFS handle, a timeout): no evidence that the checkpoint is
+    /// corrupt, so a restart is worth it.
+    pub fn is_unreadable_for_now(&self) -> bool {
+        match self {
+            Self::Unreadable { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
             _ => false,
         }
     }

@@ -111,14 +111,19 @@ fn job_code<B: std::error::Error + 'static>(e: &JobError<B>, build: impl Fn(&B) 
         | JobError::PeakFlops { .. }
         | JobError::Env(_)
         | JobError::World(WorldError::Env(_))
-        | JobError::RanksDisagree { .. }
         | JobError::Mapping(_)
         | JobError::Init(_) => PERMANENT_FAILURE,
         JobError::World(WorldError::Rendezvous(_))
         | JobError::Signals(_)
         | JobError::Progress(_)
         | JobError::Metrics(_) => RETRYABLE,
+        // What a caching filesystem shows for a while: a rank that does not see the newest
+        // checkpoint yet. The restart meets caches that caught up; it is charged to
+        // backoffLimit, so storage that is not shared at all still ends the job.
+        JobError::RanksDisagree { .. } => RETRYABLE,
         JobError::Build(e) => build(e),
+        // A listed file that cannot be read now (EIO, a stale handle): not a corrupt one.
+        JobError::Resume(e) if e.is_unreadable_for_now() => RETRYABLE,
         // An explicit checkpoint that does not verify, or a refused config change: a restart
         // would meet the same checkpoint.
         JobError::Resume(
@@ -231,6 +236,57 @@ mod tests {
             STOPPED_BY_SIGNAL
         );
         assert_eq!(outcome_code(&Outcome::Finished { iteration: 4 }), 0);
+    }
+
+    /// What a caching filesystem shows: one rank does not see the newest checkpoint yet and
+    /// would start from an older iteration than rank 0. A restart meets caches that have
+    /// caught up; it is charged to backoffLimit like any retryable exit, so a volume that is
+    /// not shared at all still ends the job, after the restarts.
+    #[test]
+    fn ranks_that_disagree_on_the_newest_checkpoint_are_retryable() {
+        let e = CommandError::from(JobError::<BuildError>::RanksDisagree {
+            detail: "rank 1 has start iteration 0 but rank 0 has 3".into(),
+        });
+        assert_eq!(e.exit_code(), RETRYABLE, "{e}");
+        let e = CommandError::from(JobError::<DistillBuildError>::RanksDisagree {
+            detail: "rank 1 has start iteration 0 but rank 0 has 3".into(),
+        });
+        assert_eq!(e.exit_code(), RETRYABLE, "{e}");
+    }
+
+    /// A listed file that cannot be read now (EIO, a stale NFS handle, a timeout) is not a
+    /// corrupt checkpoint: retryable. One that is missing, unreadable by permission, or
+    /// whose bytes do not match the manifest is what it will be on every restart: 78.
+    #[test]
+    fn a_checkpoint_file_unreadable_for_now_is_retryable_and_a_corrupt_one_permanent() {
+        let unreadable = |source: std::io::Error| {
+            CommandError::from(JobError::<BuildError>::Resume(
+                CheckpointError::Unreadable {
+                    path: "/ckpt/ckpt-000000003/shard-00000.bin".into(),
+                    source,
+                },
+            ))
+        };
+        const EIO: i32 = 5;
+        const ETIMEDOUT: i32 = 110;
+        const ESTALE: i32 = 116;
+        for errno in [EIO, ETIMEDOUT, ESTALE] {
+            let e = unreadable(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(e.exit_code(), RETRYABLE, "errno {errno}: {e}");
+        }
+        for kind in [
+            std::io::ErrorKind::NotFound,
+            std::io::ErrorKind::PermissionDenied,
+        ] {
+            let e = unreadable(kind.into());
+            assert_eq!(e.exit_code(), PERMANENT_FAILURE, "{kind:?}: {e}");
+        }
+        let corrupt =
+            CommandError::from(JobError::<BuildError>::Resume(CheckpointError::Corrupt {
+                path: "/ckpt/ckpt-000000003/manifest.json".into(),
+                reason: "sha256 does not match the manifest".into(),
+            }));
+        assert_eq!(corrupt.exit_code(), PERMANENT_FAILURE);
     }
 
     #[test]

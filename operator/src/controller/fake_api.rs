@@ -1,7 +1,7 @@
 //! A minimal fake API server for unit tests of what a reconcile sends and in which waves:
 //! it records each request (verb, path, body), answers creates by echoing the object and a
 //! status patch with the job it is given, and holds every answer until `hold_for` requests
-//! are in flight at once (or a second has passed), so a test sees which writes went out
+//! are in flight at once (or five seconds have passed), so a test sees which writes went out
 //! together: the most in flight at once is recorded.
 
 use std::sync::{Arc, Mutex};
@@ -71,13 +71,13 @@ impl FakeApi {
 
     /// The requests since the last [`Self::expect_wave`], events left out (they go out in
     /// the background), and the most that were in flight at once.
-    pub fn writes(&self) -> (Vec<Request>, usize) {
+    pub fn requests(&self) -> (Vec<Request>, usize) {
         let s = self.state();
-        let writes = (s.requests.iter())
+        let requests = (s.requests.iter())
             .filter(|r| !r.path.contains("/events"))
             .cloned()
             .collect();
-        (writes, s.most_in_flight)
+        (requests, s.most_in_flight)
     }
 
     async fn serve(self, mut socket: TcpStream) {
@@ -140,7 +140,7 @@ impl FakeApi {
         }
     }
 
-    /// Records the request and holds its answer until the wave is complete (or a second).
+    /// Records the request and holds its answer until the wave is complete (or five seconds).
     async fn hold(&self, request: Request) {
         let counted = !request.path.contains("/events");
         {
@@ -165,7 +165,7 @@ impl FakeApi {
                     notified.await;
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
             self.state().in_flight -= 1;
         }
     }

@@ -61,11 +61,11 @@ pub struct Context {
 }
 
 /// How many reconciles run at once per controller, unless [`Tuning`] says otherwise. A
-/// reconcile makes at most one wave of concurrent writes (a gang's pods and the status: nodes
-/// + 1), so 2 keep some 10 writes in flight. More only queues them inside the API server: in
+/// reconcile makes at most one wave of concurrent writes (a gang's pods and the status), so 2
+/// keep some 10 writes in flight. More only queues them inside the API server: in
 /// bench/operator_scale.sh (200 jobs × 4 nodes, 2 loaded cores) 4 doubled the API server's
 /// pod create time and the p99 reconcile (~0.47–0.81 s against ~0.24–0.33 s at 2) for no
-/// faster burst (24–32 s to all pods against 23–30 s); 16 was 5× slower per pod apply than 4.
+/// faster burst (24–32 s to all pods against 23–30 s); 16 was 5× slower per pod apply than 4;
 /// 1 had the lowest p99 (~0.22 s) but took 38 s. See bench/README.md.
 pub const DEFAULT_CONCURRENCY: u16 = 2;
 /// How long a shutdown waits for in-flight reconciles (the chart's grace period is 30 s).

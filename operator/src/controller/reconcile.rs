@@ -840,7 +840,7 @@ mod tests {
         // 1. The children, all three in flight at once; no pod, no status yet; again at once.
         api.expect_wave(3);
         let action = reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
-        let (writes, together) = api.writes();
+        let (writes, together) = api.requests();
         assert_eq!(
             targets(&writes),
             ["POST configmaps", "POST secrets", "POST services"]
@@ -851,7 +851,7 @@ mod tests {
         // 2. The pods and the status, in one wave; the status counts the pods on their way.
         api.expect_wave(3);
         let action = reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
-        let (writes, together) = api.writes();
+        let (writes, together) = api.requests();
         assert_eq!(targets(&writes), ["PATCH f", "POST pods", "POST pods"]);
         assert_eq!(together, 3, "the pods and the status go out together");
         assert_ne!(action, Action::requeue(Duration::ZERO));
@@ -868,7 +868,7 @@ mod tests {
         let job: dinoflow_api::PretrainJob = serde_json::from_value(written).unwrap();
         api.expect_wave(0);
         reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
-        assert_eq!(targets(&api.writes().0), Vec::<String>::new());
+        assert_eq!(targets(&api.requests().0), Vec::<String>::new());
 
         // 4. The pods reach the cache (pending): the status is already right.
         for mut pod in created {
@@ -877,7 +877,7 @@ mod tests {
         }
         api.expect_wave(0);
         reconcile(Arc::new(job), ctx.clone()).await.unwrap();
-        assert_eq!(targets(&api.writes().0), Vec::<String>::new());
+        assert_eq!(targets(&api.requests().0), Vec::<String>::new());
     }
 
     /// A later attempt's children exist already: they are read first (here they turn out
@@ -894,7 +894,7 @@ mod tests {
         ctx.client = kube::Client::try_from(config).expect("client");
         api.expect_wave(3);
         let action = reconcile(Arc::new(job), Arc::new(ctx)).await.unwrap();
-        let (writes, together) = api.writes();
+        let (writes, together) = api.requests();
         let verbs: Vec<&str> = writes.iter().map(|r| r.verb.as_str()).collect();
         assert_eq!(verbs, ["GET", "GET", "GET", "POST", "POST", "POST"]);
         assert_eq!(together, 3);

@@ -322,7 +322,8 @@ async fn act<K: TrainingJob>(
     // write in the same wave.
     let mut requeue_after = decision.requeue_after;
     if let Some(gang) = &gang {
-        let ready_again = gang.ensure(&applier, pending_status_write).await?;
+        let recovering = (before.condition(condition::SYNCED)).is_some_and(|c| c.status == "False");
+        let ready_again = (gang.ensure(&applier, pending_status_write, recovering)).await?;
         requeue_after = [requeue_after, ready_again].into_iter().flatten().min();
     }
 
@@ -605,6 +606,7 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         &self,
         applier: &Applier<'_>,
         status_write: Option<impl Future<Output = Result<()>> + Send + 'a>,
+        recovering: bool,
     ) -> Result<Option<Duration>> {
         let jr = self.jr;
         match (self.step, &self.children) {
@@ -648,13 +650,22 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
                     })
                     .collect();
                 let mut writes: Vec<BoxFuture<'_, Result<()>>> = Vec::new();
-                if let Some(write) = status_write {
-                    writes.push(write.boxed());
+                // A job whose reconciles failed (`Synced=False`) gets `Synced=True` back only
+                // once its pods are in: written with them, a pod refused again would flip the
+                // condition back and forth, each write waking the job past its backoff.
+                let mut status_after = None;
+                match status_write {
+                    Some(write) if recovering => status_after = Some(write),
+                    Some(write) => writes.push(write.boxed()),
+                    None => {}
                 }
                 for pod in &gang {
                     writes.push(applier.apply(pod).boxed());
                 }
                 future::try_join_all(writes).await?;
+                if let Some(write) = status_after {
+                    write.await?;
+                }
                 self.ctx.prepared.used(&jr.uid);
                 (self.ctx.expectations).created(
                     &jr.uid,

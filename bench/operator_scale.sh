@@ -204,6 +204,23 @@ print("[bench] events in " + sys.argv[1] + ": " + ", ".join(f"{k}={v}" for k, v 
 print(n)' "$1"
 }
 
+# The operator's writes in a phase (between the API server's /metrics snapshots BEFORE and
+# AFTER): its children (created, or applied when they exist), its jobs' status, deletions,
+# and the events in NS not recorded by the scheduler; kubectl's applies of the jobs (APPLY on
+# JOB-RESOURCE) are not counted. Sets W_PODS, W_OTHER, W_STATUS, W_EVENTS and W_TOTAL.
+operator_writes() { # BEFORE AFTER JOB-RESOURCE NS
+  local b=$1 a=$2 res=$3 ns=$4
+  W_PODS=$(writes "$b" "$a" '^pods$' '^$' "$WRITE_VERBS")
+  W_OTHER=$(writes "$b" "$a" '^(services|configmaps|secrets|podgroups)$' '^$' "$WRITE_VERBS")
+  W_STATUS=$(($(writes "$b" "$a" "^$res\$" '^status$' "$WRITE_VERBS") + $(writes "$b" "$a" "^$res\$" '^$' '^(POST|PUT|PATCH|DELETE)$')))
+  W_EVENTS=$(operator_events "$ns")
+  W_TOTAL=$((W_PODS + W_OTHER + W_STATUS + W_EVENTS))
+}
+print_writes() { # the per-job line of the last operator_writes
+  printf '  API writes per job     %s: pods %s, service/configmap/secret %s, job status %s, events %s\n' \
+    "$(per_job "$W_TOTAL")" "$(per_job "$W_PODS")" "$(per_job "$W_OTHER")" "$(per_job "$W_STATUS")" "$(per_job "$W_EVENTS")"
+}
+
 WANT=$((JOBS * NODES))
 # The jobs go out through APPLIERS kubectl processes at once: one kubectl applies its objects
 # one after another (about 7 a second here), which would spread the burst over half a minute.
@@ -302,21 +319,14 @@ YAML
   run_burst Dinoflow "$ns" "$dir" "127.0.0.1:$port/metrics" dinoflow_operator_reconciles_total
   local m="$dir/operator.metrics" a="$dir/apiserver.after" b="$dir/apiserver.before"
   local hist=dinoflow_operator_reconcile_duration_seconds filter='kind="PretrainJob"'
-  local p50_le p50_est p99_le p99_est reconciles errors error_kinds over events phases
+  local p50_le p50_est p99_le p99_est reconciles errors error_kinds over phases
   read -r p50_le p50_est <<<"$(quantile 0.5 "$hist" "$filter" <"$m")"
   read -r p99_le p99_est <<<"$(quantile 0.99 "$hist" "$filter" <"$m")"
   over=$(above 0.2 "$hist" "$filter" <"$m")
   reconciles=$(metric_sum dinoflow_operator_reconciles_total "$filter" <"$m")
   errors=$(metric_sum dinoflow_operator_reconcile_errors_total "$filter" <"$m")
   error_kinds=$(awk '/^dinoflow_operator_reconcile_errors_total\{/ && /kind="PretrainJob"/ && $NF > 0 { match($0, /error="[^"]+"/); printf "%s%s=%s", sep, substr($0, RSTART + 7, RLENGTH - 8), $NF; sep = "," }' "$m")
-  # The operator's writes: its children (created, or applied when they exist), the jobs'
-  # status, and deletions; kubectl's job applies (APPLY on pretrainjobs) are not counted.
-  local w_pods w_other w_status w_total
-  w_pods=$(writes "$b" "$a" '^pods$' '^$' "$WRITE_VERBS")
-  w_other=$(writes "$b" "$a" '^(services|configmaps|secrets|podgroups)$' '^$' "$WRITE_VERBS")
-  w_status=$(($(writes "$b" "$a" '^pretrainjobs$' '^status$' "$WRITE_VERBS") + $(writes "$b" "$a" '^pretrainjobs$' '^$' '^(POST|PUT|PATCH|DELETE)$')))
-  events=$(operator_events "$ns")
-  w_total=$((w_pods + w_other + w_status + events))
+  operator_writes "$b" "$a" pretrainjobs "$ns"
   phases=$(kubectl get pretrainjobs -n "$ns" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' |
     awk '{ c[$1 == "" ? "none" : $1]++ } END { for (p in c) printf "%s%s=%d", (n++ ? "," : ""), p, c[p] }')
   # Server-side latency of the pod creates (the API server's own histogram, this phase only):
@@ -343,13 +353,12 @@ YAML
   printf '  operator peak RSS      %6s MiB  target < %s MiB  %s   (RSS now %s MiB)\n' "$rss" "$TARGET_RSS_MIB" "$v_rss" "$(mib "$P_RSS_NOW_KB")"
   printf '  reconciles             %s (%s per job), errors %s%s\n' "$reconciles" "$(per_job "$reconciles")" "$errors" "${error_kinds:+ ($error_kinds)}"
   printf '  job phases             %s\n' "$phases"
-  printf '  API writes per job     %s: pods %s, service/configmap/secret %s, job status %s, events %s\n' \
-    "$(per_job "$w_total")" "$(per_job "$w_pods")" "$(per_job "$w_other")" "$(per_job "$w_status")" "$(per_job "$events")"
+  print_writes
   printf '  API server pod create  %s ms mean, server side\n' "$apply_ms"
   warnings=$(grep -c '"level":"WARN"' "$dir/operator.log" || true)
   [[ "$warnings" -gt 0 ]] && log "the Dinoflow operator logged $warnings warnings, e.g.: $(grep -m1 '"level":"WARN"' "$dir/operator.log")"
   R_PODS[dinoflow]=$P_ALL_PODS_S R_PODS_OK[dinoflow]=$([[ "$P_HAVE" -ge "$WANT" ]] && echo 1 || echo 0)
-  R_RSS[dinoflow]=$rss R_WRITES[dinoflow]=$(per_job "$w_total")
+  R_RSS[dinoflow]=$rss R_WRITES[dinoflow]=$(per_job "$W_TOTAL")
   R_P99[dinoflow]="<= $p99_le s (~$p99_est)" R_P50[dinoflow]="<= $p50_le s (~$p50_est)"
   R_LOAD[dinoflow]="${P_LOAD_BEFORE%% *}, ${P_LOAD_AT_END%% *}"
   stop_operator
@@ -441,17 +450,12 @@ YAML
   run_burst Kubeflow "$ns" "$dir" "127.0.0.1:$metrics_port/metrics" controller_runtime_reconcile_total
   local m="$dir/operator.metrics" a="$dir/apiserver.after" b="$dir/apiserver.before"
   local hist=controller_runtime_reconcile_time_seconds filter='controller="pytorchjob-controller"'
-  local p50_le p50_est p99_le p99_est reconciles errors events rss
+  local p50_le p50_est p99_le p99_est reconciles errors rss
   read -r p50_le p50_est <<<"$(quantile 0.5 "$hist" "$filter" <"$m")"
   read -r p99_le p99_est <<<"$(quantile 0.99 "$hist" "$filter" <"$m")"
   reconciles=$(metric_sum controller_runtime_reconcile_total "$filter" <"$m")
   errors=$(metric_sum controller_runtime_reconcile_errors_total "$filter" <"$m")
-  local w_pods w_other w_status w_total
-  w_pods=$(writes "$b" "$a" '^pods$' '^$' "$WRITE_VERBS")
-  w_other=$(writes "$b" "$a" '^(services|configmaps|secrets|podgroups)$' '^$' "$WRITE_VERBS")
-  w_status=$(($(writes "$b" "$a" '^pytorchjobs$' '^status$' "$WRITE_VERBS") + $(writes "$b" "$a" '^pytorchjobs$' '^$' '^(POST|PUT|PATCH|DELETE)$')))
-  events=$(operator_events "$ns")
-  w_total=$((w_pods + w_other + w_status + events))
+  operator_writes "$b" "$a" pytorchjobs "$ns"
   rss=$(mib "$P_RSS_HWM_KB")
   printf 'Kubeflow training-operator v1.8.1: %s PyTorchJobs (1 Master + %s Workers); load average %s before, %s when the pods were in\n' \
     "$JOBS" "$workers" "$P_LOAD_BEFORE" "$P_LOAD_AT_END"
@@ -463,10 +467,9 @@ YAML
   printf '  reconcile p99          <= %s s (~%s s)\n' "$p99_le" "$p99_est"
   printf '  operator peak RSS      %6s MiB  (RSS now %s MiB)\n' "$rss" "$(mib "$P_RSS_NOW_KB")"
   printf '  reconciles             %s (%s per job), errors %s\n' "$reconciles" "$(per_job "$reconciles")" "$errors"
-  printf '  API writes per job     %s: pods %s, service/configmap/secret %s, job status %s, events %s\n' \
-    "$(per_job "$w_total")" "$(per_job "$w_pods")" "$(per_job "$w_other")" "$(per_job "$w_status")" "$(per_job "$events")"
+  print_writes
   R_PODS[kubeflow]=$P_ALL_PODS_S R_PODS_OK[kubeflow]=$([[ "$P_HAVE" -ge "$WANT" ]] && echo 1 || echo 0)
-  R_RSS[kubeflow]=$rss R_WRITES[kubeflow]=$(per_job "$w_total")
+  R_RSS[kubeflow]=$rss R_WRITES[kubeflow]=$(per_job "$W_TOTAL")
   R_P99[kubeflow]="<= $p99_le s (~$p99_est)" R_P50[kubeflow]="<= $p50_le s (~$p50_est)"
   R_LOAD[kubeflow]="${P_LOAD_BEFORE%% *}, ${P_LOAD_AT_END%% *}"
   stop_operator

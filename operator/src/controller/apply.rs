@@ -44,6 +44,18 @@ impl Applier<'_> {
             + DeserializeOwned
             + std::fmt::Debug,
     {
+        self.apply_expecting(obj, Expect::Absent).await
+    }
+
+    /// [`Self::apply`], asking first what is most likely (see [`Expect`]).
+    pub async fn apply_expecting<K>(&self, obj: &K, expect: Expect) -> Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
         self.leadership.ensure()?;
         let api: Api<K> = Api::namespaced(self.client.clone(), &self.job.namespace);
         let kind = K::kind(&());
@@ -52,42 +64,60 @@ impl Applier<'_> {
         } else {
             Existing::Update
         };
-        self.create_or_update(&api, obj, &kind, existing).await
-    }
-
-    /// [`Self::apply`] for an unstructured child (PodGroup).
-    pub async fn apply_dynamic(&self, obj: &DynamicObject, ar: &ApiResource) -> Result<()> {
-        self.leadership.ensure()?;
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &self.job.namespace, ar);
-        self.create_or_update(&api, obj, &ar.kind, Existing::Update)
+        self.create_or_update(&api, obj, &kind, existing, expect)
             .await
     }
 
-    /// Create; on AlreadyExists read the object and, only if this job is its controller,
-    /// apply over exactly the version read (a precondition: a replacement in between is a
-    /// conflict, retried on a fresh look). Anything else is refused with the owner named.
+    /// [`Self::apply_expecting`] for an unstructured child (PodGroup).
+    pub async fn apply_dynamic(
+        &self,
+        obj: &DynamicObject,
+        ar: &ApiResource,
+        expect: Expect,
+    ) -> Result<()> {
+        self.leadership.ensure()?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.job.namespace, ar);
+        self.create_or_update(&api, obj, &ar.kind, Existing::Update, expect)
+            .await
+    }
+
+    /// Create (or, when the object is expected to exist, read it first); on AlreadyExists
+    /// read the object and, only if this job is its controller, apply over exactly the
+    /// version read (a precondition: a replacement in between is a conflict, retried on a
+    /// fresh look). Anything else is refused with the owner named.
     async fn create_or_update<K>(
         &self,
         api: &Api<K>,
         obj: &K,
         kind: &str,
         existing: Existing,
+        expect: Expect,
     ) -> Result<()>
     where
         K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     {
-        let create = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match api.create(&create, obj).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {}
-            Err(e) => return Err(e.into()),
-        }
         let name = obj.name_any();
-        let found = api.get(&name).await?;
+        let found = match expect {
+            Expect::Present => api.get_opt(&name).await?,
+            Expect::Absent => None,
+        };
+        let found = match found {
+            Some(found) => found,
+            None => {
+                let create = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
+                match api.create(&create, obj).await {
+                    Ok(_) => return Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                        api.get(&name).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
         check_owner(self.job, kind, &name, found.meta())?;
         if existing == Existing::Keep {
             return Ok(());
@@ -178,6 +208,16 @@ impl Applier<'_> {
             Err(e) => Err(Error::Kube(e)),
         }
     }
+}
+
+/// Which round trip goes first for a child. A new gang's children are new: a create is one
+/// round trip (then a read and an apply only if the name is taken). A later gang's (the next
+/// attempt, a re-created pod) exist: a read, then the apply, saves the create refused with
+/// AlreadyExists, one of three sequential round trips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Absent,
+    Present,
 }
 
 /// What to do with a child that already exists and belongs to the job.

@@ -3,8 +3,11 @@
 pub mod apply;
 pub mod backoff;
 mod expectations;
+#[cfg(test)]
+mod fake_api;
 mod own_writes;
 pub mod pod_stream;
+mod prepared;
 mod reconcile;
 
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub use backoff::Backoff;
 pub use expectations::Expectations;
 pub use own_writes::OwnStatusWrites;
+pub use prepared::Prepared;
 pub use reconcile::{error_policy, reconcile};
 
 use crate::desired::LABEL_JOB;
@@ -47,6 +51,8 @@ pub struct Context {
     pub expectations: Expectations,
     /// Job versions this replica's status writes replaced.
     pub own_writes: OwnStatusWrites,
+    /// Children verified for the pods of a job's next reconcile.
+    pub prepared: Prepared,
     /// Consecutive failed reconciles by job.
     pub backoff: Backoff,
     /// When these controllers (and, in the operator, its progress endpoint) started: the
@@ -54,11 +60,14 @@ pub struct Context {
     pub operating_since: Timestamp,
 }
 
-/// How many reconciles run at once per controller, unless [`Tuning`] says otherwise. Each
-/// reconcile that creates a gang makes nodes + 3 writes at once, so 4 keep some 30 writes in
-/// flight. More only queues them inside the API server: in bench/operator_scale.sh (200 jobs ×
-/// 4 nodes, 2 cores) 16 made each pod apply 5× slower and the whole burst slower, not faster.
-pub const DEFAULT_CONCURRENCY: u16 = 4;
+/// How many reconciles run at once per controller, unless [`Tuning`] says otherwise. A
+/// reconcile makes at most one wave of concurrent writes (a gang's pods and the status), so 2
+/// keep some 10 writes in flight. More only queues them inside the API server: in
+/// bench/operator_scale.sh (200 jobs × 4 nodes, 2 loaded cores) 4 doubled the API server's
+/// pod create time and the p99 reconcile (~0.47–0.81 s against ~0.24–0.33 s at 2) for no
+/// faster burst (24–32 s to all pods against 23–30 s); 16 was 5× slower per pod apply than 4;
+/// 1 had the lowest p99 (~0.22 s) but took 38 s. See bench/README.md.
+pub const DEFAULT_CONCURRENCY: u16 = 2;
 /// How long a shutdown waits for in-flight reconciles (the chart's grace period is 30 s).
 const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Buffer of the shared pod stream per controller.
@@ -172,6 +181,7 @@ pub async fn run_tuned<PretrainJob: TrainingJob, DistillJob: TrainingJob>(
         pods: pods.clone(),
         expectations: Expectations::default(),
         own_writes: OwnStatusWrites::default(),
+        prepared: Prepared::default(),
         backoff: Backoff::default(),
         operating_since: Timestamp::now(),
     });

@@ -14,8 +14,8 @@ use kube::runtime::events::{Event, EventType};
 use futures::FutureExt;
 use futures::future::{self, BoxFuture};
 
-use super::Context;
-use super::apply::{Applier, controller_fields};
+use super::apply::{Applier, Expect, controller_fields};
+use super::{Context, prepared};
 use crate::decide::{Decision, JobEvent, JobFacts, TeacherState, decide};
 use crate::desired::{self, pods::PodInputs};
 use crate::job::{JobKind, JobRef, TeacherSource, TrainingJob};
@@ -246,7 +246,7 @@ async fn act<K: TrainingJob>(
     jr: &JobRef,
     before: &JobStatus,
     pods: &[PodObservation],
-    decision: Decision,
+    mut decision: Decision,
     ctx: &Context,
 ) -> Result<Action> {
     let applier = Applier {
@@ -254,14 +254,26 @@ async fn act<K: TrainingJob>(
         leadership: &ctx.leadership,
         job: jr,
     };
+    // The gang's plan first: the status written with the pods counts them already.
+    let gang = if decision.ensure_gang {
+        Some(Gang::plan(job, jr, before, &decision.status, ctx, pods)?)
+    } else {
+        None
+    };
+    if let Some(gang) = &gang {
+        count_in_flight(&mut decision.status, gang.step, gang.in_flight);
+    }
+    let step = gang.as_ref().map(|g| g.step);
     let status_changed = controller_fields(&decision.status) != controller_fields(before);
 
     // 1. Status first when it carries what must be durable before pods change (the attempt,
     // the restart counts, the teacher checkpoint). Deleting pods on a stale view of the job
     // could tear down a newer gang, so deletions are preceded by a resourceVersion-guarded
     // write even when the status is unchanged. Any other status change (pod counts, phase,
-    // conditions) is written alongside the gang's first objects: a crash in between leaves
-    // nothing a later reconcile cannot re-derive, and it saves a round trip per reconcile.
+    // conditions) is written alongside the gang's pods: a crash in between leaves nothing a
+    // later reconcile cannot re-derive, and it saves a round trip per reconcile. A reconcile
+    // that only prepares the gang's children leaves such a change (and its events) to the
+    // next reconcile, which comes at once, decides again and writes it with the pods.
     let status_first = !decision.delete_pods.is_empty()
         || !decision.force_delete_pods.is_empty()
         || (status_changed && status_must_precede_children(before, &decision.status));
@@ -279,7 +291,7 @@ async fn act<K: TrainingJob>(
         Ok(())
     };
     let mut pending_status_write = None;
-    let mut pods_on_their_way = None;
+    let mut status_deferred = false;
     if status_first || (status_changed && !decision.ensure_gang) {
         write_status().await?;
         count_restarts(K::KIND.as_str(), before, &decision.status, &ctx.metrics);
@@ -290,6 +302,8 @@ async fn act<K: TrainingJob>(
             pods,
             &ctx.metrics,
         );
+    } else if status_changed && step == Some(GangStep::Prepare) {
+        status_deferred = true;
     } else if status_changed {
         // Restarts and disruptions are unchanged here (else the status went first).
         pending_status_write = Some(write_status());
@@ -304,34 +318,48 @@ async fn act<K: TrainingJob>(
     let forced = (decision.force_delete_pods.iter()).map(|n| applier.force_delete_pod(n).boxed());
     future::try_join_all(deletes.chain(forced)).await?;
 
-    // 3. The gang of the current attempt, with the pending status write in its first wave.
-    if decision.ensure_gang {
-        let gang = Gang {
-            job,
-            jr,
-            status: &decision.status,
-            ctx,
-            applier: &applier,
-        };
-        pods_on_their_way = gang.ensure(pods, pending_status_write).await?;
+    // 3. The gang of the current attempt: its children, or its pods with the pending status
+    // write in the same wave.
+    let mut requeue_after = decision.requeue_after;
+    if let Some(gang) = &gang {
+        let recovering = (before.condition(condition::SYNCED)).is_some_and(|c| c.status == "False");
+        let ready_again = (gang.ensure(&applier, pending_status_write, recovering)).await?;
+        requeue_after = [requeue_after, ready_again].into_iter().flatten().min();
     }
 
-    // 4. Events, after the facts they report are written. They go out in the background: an
+    // 4. Events, after the facts they report are written (a deferred status takes its events
+    // with it: the next reconcile decides them again). They go out in the background: an
     // event is informational, and waiting for it would add a round trip to every decision.
-    publish_events::<K>(job, jr, decision.events, ctx);
+    if !status_deferred {
+        publish_events::<K>(job, jr, decision.events, ctx);
+    }
 
     if decision.delete_job {
         applier.delete_job::<K>().await?;
         return Ok(Action::await_change());
     }
     // Pods on their way normally wake the job as they reach the cache; if they never do,
-    // look again when they are given up on.
-    let requeue = [Some(RESYNC), decision.requeue_after, pods_on_their_way]
+    // look again when they are given up on. Prepared children: at once, for the pods.
+    let requeue = [Some(RESYNC), requeue_after]
         .into_iter()
         .flatten()
         .min()
         .unwrap_or(RESYNC);
     Ok(Action::requeue(requeue))
+}
+
+/// Counts the pods on their way (created by this reconcile, or earlier and not yet in the
+/// cache) as pending in the status written with them: they are pending once they exist, so
+/// the reconciles woken as they reach the cache find the status already right and write
+/// nothing (it was a second status write per gang). A reconcile that only prepares the
+/// children creates no pod and counts none.
+fn count_in_flight(status: &mut JobStatus, step: GangStep, in_flight: usize) {
+    if step == GangStep::Prepare {
+        return;
+    }
+    if let Some(counts) = status.pods.as_mut() {
+        counts.pending += i32::try_from(in_flight).unwrap_or(i32::MAX);
+    }
 }
 
 /// Whether the new status must be durable before any pod is created or deleted: it starts a
@@ -431,33 +459,80 @@ fn event_note(mut note: String) -> String {
     note
 }
 
-/// What creating a job's gang needs.
+/// What the gang step of a reconcile does. Children go a round trip before the pods (their
+/// owner is checked before any pod uses them), and that round trip is a reconcile of its own:
+/// each reconcile then waits for one wave of writes, not two in a row (see `prepared.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GangStep {
+    /// Every pod of the attempt exists or is on its way to the cache: no write for the gang.
+    Complete,
+    /// Pods are missing and their children are not verified: write the PodGroup, Secret,
+    /// ConfigMap and Service together, check they are the job's own, and reconcile again at
+    /// once.
+    Prepare,
+    /// The previous reconcile verified these very children: create the missing pods, with the
+    /// status write, in one wave.
+    CreatePods,
+}
+
+/// A gang's children exist already when an earlier attempt had a gang, or this attempt's
+/// gang was created before (the status says when): read them first. A new job's are new.
+fn children_expected(before: &JobStatus, attempt: i32) -> Expect {
+    if attempt > 0 || before.attempt_start_time.is_some() {
+        Expect::Present
+    } else {
+        Expect::Absent
+    }
+}
+
+fn gang_step(to_create: &[i32], children_verified: bool) -> GangStep {
+    match (to_create.is_empty(), children_verified) {
+        (true, _) => GangStep::Complete,
+        (false, false) => GangStep::Prepare,
+        (false, true) => GangStep::CreatePods,
+    }
+}
+
+/// The desired children of a gang (what its pods refer to).
+struct Children {
+    secret: k8s_openapi::api::core::v1::Secret,
+    config_map: k8s_openapi::api::core::v1::ConfigMap,
+    service: k8s_openapi::api::core::v1::Service,
+    pod_group: Option<(DynamicObject, kube::api::ApiResource)>,
+    digest: u64,
+}
+
+/// What creating a job's gang needs, and what this reconcile does about it.
 struct Gang<'a, K> {
     job: &'a K,
     jr: &'a JobRef,
-    status: &'a JobStatus,
     ctx: &'a Context,
-    applier: &'a Applier<'a>,
+    attempt: i32,
+    teacher: Option<String>,
+    step: GangStep,
+    /// Ranks to create now (when `step` is `CreatePods`).
+    to_create: Vec<i32>,
+    /// Ranks of the attempt missing from the cache: to create, or created and on their way.
+    in_flight: usize,
+    /// How long until the pods on their way are given up on, if any are.
+    on_their_way: Option<Duration>,
+    /// Only when pods are missing.
+    children: Option<Children>,
+    /// Whether the children most likely exist already.
+    expect: Expect,
 }
 
 impl<'a, K: TrainingJob> Gang<'a, K> {
-    /// Applies the Service, ConfigMap, Secret, PodGroup and missing pods of the current
-    /// attempt. When every pod already exists, or the missing ones were just created and are
-    /// on their way to the cache, nothing is written (but `status_write` is still awaited);
-    /// returns how long until pods on their way are given up on, if any are.
-    ///
-    /// Two round trips: the Secret, ConfigMap and Service together, then the pods with
-    /// `status_write`; the first wave is where a name taken by someone else's object stops
-    /// the gang. A PodGroup, when there is one, goes before both: a gang scheduler that sees a
-    /// pod before its PodGroup rejects it and backs off for seconds.
-    async fn ensure(
-        &self,
+    fn plan(
+        job: &'a K,
+        jr: &'a JobRef,
+        before: &JobStatus,
+        status: &JobStatus,
+        ctx: &'a Context,
         pods: &[PodObservation],
-        status_write: Option<impl Future<Output = Result<()>> + Send + 'a>,
-    ) -> Result<Option<Duration>> {
-        let (jr, applier) = (self.jr, self.applier);
-        let cluster = self.job.cluster();
-        let attempt = self.status.run_attempt.unwrap_or(0);
+    ) -> Result<Self> {
+        let cluster = job.cluster();
+        let attempt = status.run_attempt.unwrap_or(0);
         let existing: Vec<i32> = pods
             .iter()
             .filter(|p| p.attempt == Some(attempt))
@@ -466,69 +541,147 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
         let missing: Vec<i32> = (0..cluster.nodes)
             .filter(|r| !existing.contains(r))
             .collect();
-        let expectations = &self.ctx.expectations;
-        let (missing, on_their_way) =
-            expectations.to_create(&jr.uid, attempt, &missing, Instant::now());
-        let mut writes: Vec<BoxFuture<'a, Result<()>>> = Vec::new();
-        if let Some(write) = status_write {
-            writes.push(write.boxed());
+        let now = Instant::now();
+        let (to_create, on_their_way) = ctx.expectations.to_create(&jr.uid, attempt, &missing, now);
+        let teacher = status.teacher_checkpoint.clone();
+        let mut gang = Self {
+            job,
+            jr,
+            ctx,
+            attempt,
+            teacher,
+            step: GangStep::Complete,
+            to_create,
+            in_flight: missing.len(),
+            on_their_way,
+            children: None,
+            expect: children_expected(before, attempt),
+        };
+        if !gang.to_create.is_empty() {
+            let children = gang.children()?;
+            let verified = ctx
+                .prepared
+                .is_ready(&jr.uid, attempt, children.digest, now);
+            gang.step = gang_step(&gang.to_create, verified);
+            gang.children = Some(children);
         }
-        if missing.is_empty() {
-            future::try_join_all(writes).await?;
-            return Ok(on_their_way);
-        }
-        let teacher = self.status.teacher_checkpoint.as_deref();
-        let service = desired::service::service(jr, cluster.master_port);
+        Ok(gang)
+    }
+
+    fn children(&self) -> Result<Children> {
+        let (jr, cluster) = (self.jr, self.job.cluster());
         let spec = self.job.spec_value()?;
-        let config_map = desired::configmap::config_map(jr, &spec, teacher)?;
-        let metrics_port = desired::scrape::metrics_port(&spec);
         let settings = &self.ctx.settings;
         let secret = desired::secret::secret(
             jr,
             &settings.progress_key,
-            u32::try_from(attempt).unwrap_or(0),
+            u32::try_from(self.attempt).unwrap_or(0),
             settings.progress_ca.as_deref(),
         );
-        let inputs = PodInputs {
-            job: jr,
-            cluster,
-            settings: &self.ctx.settings,
-            attempt,
-            teacher_checkpoint: teacher,
-        };
-        let gang: Vec<Pod> = missing
-            .iter()
-            .map(|rank| {
-                let mut pod = desired::pods::pod(&inputs, *rank);
-                desired::scrape::annotate(&mut pod, metrics_port);
-                pod
-            })
-            .collect();
-        let mode = cluster.gang_scheduling.mode;
-        if let (Some(pg), Some(ar)) = (
-            desired::podgroup::pod_group(jr, cluster),
-            desired::podgroup::api_resource(mode),
-        ) {
-            applier.apply_dynamic(&pg, &ar).await?;
+        let config_map = desired::configmap::config_map(jr, &spec, self.teacher.as_deref())?;
+        let service = desired::service::service(jr, cluster.master_port);
+        let pod_group = desired::podgroup::pod_group(jr, cluster).zip(
+            desired::podgroup::api_resource(cluster.gang_scheduling.mode),
+        );
+        let digest = prepared::digest(&(
+            &secret,
+            &config_map,
+            &service,
+            pod_group.as_ref().map(|(pg, _)| pg),
+        ));
+        Ok(Children {
+            secret,
+            config_map,
+            service,
+            pod_group,
+            digest,
+        })
+    }
+
+    /// Does this reconcile's part of the gang: nothing (but `status_write` is still awaited),
+    /// its children, or its missing pods with `status_write`. Returns when to look again:
+    /// at once after the children, when pods on their way are given up on, or not at all
+    /// (the pods' watch events wake the job).
+    async fn ensure(
+        &self,
+        applier: &Applier<'_>,
+        status_write: Option<impl Future<Output = Result<()>> + Send + 'a>,
+        recovering: bool,
+    ) -> Result<Option<Duration>> {
+        let jr = self.jr;
+        match (self.step, &self.children) {
+            (GangStep::Prepare, Some(children)) => {
+                // Together: the PodGroup (a gang scheduler that sees a pod before its PodGroup
+                // rejects it), the Secret (this attempt's token, read by the pods' env), the
+                // ConfigMap they mount and the Service they are named under. One of these
+                // names taken by an object the job does not own fails the reconcile here,
+                // before any pod exists that would use someone else's object.
+                let expect = self.expect;
+                let mut writes: Vec<BoxFuture<'_, Result<()>>> = vec![
+                    applier.apply_expecting(&children.secret, expect).boxed(),
+                    applier
+                        .apply_expecting(&children.config_map, expect)
+                        .boxed(),
+                    applier.apply_expecting(&children.service, expect).boxed(),
+                ];
+                if let Some((pg, ar)) = &children.pod_group {
+                    writes.push(applier.apply_dynamic(pg, ar, expect).boxed());
+                }
+                future::try_join_all(writes).await?;
+                // The status (if any) is written by the next reconcile, with the pods.
+                drop(status_write);
+                (self.ctx.prepared).record(&jr.uid, self.attempt, children.digest, Instant::now());
+                Ok(Some(Duration::ZERO))
+            }
+            (GangStep::CreatePods, _) => {
+                let inputs = PodInputs {
+                    job: jr,
+                    cluster: self.job.cluster(),
+                    settings: &self.ctx.settings,
+                    attempt: self.attempt,
+                    teacher_checkpoint: self.teacher.as_deref(),
+                };
+                let metrics_port = desired::scrape::metrics_port(&self.job.spec_value()?);
+                let gang: Vec<Pod> = (self.to_create.iter())
+                    .map(|rank| {
+                        let mut pod = desired::pods::pod(&inputs, *rank);
+                        desired::scrape::annotate(&mut pod, metrics_port);
+                        pod
+                    })
+                    .collect();
+                let mut writes: Vec<BoxFuture<'_, Result<()>>> = Vec::new();
+                // A job whose reconciles failed (`Synced=False`) gets `Synced=True` back only
+                // once its pods are in: written with them, a pod refused again would flip the
+                // condition back and forth, each write waking the job past its backoff.
+                let mut status_after = None;
+                match status_write {
+                    Some(write) if recovering => status_after = Some(write),
+                    Some(write) => writes.push(write.boxed()),
+                    None => {}
+                }
+                for pod in &gang {
+                    writes.push(applier.apply(pod).boxed());
+                }
+                future::try_join_all(writes).await?;
+                if let Some(write) = status_after {
+                    write.await?;
+                }
+                self.ctx.prepared.used(&jr.uid);
+                (self.ctx.expectations).created(
+                    &jr.uid,
+                    self.attempt,
+                    &self.to_create,
+                    Instant::now(),
+                );
+                Ok(None)
+            }
+            _ => {
+                if let Some(write) = status_write {
+                    write.await?;
+                }
+                Ok(self.on_their_way)
+            }
         }
-        // What the pods refer to goes first, together: the Secret (this attempt's token, read
-        // by the pods' env), the ConfigMap they mount and the Service they are named under. One
-        // of these names taken by an object the job does not own fails the reconcile here,
-        // before any pod exists that would use someone else's object (and, once its pods
-        // exist, the job would not look at these names again).
-        future::try_join3(
-            applier.apply(&secret),
-            applier.apply(&config_map),
-            applier.apply(&service),
-        )
-        .await?;
-        for pod in gang {
-            writes.push(async move { applier.apply(&pod).await }.boxed());
-        }
-        future::try_join_all(writes).await?;
-        expectations.created(&jr.uid, attempt, &missing, Instant::now());
-        // The pods' watch events wake the job when they arrive; no extra look needed.
-        Ok(None)
     }
 }
 
@@ -551,7 +704,7 @@ pub fn error_policy<K: TrainingJob>(job: Arc<K>, error: &Error, ctx: Arc<Context
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::{Backoff, Expectations, OwnStatusWrites};
+    use crate::controller::{Backoff, Expectations, OwnStatusWrites, Prepared};
     use crate::leader::Leadership;
     use crate::settings::Settings;
     use kube::runtime::events::{Recorder, Reporter};
@@ -570,6 +723,7 @@ mod tests {
             pods,
             expectations: Expectations::default(),
             own_writes: OwnStatusWrites::default(),
+            prepared: Prepared::default(),
             backoff: Backoff::default(),
             operating_since: Timestamp::now(),
         }
@@ -656,6 +810,142 @@ mod tests {
         deleted.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         reconcile(Arc::new(deleted), ctx.clone()).await.unwrap();
         assert_eq!(ctx.backoff.failures("uid-r"), 0);
+    }
+
+    /// A new job's gang takes two reconciles of one wave each: first its Secret, ConfigMap
+    /// and Service together (and nothing that uses them), then its pods together with the
+    /// status, which already counts them as pending; once they reach the cache nothing more
+    /// is written.
+    #[tokio::test]
+    async fn a_new_gang_goes_out_in_two_single_wave_reconciles_and_its_status_once() {
+        let fresh = serde_json::json!({
+            "apiVersion": "dinoflow.dev/v1alpha1", "kind": "PretrainJob",
+            "metadata": {"name": "f", "namespace": "ml", "uid": "uid-f", "resourceVersion": "3", "generation": 1},
+            "spec": {"training": {"data": {"path": "/data"}}, "cluster": {"nodes": 2, "gpusPerNode": 0}},
+        });
+        let mut written = fresh.clone();
+        written["metadata"]["resourceVersion"] = "4".into();
+        let api = super::super::fake_api::FakeApi::start(written.clone()).await;
+        let (pods, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        let mut ctx = offline_context(pods);
+        let config = kube::Config::new(api.url.parse().expect("valid URL"));
+        ctx.client = kube::Client::try_from(config).expect("client");
+        let ctx = Arc::new(ctx);
+        let job: dinoflow_api::PretrainJob = serde_json::from_value(fresh).unwrap();
+        let targets = |writes: &[super::super::fake_api::Request]| {
+            let mut t: Vec<String> = writes
+                .iter()
+                .map(|r| {
+                    let resource = r.path.split('?').next().unwrap_or_default();
+                    let tail: Vec<&str> = resource.rsplit('/').take(2).collect();
+                    let what = if r.verb == "POST" { tail[0] } else { tail[1] };
+                    format!("{} {what}", r.verb)
+                })
+                .collect();
+            t.sort();
+            t
+        };
+
+        // 1. The children, all three in flight at once; no pod, no status yet; again at once.
+        api.expect_wave(3);
+        let action = reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
+        let (writes, together) = api.requests();
+        assert_eq!(
+            targets(&writes),
+            ["POST configmaps", "POST secrets", "POST services"]
+        );
+        assert_eq!(together, 3, "the children go out together");
+        assert_eq!(action, Action::requeue(Duration::ZERO));
+
+        // 2. The pods and the status, in one wave; the status counts the pods on their way.
+        api.expect_wave(3);
+        let action = reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
+        let (writes, together) = api.requests();
+        assert_eq!(targets(&writes), ["PATCH f", "POST pods", "POST pods"]);
+        assert_eq!(together, 3, "the pods and the status go out together");
+        assert_ne!(action, Action::requeue(Duration::ZERO));
+        let status = &writes.iter().find(|r| r.verb == "PATCH").unwrap().body["status"];
+        assert_eq!(status["pods"]["pending"], 2, "{status}");
+        assert_eq!(status["phase"], "Pending");
+        let created: Vec<Pod> = (writes.iter())
+            .filter(|r| r.verb == "POST")
+            .map(|r| serde_json::from_value(r.body.clone()).unwrap())
+            .collect();
+
+        // 3. The job as written, its pods not in the cache yet (on their way): nothing to write.
+        written["status"] = status.clone();
+        let job: dinoflow_api::PretrainJob = serde_json::from_value(written).unwrap();
+        api.expect_wave(0);
+        reconcile(Arc::new(job.clone()), ctx.clone()).await.unwrap();
+        assert_eq!(targets(&api.requests().0), Vec::<String>::new());
+
+        // 4. The pods reach the cache (pending): the status is already right.
+        for mut pod in created {
+            pod.metadata.namespace.get_or_insert_with(|| "ml".into());
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pod));
+        }
+        api.expect_wave(0);
+        reconcile(Arc::new(job), ctx.clone()).await.unwrap();
+        assert_eq!(targets(&api.requests().0), Vec::<String>::new());
+    }
+
+    /// A later attempt's children exist already: they are read first (here they turn out
+    /// to be gone, and are created), all three together.
+    #[tokio::test]
+    async fn a_later_attempts_children_are_read_first_together() {
+        let job = restarting_job();
+        let api = super::super::fake_api::FakeApi::start(serde_json::to_value(&job).unwrap()).await;
+        let (pods, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        let mut ctx = offline_context(pods);
+        let config = kube::Config::new(api.url.parse().expect("valid URL"));
+        ctx.client = kube::Client::try_from(config).expect("client");
+        api.expect_wave(3);
+        let action = reconcile(Arc::new(job), Arc::new(ctx)).await.unwrap();
+        let (writes, together) = api.requests();
+        let verbs: Vec<&str> = writes.iter().map(|r| r.verb.as_str()).collect();
+        assert_eq!(verbs, ["GET", "GET", "GET", "POST", "POST", "POST"]);
+        assert_eq!(together, 3);
+        assert_eq!(action, Action::requeue(Duration::ZERO));
+    }
+
+    #[test]
+    fn the_gang_step_prepares_the_children_before_the_pods_and_nothing_when_none_is_missing() {
+        assert_eq!(gang_step(&[], false), GangStep::Complete);
+        assert_eq!(gang_step(&[], true), GangStep::Complete);
+        assert_eq!(gang_step(&[0, 1], false), GangStep::Prepare);
+        assert_eq!(gang_step(&[1], true), GangStep::CreatePods);
+        let mut status = JobStatus {
+            pods: Some(dinoflow_api::status::PodCounts {
+                expected: 4,
+                pending: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        count_in_flight(&mut status, GangStep::Prepare, 3);
+        assert_eq!(
+            status.pods.unwrap().pending,
+            1,
+            "no pod is created by a prepare"
+        );
+        count_in_flight(&mut status, GangStep::CreatePods, 3);
+        assert_eq!(status.pods.unwrap().pending, 4);
+    }
+
+    #[test]
+    fn children_are_read_first_only_when_an_earlier_gang_made_them() {
+        let new = JobStatus::default();
+        assert_eq!(children_expected(&new, 0), Expect::Absent);
+        assert_eq!(children_expected(&new, 1), Expect::Present);
+        let created = JobStatus {
+            attempt_start_time: Some(Time(Timestamp::now())),
+            ..Default::default()
+        };
+        assert_eq!(children_expected(&created, 0), Expect::Present);
     }
 
     #[test]

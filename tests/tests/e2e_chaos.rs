@@ -344,6 +344,8 @@ impl Chaos<'_> {
         };
         let pod = format!("{JOB}-a{attempt}-{rank}");
         let t = self.since.elapsed().as_secs();
+        let leader = self.replicas.holder().await;
+        let ended = self.replicas.history().len();
         let what = match fault {
             Fault::KillTrainer => {
                 kill_pod_processes(self.world, &pod).await;
@@ -351,7 +353,8 @@ impl Chaos<'_> {
             }
             Fault::TornCheckpoint => {
                 kill_pod_processes(self.world, &pod).await;
-                let torn = tear_newest_checkpoint(&self.world.dir.join("checkpoints").join(JOB));
+                let dir = self.world.dir.join("checkpoints").join(JOB).join("checkpoints");
+                let torn = tear_newest_checkpoint(&dir);
                 format!("SIGKILL of {pod}'s trainer, then {torn} cut short")
             }
             Fault::DeletePod => {
@@ -424,10 +427,22 @@ impl Chaos<'_> {
                 Charge::Disruption => "Disruption",
             })
             .or_default() += 1;
-        let response = match charge {
+        let mut response = match charge {
             Charge::None => self.unharmed(fault, before).await,
             _ => self.restarted(fault, before).await,
         };
+        // A replica may also step down on its own (a stall past its renew deadline ends it):
+        // not a fault of the job's, but part of the operator's response.
+        let now = self.replicas.holder().await;
+        if now != leader {
+            let history = self.replicas.history();
+            response += &format!(
+                "; the Lease moved from {} to {} (operator processes that ended meanwhile: {:?})",
+                leader.unwrap_or_default(),
+                now.unwrap_or_default(),
+                &history[ended.min(history.len())..]
+            );
+        }
         log(format!("  response: {response}"));
     }
 

@@ -353,7 +353,12 @@ impl Chaos<'_> {
             }
             Fault::TornCheckpoint => {
                 kill_pod_processes(self.world, &pod).await;
-                let dir = self.world.dir.join("checkpoints").join(JOB).join("checkpoints");
+                let dir = self
+                    .world
+                    .dir
+                    .join("checkpoints")
+                    .join(JOB)
+                    .join("checkpoints");
                 let torn = tear_newest_checkpoint(&dir);
                 format!("SIGKILL of {pod}'s trainer, then {torn} cut short")
             }
@@ -643,7 +648,10 @@ impl Chaos<'_> {
         let deadline = took + STEP;
         loop {
             let left = taints(&nodes, &node).await;
-            if !left.iter().any(|t| t.starts_with("node.kubernetes.io/not-ready")) {
+            if !left
+                .iter()
+                .any(|t| t.starts_with("node.kubernetes.io/not-ready"))
+            {
                 break;
             }
             assert!(

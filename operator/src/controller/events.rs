@@ -215,8 +215,14 @@ mod tests {
     fn restarts_with_different_notes_are_different_events_and_a_repeat_is_a_series() {
         let mut cache = Cache::default();
         let t = Instant::now();
-        let first = Key::of(&event("RestartingGang", "as attempt 1 (pod deleted)"), &job());
-        let second = Key::of(&event("RestartingGang", "as attempt 2 (pod evicted)"), &job());
+        let first = Key::of(
+            &event("RestartingGang", "as attempt 1 (pod deleted)"),
+            &job(),
+        );
+        let second = Key::of(
+            &event("RestartingGang", "as attempt 2 (pod evicted)"),
+            &job(),
+        );
         assert_eq!(cache.plan(&first, t), Publish::Create);
         cache.record(first.clone(), "j.1".into(), 1, t);
         // kube's Recorder would answer Repeat here and keep attempt 1's note.

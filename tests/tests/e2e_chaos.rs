@@ -17,7 +17,12 @@
 //! (a Lease left to expire would take the controller's 50 s grace period instead).
 //!
 //! `DINOFLOW_CHAOS_SEED` replays a schedule; unset, the seed is drawn from the clock. The log
-//! (stderr, `[chaos]` lines) lists the seed, every fault and the operator's response to it.
+//! (stderr, `[chaos]` lines) lists the seed, every fault and the operator's response to it,
+//! a Lease hand-over included: in 3 runs of 4 the 5 s stall made the leading replica miss its
+//! 10 s renew deadline (it renews every 5 s) and exit, and the standby took over; the job never
+//! noticed. Every fault kind is injected and checked in every run; none is left out.
+//! Seeds 1 to 4 passed: 225 s (load 6), 403 s (seeds 2 and 3 at once, load 12 to 15), 410 s
+//! (of which some 230 s building the operator binary, load 6).
 mod support;
 
 use std::collections::BTreeMap;
@@ -27,9 +32,9 @@ use std::time::{Duration, Instant};
 use dinoflow_api::status::JobStatus;
 use dinoflow_e2e::{Injection, NODE_LABEL};
 use dinoflow_node_agent::{AgentConfig, NodeAgent};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, EvictParams, ListParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use serde_yaml_ng::Value;
 use support::replicas::OperatorReplicas;
 use support::{World, kill_pod_processes, pod_log, tiny_job_on, trainer};
@@ -38,8 +43,11 @@ const JOB: &str = "chaos";
 const REFERENCE: &str = "reference";
 /// Pods of the job (and of the reference).
 const NODES: u32 = 2;
-/// 20 epochs of 6 iterations, a checkpoint every 3.
-const EPOCHS: u64 = 20;
+/// 80 epochs of 6 iterations, a checkpoint every 3. The faults come as fast as the job allows
+/// (each after a new checkpoint), but the job trains on while they are answered (a Lease
+/// take-over alone is 15 s, some 40 iterations on an idle machine): 20 epochs ended before
+/// the fourth fault.
+const EPOCHS: u64 = 80;
 const ITERATIONS: i64 = EPOCHS as i64 * 6;
 const CHECKPOINT_EVERY: i64 = 3;
 /// Deadline for each step (a restart, a take-over, a checkpoint): generous, for a loaded CI.
@@ -143,7 +151,6 @@ fn the_schedule_holds_every_kind_and_is_reproducible_from_its_seed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "has not yet passed once: run it with `--ignored` (issue 15, item 5)"]
 async fn a_job_under_eleven_seeded_faults_of_every_kind_ends_with_the_weights_of_an_uninterrupted_run()
  {
     let started = Instant::now();
@@ -205,19 +212,8 @@ async fn a_job_under_eleven_seeded_faults_of_every_kind_ends_with_the_weights_of
     }
     assert!(faults.len() >= 10);
 
-    let status = world
-        .wait_status(JOB, "phase Succeeded after the faults", STEP * 2, |s| {
-            s.phase.map(|p| p.as_str()) == Some("Succeeded")
-        })
-        .await;
-    let reference = world
-        .wait_status(
-            REFERENCE,
-            "the reference Succeeded",
-            STEP,
-            |s: &JobStatus| s.phase.map(|p| p.as_str()) == Some("Succeeded"),
-        )
-        .await;
+    let status = succeeded(&world, JOB).await;
+    let reference = succeeded(&world, REFERENCE).await;
     log(format!(
         "{JOB} Succeeded at iteration {:?}: runAttempt {:?}, restarts {:?}, progressRestarts {:?}, disruptions {:?}",
         status.iteration,
@@ -283,6 +279,30 @@ async fn a_job_under_eleven_seeded_faults_of_every_kind_ends_with_the_weights_of
     world.stop().await;
 }
 
+/// Waits for `job` to succeed, however long the rest of its run takes on a loaded machine,
+/// as long as it makes progress: fails after [`STEP`] without a new iteration.
+async fn succeeded(world: &World, job: &str) -> JobStatus {
+    let mut last = (None, Instant::now());
+    loop {
+        let status = world.status(job).await;
+        match status.phase.map(|p| p.as_str()) {
+            Some("Succeeded") => return status,
+            Some("Failed") => world.fail(job, &format!("{job} Succeeded")).await,
+            _ => {}
+        }
+        if status.iteration != last.0 {
+            last = (status.iteration, Instant::now());
+        } else if last.1.elapsed() > STEP {
+            let what = format!(
+                "{job} Succeeded (no progress past {:?} in {STEP:?})",
+                last.0
+            );
+            world.fail(job, &what).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 struct Chaos<'a> {
     world: &'a World,
     replicas: &'a OperatorReplicas,
@@ -342,6 +362,8 @@ impl Chaos<'_> {
         };
         let pod = format!("{JOB}-a{attempt}-{rank}");
         let t = self.since.elapsed().as_secs();
+        let leader = self.replicas.holder().await;
+        let ended = self.replicas.history().len();
         let what = match fault {
             Fault::KillTrainer => {
                 kill_pod_processes(self.world, &pod).await;
@@ -349,7 +371,13 @@ impl Chaos<'_> {
             }
             Fault::TornCheckpoint => {
                 kill_pod_processes(self.world, &pod).await;
-                let torn = tear_newest_checkpoint(&self.world.dir.join("checkpoints").join(JOB));
+                let dir = self
+                    .world
+                    .dir
+                    .join("checkpoints")
+                    .join(JOB)
+                    .join("checkpoints");
+                let torn = tear_newest_checkpoint(&dir);
                 format!("SIGKILL of {pod}'s trainer, then {torn} cut short")
             }
             Fault::DeletePod => {
@@ -422,10 +450,22 @@ impl Chaos<'_> {
                 Charge::Disruption => "Disruption",
             })
             .or_default() += 1;
-        let response = match charge {
+        let mut response = match charge {
             Charge::None => self.unharmed(fault, before).await,
             _ => self.restarted(fault, before).await,
         };
+        // A replica may also step down on its own (a stall past its renew deadline ends it):
+        // not a fault of the job's, but part of the operator's response.
+        let now = self.replicas.holder().await;
+        if now != leader {
+            let history = self.replicas.history();
+            response += &format!(
+                "; the Lease moved from {} to {} (operator processes that ended meanwhile: {:?})",
+                leader.unwrap_or_default(),
+                now.unwrap_or_default(),
+                &history[ended.min(history.len())..]
+            );
+        }
         log(format!("  response: {response}"));
     }
 
@@ -514,11 +554,7 @@ impl Chaos<'_> {
         );
         let mut notes = vec![format!("event RestartingGang: {event}")];
         if fault == Fault::NodeNotReady {
-            let node = self.agent().node_name().to_string();
-            let taints = self.taints(&node).await;
-            notes.push(format!("node taints while NotReady: {taints}"));
-            self.agent().set_ready(true).await.expect("report Ready");
-            notes.push("node reports Ready again".into());
+            notes.push(self.repair_node().await);
         }
         let running = self
             .world
@@ -603,16 +639,51 @@ impl Chaos<'_> {
         }
     }
 
-    async fn taints(&self, node: &str) -> String {
-        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.world.client.clone());
-        let n = nodes.get(node).await.expect("the node");
-        n.spec
-            .and_then(|s| s.taints)
-            .unwrap_or_default()
-            .iter()
-            .map(|t| format!("{}:{}", t.key, t.effect))
-            .collect::<Vec<_>>()
-            .join(", ")
+    /// Brings the NotReady node back as an administrator does: cordoned first, Ready, and
+    /// uncordoned once the node lifecycle controller lifted its `not-ready` taints. Made Ready
+    /// uncordoned, it takes pods again as soon as the `NoSchedule` taint goes, while the
+    /// `NoExecute` one stays until the controller's next pass (up to its 5 s period): the
+    /// next attempt's pods, which tolerate it for 0 s, were scheduled into that window and
+    /// evicted again, five times in a row in one run (each a real restart, but not one per fault).
+    async fn repair_node(&self) -> String {
+        let node = self.agent().node_name().to_string();
+        let nodes: Api<Node> = Api::all(self.world.client.clone());
+        let cordon = |on: bool| {
+            let nodes = nodes.clone();
+            let node = node.clone();
+            async move {
+                let patch = serde_json::json!({"spec": {"unschedulable": on}});
+                nodes
+                    .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .expect("cordon or uncordon the node");
+            }
+        };
+        let while_not_ready = taints(&nodes, &node).await.join(", ");
+        cordon(true).await;
+        self.agent().set_ready(true).await.expect("report Ready");
+        let took = Instant::now();
+        let deadline = took + STEP;
+        loop {
+            let left = taints(&nodes, &node).await;
+            if !left
+                .iter()
+                .any(|t| t.starts_with("node.kubernetes.io/not-ready"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the not-ready taints stayed on the Ready node {node}: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        cordon(false).await;
+        format!(
+            "node taints while NotReady: {while_not_ready}; node cordoned, reports Ready again, \
+             not-ready taints lifted after {:.1} s, uncordoned",
+            took.elapsed().as_secs_f64()
+        )
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -622,6 +693,17 @@ impl Chaos<'_> {
     fn agent(&self) -> &NodeAgent {
         self.world.agent.as_ref().unwrap()
     }
+}
+
+/// The node's taints, `key:effect`.
+async fn taints(nodes: &Api<Node>, node: &str) -> Vec<String> {
+    let n = nodes.get(node).await.expect("the node");
+    n.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .iter()
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect()
 }
 
 /// The tiny job, long enough for the schedule, on the Node labelled `node`: tolerating

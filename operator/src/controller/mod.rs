@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod backoff;
+mod events;
 mod expectations;
 #[cfg(test)]
 mod fake_api;
@@ -19,13 +20,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Config as ControllerConfig;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::Backoff;
+pub use events::Recorder;
 pub use expectations::Expectations;
 pub use own_writes::OwnStatusWrites;
 pub use prepared::Prepared;

@@ -704,10 +704,10 @@ pub fn error_policy<K: TrainingJob>(job: Arc<K>, error: &Error, ctx: Arc<Context
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::{Backoff, Expectations, OwnStatusWrites, Prepared};
+    use crate::controller::{Backoff, Expectations, OwnStatusWrites, Prepared, Recorder};
     use crate::leader::Leadership;
     use crate::settings::Settings;
-    use kube::runtime::events::{Recorder, Reporter};
+    use kube::runtime::events::Reporter;
     use kube::runtime::reflector;
 
     /// A context whose client points at a closed port: any API call fails at once.

@@ -86,15 +86,19 @@ pub struct LeaseTiming {
 }
 
 impl LeaseTiming {
-    /// client-go's proportions (15 s lease, 10 s deadline): renew every third of the lease,
-    /// give up after the rest of it but that third. Whole seconds, as the Lease counts them.
+    /// client-go's proportions (15 s lease, 10 s renew deadline, 2 s retry period): renew
+    /// every 2/15 of the lease (at least 1 s), give up after two thirds of it. Renewing only
+    /// every third (5 s) made one API request stalled for 5 s cost the leadership: the next
+    /// renewal came after the deadline (the chaos e2e's stall). Whole seconds, as the Lease
+    /// counts them.
     pub fn for_duration(duration: Duration) -> Self {
         let secs = duration.as_secs();
-        let rest = Duration::from_secs(secs - (secs / 3).max(1).min(secs));
+        let deadline = secs - (secs / 3).max(1).min(secs);
+        let interval = (secs * 2 / 15).max(1).min(secs);
         Self {
             duration: Duration::from_secs(secs),
-            grace: rest,
-            renew_deadline: rest,
+            grace: Duration::from_secs(secs - interval),
+            renew_deadline: Duration::from_secs(deadline),
         }
     }
 
@@ -270,7 +274,7 @@ mod tests {
     #[test]
     fn timing_needs_a_deadline_between_the_renew_interval_and_the_duration() {
         let t = LeaseTiming::default();
-        assert_eq!((t.grace.as_secs(), t.renew_deadline.as_secs()), (10, 10));
+        assert_eq!((t.grace.as_secs(), t.renew_deadline.as_secs()), (13, 10));
         assert!(t.check().is_ok());
         for secs in [3, 4, 6, 60] {
             let t = LeaseTiming::for_duration(Duration::from_secs(secs));

@@ -80,8 +80,8 @@ pub struct Args {
     /// This replica's identity in the Lease; defaults to the pod name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Seconds a leader's Lease stays valid without renewal. The leader renews every third of
-    /// it and steps down when it could not renew for two thirds (client-go's 15 s / 10 s).
+    /// Seconds a leader's Lease stays valid without renewal. The leader renews every 2/15 of
+    /// it and steps down when it could not renew for two thirds (client-go's 15 s / 2 s / 10 s).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
     pub lease_duration_seconds: u64,
     /// Watch only this namespace (a namespaced install); unset: the whole cluster.

@@ -289,8 +289,9 @@ mod tests {
             renew_deadline: Duration::from_secs(15),
             ..t
         };
+        // Not after the first renewal (every 2 s of 15).
         let early = LeaseTiming {
-            renew_deadline: Duration::from_secs(5),
+            renew_deadline: Duration::from_secs(2),
             ..t
         };
         let never = LeaseTiming {

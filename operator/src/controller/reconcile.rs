@@ -710,6 +710,19 @@ mod tests {
     use kube::runtime::events::Reporter;
     use kube::runtime::reflector;
 
+    /// A context with a synced, empty pod cache (and its writer) whose client talks to `api`.
+    fn fake_api_context(
+        api: &super::super::fake_api::FakeApi,
+    ) -> (Context, reflector::store::Writer<Pod>) {
+        let (pods, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        let mut ctx = offline_context(pods);
+        let config = kube::Config::new(api.url.parse().expect("valid URL"));
+        ctx.client = kube::Client::try_from(config).expect("client");
+        (ctx, writer)
+    }
+
     /// A context whose client points at a closed port: any API call fails at once.
     fn offline_context(pods: reflector::Store<Pod>) -> Context {
         let config = kube::Config::new("http://127.0.0.1:9".parse().expect("valid URL"));
@@ -826,12 +839,7 @@ mod tests {
         let mut written = fresh.clone();
         written["metadata"]["resourceVersion"] = "4".into();
         let api = super::super::fake_api::FakeApi::start(written.clone()).await;
-        let (pods, mut writer) = reflector::store::<Pod>();
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
-        let mut ctx = offline_context(pods);
-        let config = kube::Config::new(api.url.parse().expect("valid URL"));
-        ctx.client = kube::Client::try_from(config).expect("client");
+        let (ctx, mut writer) = fake_api_context(&api);
         let ctx = Arc::new(ctx);
         let job: dinoflow_api::PretrainJob = serde_json::from_value(fresh).unwrap();
         let targets = |writes: &[super::super::fake_api::Request]| {
@@ -897,12 +905,7 @@ mod tests {
     async fn a_later_attempts_children_are_read_first_together() {
         let job = restarting_job();
         let api = super::super::fake_api::FakeApi::start(serde_json::to_value(&job).unwrap()).await;
-        let (pods, mut writer) = reflector::store::<Pod>();
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
-        let mut ctx = offline_context(pods);
-        let config = kube::Config::new(api.url.parse().expect("valid URL"));
-        ctx.client = kube::Client::try_from(config).expect("client");
+        let (ctx, _writer) = fake_api_context(&api);
         api.expect_wave(3);
         let action = reconcile(Arc::new(job), Arc::new(ctx)).await.unwrap();
         let (writes, together) = api.requests();

@@ -19,8 +19,8 @@
 #   DINOFLOW_MAX_CONCURRENT_RECONCILES...  the Dinoflow operator's own settings
 #   DINOFLOW_BENCH_KUBEFLOW=0              Dinoflow only (no Kubeflow build or phase)
 #   DINOFLOW_BENCH_ORDER=kubeflow          Kubeflow's phase first (default: Dinoflow first)
-#   DINOFLOW_BENCH_KUBEFLOW_THREADS=N      Kubeflow's --controller-threads (default 4, as
-#                                          Dinoflow's default concurrency; upstream's is 1)
+#   DINOFLOW_BENCH_KUBEFLOW_THREADS=N      Kubeflow's --controller-threads (default 4, at least
+#                                          Dinoflow's default of 2; upstream's is 1)
 #   DINOFLOW_BENCH_KEEP=1                  keep the work directory (logs, metrics) afterwards
 #   DINOFLOW_BENCH_BIN_DIR=DIR             release dinoflow-operator and crdgen built earlier
 #                                          (the target directory is rebuilt by other worktrees)

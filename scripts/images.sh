@@ -57,6 +57,14 @@ REGISTRY=ghcr.io/dinoflow
 # different binaries at once each set their own.
 OUT="${DINOFLOW_IMAGES_DIR:-$DINOFLOW_CACHE/images}"
 mkdir -p "$OUT"
+# One run at a time per output directory: every run stages into the same context directories
+# and replaces the same archives, so two at once (the tests of one binary, a demo beside the
+# suite) hashed each other's half-staged files and deleted a context under a running build.
+exec 9>"$OUT/.lock"
+if ! flock --nonblock 9; then
+  log "waiting for another scripts/images.sh writing to $OUT"
+  flock 9
+fi
 
 SITE="$(find "$DINOFLOW_VENV"/lib -maxdepth 2 -name site-packages -path '*/python3*' 2>/dev/null | head -1)"
 [[ -d "$SITE/torch/lib" ]] || die "no torch wheel in $DINOFLOW_VENV (run scripts/setup.sh)"

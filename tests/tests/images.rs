@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dinoflow_e2e::{container_images, repo_root};
+use dinoflow_e2e::{build_workspace_binary, container_images, repo_root};
 use serde_yaml_ng::Value;
 
 /// The images the script printed: reference -> oci-archive.
@@ -173,6 +173,38 @@ fn the_images_are_the_ones_the_chart_the_operator_and_the_examples_name() {
         } else {
             assert!(image.is_none_or(|i| i == gpu), "{rel}: {image:?}");
         }
+    }
+}
+
+/// Two runs at once over the same cache (the tests of one binary, a demo beside the suite)
+/// take turns: before the script's lock they hashed each other's half-staged contexts,
+/// rebuilt, and deleted a context under the other's build ("copier subprocess: EOF").
+#[test]
+fn two_runs_at_once_both_find_the_images_cached() {
+    let built = images();
+    let operator = build_workspace_binary("dinoflow-operator", "dinoflow-operator").unwrap();
+    let bin_dir = operator.parent().unwrap();
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(repo_root().join("scripts/images.sh"))
+                .arg("--bin-dir")
+                .arg(bin_dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run scripts/images.sh")
+        })
+        .collect();
+    let expected: String = built
+        .iter()
+        .map(|(reference, archive)| format!("{reference} {}\n", archive.display()))
+        .collect();
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches(": cached (").count(), 2, "{stderr}");
     }
 }
 

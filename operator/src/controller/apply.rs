@@ -34,21 +34,9 @@ impl Applier<'_> {
     }
 
     /// Creates a typed namespaced child, or, when it exists and this job controls it, brings
-    /// it up to date (a pod is kept as it is: see [`Existing`]). Never writes over an object
-    /// the job does not own.
-    pub async fn apply<K>(&self, obj: &K) -> Result<()>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug,
-    {
-        self.apply_expecting(obj, Expect::Absent).await
-    }
-
-    /// [`Self::apply`], asking first what is most likely (see [`Expect`]).
-    pub async fn apply_expecting<K>(&self, obj: &K, expect: Expect) -> Result<()>
+    /// it up to date (a pod is kept as it is: see [`Existing`]), asking first what is most
+    /// likely (see [`Expect`]). Never writes over an object the job does not own.
+    pub async fn apply<K>(&self, obj: &K, expect: Expect) -> Result<()>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -68,7 +56,7 @@ impl Applier<'_> {
             .await
     }
 
-    /// [`Self::apply_expecting`] for an unstructured child (PodGroup).
+    /// [`Self::apply`] for an unstructured child (PodGroup).
     pub async fn apply_dynamic(
         &self,
         obj: &DynamicObject,

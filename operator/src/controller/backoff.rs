@@ -6,9 +6,9 @@
 //! success forgets the job's failures. Conflicts (409: the view was stale) start from a much
 //! shorter delay: a fresh view is usually there already.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::job_records::JobRecords;
 
 /// First retry after an error (before jitter).
 pub const BASE_DELAY: Duration = Duration::from_secs(1);
@@ -20,24 +20,20 @@ pub const MAX_DELAY: Duration = Duration::from_secs(300);
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// Consecutive failures by job.
-#[derive(Debug, Default)]
-pub struct Backoff(Mutex<HashMap<String, (u32, Instant)>>);
+#[derive(Debug)]
+pub struct Backoff(JobRecords<u32>);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(JobRecords::new(FORGET_AFTER))
+    }
+}
 
 impl Backoff {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, Instant)>> {
-        // The map holds no invariant a panicking holder could break; keep using it.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Records a failed reconcile of `job`; returns how long to wait before the next one.
     pub fn failed(&self, job: &str, conflict: bool, now: Instant) -> Duration {
-        let failures = {
-            let mut map = self.map();
-            map.retain(|_, (_, at)| now.duration_since(*at) < FORGET_AFTER);
-            let entry = map.entry(job.to_string()).or_insert((0, now));
-            *entry = (entry.0.saturating_add(1), now);
-            entry.0
-        };
+        let failures = self.failures(job, now).saturating_add(1);
+        self.0.insert(job, failures, now);
         let base = if conflict {
             CONFLICT_BASE_DELAY
         } else {
@@ -48,15 +44,12 @@ impl Backoff {
 
     /// Records a successful reconcile of `job`: its next failure starts from the base delay.
     pub fn succeeded(&self, job: &str) {
-        let mut map = self.map();
-        if !map.is_empty() {
-            map.remove(job);
-        }
+        self.0.remove(job);
     }
 
-    /// Consecutive failures recorded for `job`.
-    pub fn failures(&self, job: &str) -> u32 {
-        self.map().get(job).map_or(0, |(n, _)| *n)
+    /// Consecutive failures recorded for `job` (none once forgotten).
+    pub fn failures(&self, job: &str, now: Instant) -> u32 {
+        self.0.fresh(job, now, |n, _| *n).unwrap_or(0)
     }
 }
 
@@ -106,9 +99,9 @@ mod tests {
             b.failed("a", false, now);
         }
         b.failed("b", false, now);
-        assert_eq!((b.failures("a"), b.failures("b")), (5, 1));
+        assert_eq!((b.failures("a", now), b.failures("b", now)), (5, 1));
         b.succeeded("a");
-        assert_eq!(b.failures("a"), 0);
+        assert_eq!(b.failures("a", now), 0);
         assert!(b.failed("a", false, now) <= BASE_DELAY);
     }
 
@@ -124,7 +117,6 @@ mod tests {
         let b = Backoff::default();
         let now = Instant::now();
         b.failed("gone", false, now);
-        b.failed("other", false, now + FORGET_AFTER);
-        assert_eq!(b.failures("gone"), 0);
+        assert_eq!(b.failures("gone", now + FORGET_AFTER), 0);
     }
 }

@@ -8,25 +8,21 @@
 //! shows it or a short TTL passes; after the TTL it is created again, so a pod deleted
 //! before the cache ever saw it is not lost.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::job_records::JobRecords;
 
 /// How long a created pod may stay out of the cache before it is created again.
 pub const EXPECTATION_TTL: Duration = Duration::from_secs(15);
 
 /// Created-but-unseen pods by job uid.
 #[derive(Debug)]
-pub struct Expectations {
-    ttl: Duration,
-    jobs: Mutex<HashMap<String, Expected>>,
-}
+pub struct Expectations(JobRecords<Expected>);
 
 #[derive(Debug)]
 struct Expected {
     attempt: i32,
     ranks: Vec<i32>,
-    since: Instant,
 }
 
 impl Default for Expectations {
@@ -37,34 +33,17 @@ impl Default for Expectations {
 
 impl Expectations {
     pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            jobs: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Expected>> {
-        // The map holds no invariant a panicking holder could break; keep using it.
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        Self(JobRecords::new(ttl))
     }
 
     /// Records that the pods `ranks` of `attempt` of job `uid` were just created.
     pub fn created(&self, uid: &str, attempt: i32, ranks: &[i32], now: Instant) {
-        let mut jobs = self.jobs();
-        // Entries of jobs never reconciled again (deleted) would otherwise stay forever.
-        jobs.retain(|_, e| now.duration_since(e.since) < self.ttl);
         if ranks.is_empty() {
-            jobs.remove(uid);
-            return;
+            self.0.remove(uid);
+        } else {
+            let ranks = ranks.to_vec();
+            self.0.insert(uid, Expected { attempt, ranks }, now);
         }
-        jobs.insert(
-            uid.to_string(),
-            Expected {
-                attempt,
-                ranks: ranks.to_vec(),
-                since: now,
-            },
-        );
     }
 
     /// Of the ranks of `attempt` missing from the cache, those to create now: the rest were
@@ -78,27 +57,26 @@ impl Expectations {
         missing: &[i32],
         now: Instant,
     ) -> (Vec<i32>, Option<Duration>) {
-        let mut jobs = self.jobs();
-        let Some(e) = jobs.get_mut(uid) else {
-            return (missing.to_vec(), None);
-        };
-        let age = now.duration_since(e.since);
-        if e.attempt != attempt || age >= self.ttl {
-            jobs.remove(uid);
-            return (missing.to_vec(), None);
+        let on_their_way = self.0.fresh(uid, now, |e, left| {
+            if e.attempt != attempt {
+                return None;
+            }
+            e.ranks.retain(|r| missing.contains(r));
+            let create: Vec<i32> = missing
+                .iter()
+                .copied()
+                .filter(|r| !e.ranks.contains(r))
+                .collect();
+            (!e.ranks.is_empty()).then_some((create, left))
+        });
+        match on_their_way.flatten() {
+            Some((create, left)) => (create, Some(left)),
+            None => {
+                // Another attempt's, or nothing left on its way: forget it.
+                self.0.remove(uid);
+                (missing.to_vec(), None)
+            }
         }
-        e.ranks.retain(|r| missing.contains(r));
-        if e.ranks.is_empty() {
-            jobs.remove(uid);
-            return (missing.to_vec(), None);
-        }
-        let on_the_way = &e.ranks;
-        let create = missing
-            .iter()
-            .copied()
-            .filter(|r| !on_the_way.contains(r))
-            .collect();
-        (create, Some(self.ttl - age))
     }
 }
 
@@ -149,14 +127,5 @@ mod tests {
         x.created("uid", 0, &[0, 1], t0);
         assert_eq!(x.to_create("uid", 1, &[0, 1], t0).0, vec![0, 1]);
         assert_eq!(x.to_create("other", 0, &[0], t0).0, vec![0]);
-    }
-
-    #[test]
-    fn expired_entries_of_other_jobs_are_pruned() {
-        let x = Expectations::new(TTL);
-        let t0 = Instant::now();
-        x.created("gone", 0, &[0], t0);
-        x.created("uid", 0, &[0], t0 + TTL);
-        assert_eq!(x.jobs().len(), 1);
     }
 }

@@ -6,6 +6,7 @@ mod events;
 mod expectations;
 #[cfg(test)]
 mod fake_api;
+mod job_records;
 mod own_writes;
 pub mod pod_stream;
 mod prepared;

@@ -13,13 +13,13 @@
 //! record is used once, so pods created later (a vanished pod's replacement, the next attempt)
 //! check them again too.
 
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use super::job_records::JobRecords;
 
 /// How long verified children are trusted for the pods of the next reconcile. Long enough
 /// for that reconcile to come round behind a burst of other jobs (200 jobs on a loaded API
@@ -28,19 +28,9 @@ use serde::Serialize;
 /// someone in between are checked again before a later gang.
 pub const PREPARED_TTL: Duration = Duration::from_secs(120);
 
-/// Verified children by job uid.
+/// Verified children by job uid: the attempt and the digest of the children checked.
 #[derive(Debug)]
-pub struct Prepared {
-    ttl: Duration,
-    jobs: Mutex<HashMap<String, Entry>>,
-}
-
-#[derive(Debug)]
-struct Entry {
-    attempt: i32,
-    digest: u64,
-    since: Instant,
-}
+pub struct Prepared(JobRecords<(i32, u64)>);
 
 impl Default for Prepared {
     fn default() -> Self {
@@ -62,43 +52,25 @@ pub fn digest<T: Serialize>(children: &T) -> u64 {
 
 impl Prepared {
     pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            jobs: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        // The map holds no invariant a panicking holder could break; keep using it.
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        Self(JobRecords::new(ttl))
     }
 
     /// Records that the children with `digest` of job `uid`'s `attempt` were just written and
     /// found to be the job's own.
     pub fn record(&self, uid: &str, attempt: i32, digest: u64, now: Instant) {
-        let mut jobs = self.jobs();
-        // Entries of jobs never reconciled again (deleted) would otherwise stay forever.
-        jobs.retain(|_, e| now.duration_since(e.since) < self.ttl);
-        jobs.insert(
-            uid.to_string(),
-            Entry {
-                attempt,
-                digest,
-                since: now,
-            },
-        );
+        self.0.insert(uid, (attempt, digest), now);
     }
 
     /// Whether these very children were verified for this attempt less than the TTL ago.
     pub fn is_ready(&self, uid: &str, attempt: i32, digest: u64, now: Instant) -> bool {
-        self.jobs().get(uid).is_some_and(|e| {
-            e.attempt == attempt && e.digest == digest && now.duration_since(e.since) < self.ttl
-        })
+        self.0
+            .fresh(uid, now, |checked, _| *checked == (attempt, digest))
+            == Some(true)
     }
 
     /// The pods were created: the record is used up.
     pub fn used(&self, uid: &str) {
-        self.jobs().remove(uid);
+        self.0.remove(uid);
     }
 }
 
@@ -123,15 +95,6 @@ mod tests {
         // Used by the pods: the next gang checks them again.
         p.used("u");
         assert!(!p.is_ready("u", 0, d, t0));
-    }
-
-    #[test]
-    fn records_of_jobs_never_reconciled_again_are_dropped() {
-        let p = Prepared::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        p.record("gone", 0, 1, t0);
-        p.record("other", 0, 1, t0 + Duration::from_secs(11));
-        assert_eq!(p.jobs().len(), 1);
     }
 
     #[test]

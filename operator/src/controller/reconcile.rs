@@ -76,10 +76,11 @@ async fn reconcile_job<K: TrainingJob>(job: &K, ctx: &Context) -> Result<Action>
         return Ok(Action::requeue(CACHE_SYNC_POLL));
     }
     let jr = job.job_ref()?;
-    if ctx
-        .own_writes
-        .predates_own_write(&jr.uid, job.meta().resource_version.as_deref())
-    {
+    if ctx.own_writes.predates_own_write(
+        &jr.uid,
+        job.meta().resource_version.as_deref(),
+        Instant::now(),
+    ) {
         // The watch has yet to deliver our own status write, and that event wakes the job
         // again; the requeue is a safety net only.
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -618,11 +619,9 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
                 // before any pod exists that would use someone else's object.
                 let expect = self.expect;
                 let mut writes: Vec<BoxFuture<'_, Result<()>>> = vec![
-                    applier.apply_expecting(&children.secret, expect).boxed(),
-                    applier
-                        .apply_expecting(&children.config_map, expect)
-                        .boxed(),
-                    applier.apply_expecting(&children.service, expect).boxed(),
+                    applier.apply(&children.secret, expect).boxed(),
+                    applier.apply(&children.config_map, expect).boxed(),
+                    applier.apply(&children.service, expect).boxed(),
                 ];
                 if let Some((pg, ar)) = &children.pod_group {
                     writes.push(applier.apply_dynamic(pg, ar, expect).boxed());
@@ -660,7 +659,7 @@ impl<'a, K: TrainingJob> Gang<'a, K> {
                     None => {}
                 }
                 for pod in &gang {
-                    writes.push(applier.apply(pod).boxed());
+                    writes.push(applier.apply(pod, Expect::Absent).boxed());
                 }
                 future::try_join_all(writes).await?;
                 if let Some(write) = status_after {
@@ -810,7 +809,7 @@ mod tests {
                 .await
                 .expect_err("the API server is unreachable");
             error_policy(job.clone(), &error, ctx.clone());
-            failures.push(ctx.backoff.failures("uid-r"));
+            failures.push(ctx.backoff.failures("uid-r", Instant::now()));
         }
         assert_eq!(failures, [1, 2, 3, 4]);
         let counted = ctx
@@ -822,7 +821,7 @@ mod tests {
         let mut deleted = restarting_job();
         deleted.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         reconcile(Arc::new(deleted), ctx.clone()).await.unwrap();
-        assert_eq!(ctx.backoff.failures("uid-r"), 0);
+        assert_eq!(ctx.backoff.failures("uid-r", Instant::now()), 0);
     }
 
     /// A new job's gang takes two reconciles of one wave each: first its Secret, ConfigMap

@@ -51,12 +51,20 @@ mod tests {
     fn the_version_a_write_replaced_is_stale_until_a_newer_one_is_seen() {
         let w = OwnStatusWrites::default();
         let now = Instant::now();
-        assert!(!w.predates_own_write("uid", Some("10")));
+        assert!(!w.predates_own_write("uid", Some("10"), now));
         w.wrote_over("uid", "10", now);
-        assert!(w.predates_own_write("uid", Some("10")));
-        assert!(!w.predates_own_write("other", Some("10")));
-        assert!(!w.predates_own_write("uid", Some("11")));
+        assert!(w.predates_own_write("uid", Some("10"), now));
+        assert!(!w.predates_own_write("other", Some("10"), now));
+        assert!(!w.predates_own_write("uid", Some("11"), now));
         // Once the newer view was seen the write is forgotten.
-        assert!(!w.predates_own_write("uid", Some("10")));
+        assert!(!w.predates_own_write("uid", Some("10"), now));
+    }
+
+    #[test]
+    fn a_write_the_cache_never_caught_up_with_is_forgotten() {
+        let w = OwnStatusWrites::default();
+        let now = Instant::now();
+        w.wrote_over("uid", "10", now);
+        assert!(!w.predates_own_write("uid", Some("10"), now + FORGET_AFTER));
     }
 }

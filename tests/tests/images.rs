@@ -176,19 +176,26 @@ fn the_images_are_the_ones_the_chart_the_operator_and_the_examples_name() {
     }
 }
 
-/// Two runs at once over the same cache (the tests of one binary, a demo beside the suite)
-/// take turns: before the script's lock they hashed each other's half-staged contexts,
-/// rebuilt, and deleted a context under the other's build ("copier subprocess: EOF").
+/// Runs over the same cache (the tests of one binary, a demo beside the suite) take turns:
+/// at once, they hashed each other's half-staged contexts, rebuilt, and deleted a context
+/// under the other's build ("copier subprocess: EOF" in a cold CI run). Here a third party
+/// holds the cache's lock while two runs start; both wait, then find the images cached.
 #[test]
-fn two_runs_at_once_both_find_the_images_cached() {
+fn runs_over_the_same_cache_take_turns_and_find_the_images_cached() {
     let built = images();
+    let out_dir = built.values().next().unwrap().parent().unwrap();
+    let holder = Command::new("flock")
+        .arg(out_dir.join(".lock"))
+        .args(["sleep", "4"])
+        .spawn()
+        .expect("run flock");
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let operator = build_workspace_binary("dinoflow-operator", "dinoflow-operator").unwrap();
-    let bin_dir = operator.parent().unwrap();
     let runs: Vec<_> = (0..2)
         .map(|_| {
             Command::new(repo_root().join("scripts/images.sh"))
                 .arg("--bin-dir")
-                .arg(bin_dir)
+                .arg(operator.parent().unwrap())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -204,8 +211,13 @@ fn two_runs_at_once_both_find_the_images_cached() {
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("waiting for another scripts/images.sh"),
+            "{stderr}"
+        );
         assert_eq!(stderr.matches(": cached (").count(), 2, "{stderr}");
     }
+    assert!(holder.wait_with_output().unwrap().status.success());
 }
 
 #[test]

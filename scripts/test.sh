@@ -15,6 +15,20 @@ bash scripts/setup.sh
 source scripts/env.sh
 log "setup: $((SECONDS - start)) s"
 
+# env.sh gives every clone one target directory, and cargo takes a crate built from another
+# clone's path as fresh when this clone's files are older than that build: its tests then read
+# files under the other clone's CARGO_MANIFEST_DIR, which may be gone (a CI clone, deleted).
+# A clone that did not build last here has its sources touched: cargo rebuilds the workspace's
+# crates from this path, as it does for a fresh clone.
+built_from="$CARGO_TARGET_DIR/.dinoflow-built-from"
+if [[ "$(cat "$built_from" 2>/dev/null)" != "$ROOT" ]]; then
+  log "$CARGO_TARGET_DIR was last built from another clone: rebuilding the workspace's crates"
+  find "$ROOT" \( -name .git -o -name target -o -name out \) -prune -o -name '*.rs' -type f \
+    -exec touch {} +
+  mkdir -p "$CARGO_TARGET_DIR"
+  printf '%s\n' "$ROOT" >"$built_from"
+fi
+
 status=0
 phase=$SECONDS
 if ! cargo fmt --all -- --check; then

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dinoflow_e2e::{build_workspace_binary, container_images, repo_root};
+use dinoflow_e2e::{build_workspace_binary, container_images, repo_root, wait_for};
 use serde_yaml_ng::Value;
 
 /// The images the script printed: reference -> oci-archive.
@@ -184,12 +184,23 @@ fn the_images_are_the_ones_the_chart_the_operator_and_the_examples_name() {
 fn runs_over_the_same_cache_take_turns_and_find_the_images_cached() {
     let built = images();
     let out_dir = built.values().next().unwrap().parent().unwrap();
+    let lock = out_dir.join(".lock");
     let holder = Command::new("flock")
-        .arg(out_dir.join(".lock"))
+        .arg(&lock)
         .args(["sleep", "4"])
         .spawn()
         .expect("run flock");
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Start the runs only once the holder has the lock (a probe that cannot take it).
+    let held = wait_for(std::time::Duration::from_secs(3), || {
+        let probe = Command::new("flock")
+            .arg("--nonblock")
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        (!probe.success()).then_some(())
+    });
+    assert!(held.is_some(), "flock did not take {}", lock.display());
     let operator = build_workspace_binary("dinoflow-operator", "dinoflow-operator").unwrap();
     let runs: Vec<_> = (0..2)
         .map(|_| {

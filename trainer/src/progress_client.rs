@@ -6,7 +6,14 @@
 //! of a curriculum phase is queued instead, so no phase is coalesced away), checkpoint and
 //! evaluation events queue up to [`MAX_QUEUED`] and the oldest are dropped beyond that. A
 //! background thread with its own tokio runtime owns the gRPC stream, reconnects with
-//! exponential backoff and warns once per outage.
+//! exponential backoff and warns once per outage. HTTP/2 keep-alive pings find a connection
+//! whose peer went away without closing it (a pod's network torn down), which would otherwise
+//! swallow reports until the run ends.
+//!
+//! The last reports (the final iteration and checkpoint: a DistillJob takes its teacher from
+//! that checkpoint) wait at exit for an operator that took reports during the run but is away
+//! now (a leader hand-over, a restart) up to [`RETURN_GRACE`]; one never reached gets only
+//! the flush timeout.
 //!
 //! Heartbeats: each stream opens with one (the operator checks the token at once), and a
 //! running loop reports every iteration. A timer heartbeat at all times would hide a wedged
@@ -40,7 +47,15 @@ const ITERATION_INTERVAL: Duration = Duration::from_secs(1);
 /// Heartbeat period during a long phase (the CRD allows hang timeouts from 30 s).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Reconnect backoff cap: after a hand-over the new leader counts hang timeouts (>= 30 s) from
+/// its own start, so the trainer must be back well within that.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// A ping after this long without a frame from the operator; no answer within as long again
+/// drops the connection and reconnects.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long the last reports wait at exit for an operator that took reports during the run:
+/// a hand-over (lease expiry 15 s, the new leader's start and readiness) takes less.
+pub const RETURN_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Buffer {
@@ -50,6 +65,8 @@ struct Buffer {
     in_long_phase: bool,
     heartbeat_interval: Duration,
     dropped: u64,
+    /// The operator took reports during this run: it is expected back after an outage.
+    delivered_once: bool,
     closed: bool,
     /// `finish` gave up waiting: the sender stops retrying.
     abandoned: bool,
@@ -126,15 +143,25 @@ impl ProgressReporter {
         self.shared.lock().dropped
     }
 
-    /// Delivers what is buffered, waiting at most `timeout`; true when everything was sent
-    /// and the operator answered.
+    /// Delivers what is buffered, waiting at most `timeout`, or up to [`RETURN_GRACE`] when
+    /// the operator took reports during the run (it is expected back); true when everything
+    /// was sent and the operator answered.
     pub fn finish(&mut self, timeout: Duration) -> bool {
         let Some(done) = self.done.take() else {
             return true;
         };
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
-        match done.recv_timeout(timeout) {
+        let mut outcome = done.recv_timeout(timeout);
+        if outcome.is_err() && self.shared.lock().delivered_once && timeout < RETURN_GRACE {
+            tracing::warn!(
+                "the progress endpoint took reports earlier in this run but not the last ones \
+                 yet (an operator hand-over or restart?); waiting up to {:?} more for it",
+                RETURN_GRACE - timeout
+            );
+            outcome = done.recv_timeout(RETURN_GRACE - timeout);
+        }
+        match outcome {
             Ok(()) => true,
             Err(_) => {
                 let left = {
@@ -144,7 +171,8 @@ impl ProgressReporter {
                 };
                 tracing::warn!(
                     undelivered = left,
-                    "progress endpoint did not take the last reports within {timeout:?}; exiting anyway"
+                    "progress endpoint did not take the last reports; exiting anyway (the job's \
+                     status may show an earlier iteration and checkpoint than this run's last)"
                 );
                 false
             }
@@ -279,28 +307,40 @@ fn report(target: &ProgressTarget, event: Event) -> ProgressReport {
     }
 }
 
+/// The newest checkpoint and iteration sent: a new stream opens with them.
+#[derive(Default)]
+struct LastSent {
+    checkpoint: Option<Event>,
+    iteration: Option<Event>,
+}
+
 /// What ended one stream.
 enum StreamEnd {
     /// The reporter was finished and everything was delivered.
     Finished,
-    /// Connection or stream failure; retry.
-    Lost(String),
+    /// Connection or stream failure; retry. `refused`: the operator turned the stream down
+    /// (token, attempt, job), so it did not take what was sent.
+    Lost { why: String, refused: bool },
 }
 
 /// The sender thread: one stream at a time, reconnecting with backoff until finished.
 async fn run(shared: Arc<Shared>, target: ProgressTarget) {
     let mut backoff = Duration::from_secs(1);
     let mut outage_logged = false;
-    // Resent first on a new stream, so an operator that restarted learns the state at once.
-    let mut last_checkpoint: Option<Event> = None;
+    // Resent first on a new stream, so an operator that restarted learns the state at once,
+    // and what went into a stream that then broke is not lost.
+    let mut last_sent = LastSent::default();
     loop {
-        let (end, delivered) = stream_once(&shared, &target, &mut last_checkpoint).await;
+        let (end, delivered) = stream_once(&shared, &target, &mut last_sent).await;
         match end {
             StreamEnd::Finished => return,
-            StreamEnd::Lost(why) => {
+            StreamEnd::Lost { why, refused } => {
                 if delivered {
                     backoff = Duration::from_secs(1);
                     outage_logged = false;
+                    if !refused {
+                        shared.lock().delivered_once = true;
+                    }
                 }
                 if !outage_logged {
                     tracing::warn!(
@@ -397,7 +437,10 @@ fn endpoint(target: &ProgressTarget) -> Result<tonic::transport::Endpoint, Strin
     let tls = target.endpoint.starts_with("https://");
     let endpoint = Endpoint::from_shared(target.endpoint.clone())
         .map_err(|e| format!("bad endpoint {:?}: {e}", target.endpoint))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true);
     match (&target.ca, tls) {
         (Some(ca), true) => endpoint
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
@@ -419,9 +462,17 @@ fn endpoint(target: &ProgressTarget) -> Result<tonic::transport::Endpoint, Strin
 async fn stream_once(
     shared: &Shared,
     target: &ProgressTarget,
-    last_checkpoint: &mut Option<Event>,
+    last: &mut LastSent,
 ) -> (StreamEnd, bool) {
-    let lost = |why: String| (StreamEnd::Lost(why), false);
+    let lost = |why: String| {
+        (
+            StreamEnd::Lost {
+                why,
+                refused: false,
+            },
+            false,
+        )
+    };
     let endpoint = match endpoint(target) {
         Ok(e) => e,
         Err(e) => return lost(e),
@@ -450,7 +501,11 @@ async fn stream_once(
     let mut call = tokio::spawn(async move { client.report(request).await });
 
     let mut opening = vec![Event::Heartbeat(Heartbeat {})];
-    opening.extend(last_checkpoint.clone());
+    opening.extend(last.checkpoint.clone());
+    // Unless a newer one waits to go out.
+    if shared.lock().latest_iteration.is_none() {
+        opening.extend(last.iteration.clone());
+    }
     let mut delivered = false;
     let mut last_iteration_sent: Option<Instant> = None;
     let mut last_sent = Instant::now();
@@ -463,28 +518,34 @@ async fn stream_once(
         match next {
             Ok(event) => {
                 last_sent = Instant::now();
-                if matches!(event, Event::Iteration(_)) {
-                    last_iteration_sent = Some(last_sent);
-                }
-                if matches!(event, Event::Checkpoint(_)) {
-                    *last_checkpoint = Some(event.clone());
+                match &event {
+                    Event::Iteration(_) => {
+                        last_iteration_sent = Some(last_sent);
+                        last.iteration = Some(event.clone());
+                    }
+                    Event::Checkpoint(_) => last.checkpoint = Some(event.clone()),
+                    _ => {}
                 }
                 tokio::select! {
                     sent = tx.send(report(target, event)) => {
                         if sent.is_err() {
-                            return (StreamEnd::Lost(ended(&mut call).await), delivered);
+                            return (describe(call.await), delivered);
                         }
                         delivered = true;
                     }
-                    result = &mut call => return (StreamEnd::Lost(describe(result)), delivered),
+                    result = &mut call => return (describe(result), delivered),
                 }
             }
             Err(wait_until) => {
                 if shared.lock().closed {
+                    if delivered {
+                        // The operator holds the stream open: it took what was sent.
+                        shared.lock().delivered_once = true;
+                    }
                     drop(tx);
                     return match (&mut call).await {
                         Ok(Ok(_ack)) => (StreamEnd::Finished, delivered),
-                        other => (StreamEnd::Lost(describe(other)), delivered),
+                        other => (describe(other), delivered),
                     };
                 }
                 let sleep = async {
@@ -496,7 +557,7 @@ async fn stream_once(
                 tokio::select! {
                     () = shared.wake.notified() => {}
                     () = sleep => {}
-                    result = &mut call => return (StreamEnd::Lost(describe(result)), delivered),
+                    result = &mut call => return (describe(result), delivered),
                 }
             }
         }
@@ -518,16 +579,25 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// Outcome of the client-streaming call.
 type Rpc = Result<tonic::Response<dinoflow_api::progress::ReportAck>, tonic::Status>;
 
-async fn ended(call: &mut tokio::task::JoinHandle<Rpc>) -> String {
-    describe(call.await)
-}
-
-fn describe(result: Result<Rpc, tokio::task::JoinError>) -> String {
-    match result {
-        Ok(Ok(_)) => "the operator closed the stream".into(),
-        Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
-        Err(e) => format!("stream task failed: {e}"),
-    }
+/// A stream that ended before the reporter finished.
+fn describe(result: Result<Rpc, tokio::task::JoinError>) -> StreamEnd {
+    use tonic::Code;
+    let (why, refused) = match result {
+        Ok(Ok(_)) => ("the operator closed the stream".into(), false),
+        Ok(Err(status)) => (
+            format!("{}: {}", status.code(), status.message()),
+            matches!(
+                status.code(),
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::InvalidArgument
+                    | Code::NotFound
+            ),
+        ),
+        Err(e) => (format!("stream task failed: {e}"), false),
+    };
+    StreamEnd::Lost { why, refused }
 }
 
 #[cfg(test)]
@@ -904,6 +974,133 @@ mod tests {
             reports
                 .iter()
                 .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 10))
+        );
+    }
+
+    /// Waits until `recorder` has an iteration report of at least `iteration`.
+    fn wait_for_iteration(recorder: &Recorder, iteration: u64, within: Duration) {
+        let waiting = Instant::now();
+        while !iterations(&recorder.reports.lock().unwrap())
+            .iter()
+            .any(|it| it.iteration >= iteration)
+        {
+            assert!(
+                waiting.elapsed() < within,
+                "iteration {iteration} not delivered within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A TCP relay to a port. `silence` makes the connections open so far carry nothing more
+    /// either way while they stay open: a peer gone without closing (its pod's network torn
+    /// down). Later connections relay as before (the new leader).
+    struct Relay {
+        port: u16,
+        generation: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Relay {
+        fn start(to: u16) -> Self {
+            use std::io::{Read, Write};
+            use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let generation = Arc::new(AtomicU64::new(0));
+            let g = Arc::clone(&generation);
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    let server = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+                    let born = g.load(SeqCst);
+                    let legs = [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ];
+                    for (mut from, mut into) in legs {
+                        let g = Arc::clone(&g);
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 16 * 1024];
+                            while let Ok(n) = from.read(&mut buf) {
+                                let live = g.load(SeqCst) == born;
+                                if n == 0 || (live && into.write_all(&buf[..n]).is_err()) {
+                                    break;
+                                }
+                            }
+                            if g.load(SeqCst) == born {
+                                let _ = into.shutdown(std::net::Shutdown::Write);
+                            } else {
+                                // Silenced: never close (a vanished peer sends no FIN).
+                                std::thread::sleep(Duration::from_secs(3600));
+                            }
+                        });
+                    }
+                }
+            });
+            Self { port, generation }
+        }
+
+        fn silence(&self) {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_connection_gone_silent_is_dropped_and_the_reports_go_over_a_new_one() {
+        let recorder = Recorder::default();
+        let (port, _server) = serve(recorder.clone(), 0);
+        let relay = Relay::start(port);
+        let mut r = ProgressReporter::start(target(relay.port)).unwrap();
+        iterate(&mut r, 1..=3);
+        wait_for_iteration(&recorder, 3, Duration::from_secs(20));
+        relay.silence();
+        // The last iteration goes into the silent stream; a new one must carry it again.
+        iterate(&mut r, 4..=6);
+        r.checkpoint(6, Path::new("/ckpt/ckpt-000000006"), None);
+        let started = Instant::now();
+        wait_for_iteration(&recorder, 6, 3 * KEEPALIVE + Duration::from_secs(10));
+        eprintln!("delivered again {:?} after the silence", started.elapsed());
+        assert!(
+            r.finish(Duration::from_secs(10)),
+            "the last reports were lost"
+        );
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert!(
+            reports
+                .iter()
+                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 6)),
+            "the checkpoint sent into the silent stream was not sent again"
+        );
+    }
+
+    #[test]
+    fn the_last_reports_wait_for_an_operator_that_took_reports_before() {
+        let recorder = Recorder::default();
+        let (port, server) = serve(recorder.clone(), 0);
+        let mut r = ProgressReporter::start(target(port)).unwrap();
+        iterate(&mut r, 1..=3);
+        wait_for_iteration(&recorder, 3, Duration::from_secs(20));
+        // The leader goes (a hand-over) just before the run ends; the next comes 3 s later.
+        drop(server);
+        iterate(&mut r, 4..=9);
+        r.checkpoint(9, Path::new("/ckpt/ckpt-000000009"), None);
+        let next = recorder.clone();
+        let comeback = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            serve(next, port)
+        });
+        let finishing = Instant::now();
+        // The flush timeout alone (1 s) would give up before the new leader comes.
+        let delivered = r.finish(Duration::from_secs(1));
+        let _server = comeback.join().unwrap();
+        assert!(delivered, "gave up after {:?}", finishing.elapsed());
+        assert!(finishing.elapsed() < RETURN_GRACE);
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert_eq!(iterations(&reports).last().unwrap().iteration, 9);
+        assert!(
+            reports
+                .iter()
+                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 9))
         );
     }
 

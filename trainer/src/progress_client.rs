@@ -970,11 +970,13 @@ mod tests {
         );
         let reports = recorder.reports.lock().unwrap().clone();
         assert_eq!(iterations(&reports).last().unwrap().iteration, 12);
-        assert!(
-            reports
-                .iter()
-                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 10))
-        );
+        assert!(has_checkpoint(&reports, 10));
+    }
+
+    fn has_checkpoint(reports: &[ProgressReport], iteration: u64) -> bool {
+        reports
+            .iter()
+            .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == iteration))
     }
 
     /// Waits until `recorder` has an iteration report of at least `iteration`.
@@ -1066,9 +1068,7 @@ mod tests {
         );
         let reports = recorder.reports.lock().unwrap().clone();
         assert!(
-            reports
-                .iter()
-                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 6)),
+            has_checkpoint(&reports, 6),
             "the checkpoint sent into the silent stream was not sent again"
         );
     }
@@ -1097,11 +1097,7 @@ mod tests {
         assert!(finishing.elapsed() < RETURN_GRACE);
         let reports = recorder.reports.lock().unwrap().clone();
         assert_eq!(iterations(&reports).last().unwrap().iteration, 9);
-        assert!(
-            reports
-                .iter()
-                .any(|r| matches!(&r.event, Some(Event::Checkpoint(c)) if c.iteration == 9))
-        );
+        assert!(has_checkpoint(&reports, 9));
     }
 
     #[test]

@@ -325,7 +325,10 @@ impl Chaos<'_> {
     }
 
     /// Waits until the job runs with every pod up and has written a checkpoint newer than
-    /// both the one its attempt started from and the one the previous fault came after.
+    /// both the one its attempt started from and the one the previous fault came after; a
+    /// torn checkpoint also waits for the run's second checkpoint, so that a verified one
+    /// older than the torn one is left to resume from (keepLast 2): tearing the only one
+    /// leaves the trainer nothing but a fresh start (seed 1796691390985199831 did).
     async fn ready_for_a_fault(&mut self, n: usize, fault: Fault) -> JobStatus {
         let after = self.last_fault_checkpoint;
         let status = self
@@ -340,6 +343,7 @@ impl Chaos<'_> {
                         && s.pods.as_ref().is_some_and(|p| p.running == NODES as i32)
                         && newest > after
                         && newest > s.attempt_checkpoint_iteration.unwrap_or(0)
+                        && (fault != Fault::TornCheckpoint || newest >= 2 * CHECKPOINT_EVERY)
                 },
             )
             .await;

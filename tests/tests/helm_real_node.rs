@@ -28,6 +28,8 @@ const OPERATOR_PODS: &str = "app.kubernetes.io/component=operator";
 const DATASET: &str = "/usr/share/datasets/fashion-mnist";
 /// Generous: under a load of 10+ a pod start or an election can take many seconds.
 const TIMEOUT: Duration = Duration::from_secs(240);
+/// Images an iteration of the tiny jobs (one CPU pod).
+const BATCH: u32 = 16;
 
 struct Env<'a> {
     cluster: &'a TestCluster,
@@ -252,7 +254,7 @@ spec:
 }
 
 /// The tiny example, one CPU pod from the CPU trainer image on the node: `iterations`
-/// iterations of 16 images, no evaluation, checkpoints every 6 iterations to the
+/// iterations of [`BATCH`] images, no evaluation, checkpoints every 6 iterations to the
 /// `checkpoints` claim, the dataset from the `dataset` claim.
 fn tiny_job(ns: &str, name: &str, image: &str, iterations: u64) -> String {
     let example = repo_root().join("manifests/examples/tiny-cpu-fashion-mnist.yaml");
@@ -267,7 +269,9 @@ fn tiny_job(ns: &str, name: &str, image: &str, iterations: u64) -> String {
         iterations.div_ceil(6)
     ));
     training["teacher"] = yaml("{warmupTeacherTempEpochs: 0}");
-    training["train"] = yaml("{batchSizePerGpu: 16, officialEpochLength: 6}");
+    training["train"] = yaml(&format!(
+        "{{batchSizePerGpu: {BATCH}, officialEpochLength: 6}}"
+    ));
     training["data"]["path"] = yaml("/data/train-images-idx3-ubyte.gz");
     training["data"]["valPath"] = yaml("/data/t10k-images-idx3-ubyte.gz");
     training["evaluation"] = yaml("{knn: {enabled: false}, linearProbe: {enabled: false}}");
@@ -419,14 +423,14 @@ fn helm_install_upgrade_and_uninstall_with_the_operator_as_pods_on_a_real_node()
     });
     assert!(started_pod.is_some(), "no running pod for the tiny job");
     let tiny = env.wait_succeeded(&ns, "tiny");
-    // The trainer's own throughput (16 images an iteration), with half again for the
+    // The trainer's own throughput (BATCH images an iteration), with half again for the
     // checkpoint every 6 iterations; timing the status from outside mostly measures the
     // pod's start.
     let per_iteration = tiny["status"]["imagesPerSecond"]
         .as_f64()
         .filter(|ips| *ips > 0.0)
         .map_or(Duration::from_secs(1), |ips| {
-            Duration::from_secs_f64(1.5 * 16.0 / ips)
+            Duration::from_secs_f64(1.5 * f64::from(BATCH) / ips)
         });
     eprintln!(
         "tiny job Succeeded {:.1?} after kubectl apply (~{per_iteration:.1?} per iteration)",
